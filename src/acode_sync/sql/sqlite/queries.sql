@@ -1,0 +1,143 @@
+-- Every SQL statement the workspace store runs, loaded by name (see acode_sync/sql.py).
+-- Parameters are always bound; nothing here is ever formatted with input.
+
+-- name: get_meta
+SELECT value FROM workspace_meta WHERE key = ?;
+
+-- name: put_meta
+INSERT INTO workspace_meta (key, value, created_at, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at;
+
+-- name: version_sessions
+SELECT created_at, updated_at, state FROM sessions WHERE session_id = ?;
+
+-- name: version_session_events
+SELECT created_at, updated_at, NULL FROM session_events WHERE event_id = ?;
+
+-- name: version_session_tasks
+SELECT created_at, updated_at, NULL FROM session_tasks WHERE task_id = ?;
+
+-- name: version_steps
+SELECT created_at, updated_at, NULL FROM steps WHERE step_id = ?;
+
+-- name: version_tool_calls
+SELECT created_at, updated_at, NULL FROM tool_calls WHERE tool_call_id = ?;
+
+-- name: version_artifacts
+SELECT created_at, updated_at, NULL FROM artifacts WHERE artifact_id = ?;
+
+-- name: save_sessions
+INSERT INTO sessions (session_id, state, title, metadata, created_at, updated_at)
+VALUES (:session_id, :state, :title, :metadata, :created_at, :updated_at)
+ON CONFLICT (session_id) DO UPDATE SET
+    state = excluded.state, title = excluded.title, metadata = excluded.metadata,
+    updated_at = excluded.updated_at;
+
+-- name: save_session_events
+INSERT INTO session_events (event_id, session_id, event_type, payload, created_at, updated_at)
+VALUES (:event_id, :session_id, :event_type, :payload, :created_at, :updated_at)
+ON CONFLICT (event_id) DO UPDATE SET
+    session_id = excluded.session_id, event_type = excluded.event_type,
+    payload = excluded.payload, updated_at = excluded.updated_at;
+
+-- name: save_session_tasks
+INSERT INTO session_tasks (task_id, session_id, status, title, created_at, updated_at)
+VALUES (:task_id, :session_id, :status, :title, :created_at, :updated_at)
+ON CONFLICT (task_id) DO UPDATE SET
+    session_id = excluded.session_id, status = excluded.status, title = excluded.title,
+    updated_at = excluded.updated_at;
+
+-- name: save_steps
+INSERT INTO steps (step_id, task_id, session_id, status, description, created_at, updated_at)
+VALUES (:step_id, :task_id, :session_id, :status, :description, :created_at, :updated_at)
+ON CONFLICT (step_id) DO UPDATE SET
+    task_id = excluded.task_id, session_id = excluded.session_id, status = excluded.status,
+    description = excluded.description, updated_at = excluded.updated_at;
+
+-- name: save_tool_calls
+INSERT INTO tool_calls (tool_call_id, step_id, session_id, name, arguments, result, status,
+                        created_at, updated_at)
+VALUES (:tool_call_id, :step_id, :session_id, :name, :arguments, :result, :status,
+        :created_at, :updated_at)
+ON CONFLICT (tool_call_id) DO UPDATE SET
+    step_id = excluded.step_id, session_id = excluded.session_id, name = excluded.name,
+    arguments = excluded.arguments, result = excluded.result, status = excluded.status,
+    updated_at = excluded.updated_at;
+
+-- name: save_artifacts
+INSERT INTO artifacts (artifact_id, session_id, type, content, name, created_at, updated_at)
+VALUES (:artifact_id, :session_id, :type, :content, :name, :created_at, :updated_at)
+ON CONFLICT (artifact_id) DO UPDATE SET
+    session_id = excluded.session_id, type = excluded.type, content = excluded.content,
+    name = excluded.name, updated_at = excluded.updated_at;
+
+-- name: get_sessions
+SELECT session_id, state, title, metadata, created_at, updated_at
+FROM sessions WHERE session_id = ?;
+
+-- name: get_session_events
+SELECT event_id, session_id, event_type, payload, created_at, updated_at
+FROM session_events WHERE event_id = ?;
+
+-- name: get_session_tasks
+SELECT task_id, session_id, status, title, created_at, updated_at
+FROM session_tasks WHERE task_id = ?;
+
+-- name: get_steps
+SELECT step_id, task_id, session_id, status, description, created_at, updated_at
+FROM steps WHERE step_id = ?;
+
+-- name: get_tool_calls
+SELECT tool_call_id, step_id, session_id, name, arguments, result, status, created_at, updated_at
+FROM tool_calls WHERE tool_call_id = ?;
+
+-- name: get_artifacts
+SELECT artifact_id, session_id, type, content, name, created_at, updated_at
+FROM artifacts WHERE artifact_id = ?;
+
+-- name: list_events
+SELECT event_id, session_id, event_type, payload, created_at, updated_at
+FROM session_events WHERE session_id = :session_id AND event_id > :after
+ORDER BY event_id LIMIT :limit;
+
+-- Keyset pagination, newest first: the cursor is the last row's (updated_at, session_id).
+-- name: list_sessions
+SELECT session_id, state, title, metadata, created_at, updated_at
+FROM sessions
+WHERE (updated_at, session_id) < (:before_updated_at, :before_session_id)
+  AND updated_at >= :updated_since
+ORDER BY updated_at DESC, session_id DESC
+LIMIT :limit;
+
+-- name: list_sessions_in_state
+SELECT session_id, state, title, metadata, created_at, updated_at
+FROM sessions
+WHERE state = :state
+  AND (updated_at, session_id) < (:before_updated_at, :before_session_id)
+  AND updated_at >= :updated_since
+ORDER BY updated_at DESC, session_id DESC
+LIMIT :limit;
+
+-- name: insert_outbox
+INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload,
+                    base_updated_at, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?);
+
+-- name: table_counts
+SELECT 'sessions', count(*) FROM sessions
+UNION ALL SELECT 'session_events', count(*) FROM session_events
+UNION ALL SELECT 'session_tasks', count(*) FROM session_tasks
+UNION ALL SELECT 'steps', count(*) FROM steps
+UNION ALL SELECT 'tool_calls', count(*) FROM tool_calls
+UNION ALL SELECT 'artifacts', count(*) FROM artifacts
+UNION ALL SELECT 'outbox', count(*) FROM outbox;
+
+-- name: outbox_counts
+SELECT
+    count(*) FILTER (WHERE state = 'pending'),
+    count(*) FILTER (WHERE state = 'dead'),
+    count(*) FILTER (WHERE state = 'processed')
+FROM outbox;
+
+-- name: oldest_pending
+SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY outbox_id LIMIT 1;

@@ -1,0 +1,289 @@
+"""Opening a workspace database: files and modes, pragmas, migrations, error codes.
+
+Everything here is synchronous and runs off the event loop (in a worker thread) or in
+the CLI. One sqlite3 connection is used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Final, ParamSpec, TypeVar
+from urllib.parse import quote
+
+from acode_sync.domain import Clock, format_timestamp, utc_now
+from acode_sync.errors import (
+    AcodeError,
+    BusyError,
+    MigrationError,
+    RecordRejectedError,
+    WorkspaceOpenError,
+)
+from acode_sync.migrations import (
+    AppliedMigration,
+    Migration,
+    latest_version,
+    load_migrations,
+    plan_migrations,
+)
+
+AGENT_DIR: Final = ".agent"
+DATABASE_NAME: Final = "workspace.db"
+DIR_MODE: Final = 0o700
+FILE_MODE: Final = 0o600
+DEFAULT_BUSY_TIMEOUT: Final = 30.0
+DIALECT: Final = "sqlite"
+
+
+class Synchronous(StrEnum):
+    """PRAGMA synchronous. FULL (the default) makes every commit durable on power loss."""
+
+    FULL = "FULL"
+    NORMAL = "NORMAL"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenOptions:
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    synchronous: Synchronous = Synchronous.FULL
+    clock: Clock = utc_now
+
+
+def database_path(workspace: Path) -> Path:
+    return workspace / AGENT_DIR / DATABASE_NAME
+
+
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_REJECT_CODES = frozenset({sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_MISMATCH, sqlite3.SQLITE_TOOBIG})
+
+
+def translate_error(error: sqlite3.Error, path: Path) -> AcodeError:
+    """Map a SQLite error to its ACODE-DB code by SQLite's result code, never by text."""
+    code = getattr(error, "sqlite_errorcode", None)
+    name = getattr(error, "sqlite_errorname", type(error).__name__)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in _BUSY_CODES:
+        return BusyError(f"{path}: the database lock was not released in time ({name})")
+    if primary in _REJECT_CODES or isinstance(
+        error, sqlite3.DataError | sqlite3.InterfaceError | sqlite3.ProgrammingError
+    ):
+        return RecordRejectedError(f"{path}: {name}: {error}")
+    return WorkspaceOpenError(f"{path}: {name}: {error}")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(path: Path, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run fn, turning SQLite's errors (and bad text) into ACODE-DB errors."""
+    try:
+        return fn(*args, **kwargs)
+    except sqlite3.Error as error:
+        raise translate_error(error, path) from None
+    except UnicodeEncodeError as error:
+        raise RecordRejectedError(f"text is not valid Unicode: {error.reason}") from None
+    except OSError as error:
+        raise WorkspaceOpenError(f"{path}: {error.strerror or error}") from None
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE takes the write lock up front, so the busy timeout covers the wait
+    and no SQLITE_BUSY can surface halfway through the transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+def _create_private_file(path: Path) -> None:
+    """Create .agent/ (0700) and an empty database file (0600) whatever the umask."""
+    agent_dir = path.parent
+    if not agent_dir.is_dir():
+        with suppress(FileExistsError):
+            agent_dir.mkdir(mode=DIR_MODE)
+            agent_dir.chmod(DIR_MODE)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _connect(path: Path, options: OpenOptions) -> sqlite3.Connection:
+    uri = f"file:{quote(str(path))}?mode=rw"
+    conn = sqlite3.connect(
+        uri,
+        uri=True,
+        timeout=options.busy_timeout,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA synchronous = {Synchronous(options.synchronous).value}")
+        conn.execute("PRAGMA schema_version").fetchone()  # reads the header: not SQLite -> error
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def applied_migrations(conn: sqlite3.Connection) -> list[AppliedMigration]:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if exists is None:
+        return []
+    rows = conn.execute("SELECT version, checksum FROM schema_migrations ORDER BY version")
+    return [AppliedMigration(version, checksum) for version, checksum in rows]
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return max((m.version for m in applied_migrations(conn)), default=0)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a script into statements (trigger bodies stay whole), dropping comments."""
+    statements, current = [], ""
+    for line in sql.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {current[:60]!r}")
+    return statements
+
+
+_CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT
+) STRICT
+"""
+
+
+def _apply(conn: sqlite3.Connection, migration: Migration, applied_at: str) -> None:
+    for statement in split_statements(migration.sql):
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, checksum, created_at) VALUES (?, ?, ?, ?)",
+        (migration.version, migration.name, migration.checksum, applied_at),
+    )
+
+
+def migrate(
+    conn: sqlite3.Connection,
+    *,
+    clock: Clock = utc_now,
+    available: tuple[Migration, ...] | None = None,
+) -> tuple[int, int]:
+    """Run pending migrations in one transaction; return (from_version, to_version).
+
+    A failure rolls everything back, so the database is exactly as it was (AC-013).
+    """
+    available = load_migrations(DIALECT) if available is None else available
+    before = applied_migrations(conn)
+    from_version = max((m.version for m in before), default=0)
+    if not plan_migrations(before, available) and from_version:
+        return from_version, from_version
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-plan under the write lock: another process may have migrated meanwhile.
+        current = applied_migrations(conn)
+        from_version = max((m.version for m in current), default=0)
+        pending = plan_migrations(current, available)
+        now = format_timestamp(clock())
+        conn.execute(_CREATE_MIGRATIONS_TABLE)
+        for migration in pending:
+            try:
+                _apply(conn, migration, now)
+            except sqlite3.Error as error:
+                raise MigrationError(
+                    f"migration {migration.version} ({migration.name}) failed: "
+                    f"{getattr(error, 'sqlite_errorname', 'error')}: {error}"
+                ) from None
+        if pending and not current:
+            conn.execute(
+                "INSERT INTO workspace_meta (key, value, created_at) VALUES ('origin_id', ?, ?)",
+                (str(uuid.uuid4()), now),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return from_version, latest_version(available)
+
+
+def upgrade(conn: sqlite3.Connection, path: Path, *, clock: Clock = utc_now) -> tuple[int, int]:
+    """Switch to WAL (persistent) and run pending migrations: (from_version, to_version)."""
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise WorkspaceOpenError(f"{path}: cannot switch to WAL (journal mode is {mode})")
+    return migrate(conn, clock=clock)
+
+
+def open_workspace(
+    workspace: Path,
+    options: OpenOptions | None = None,
+    *,
+    create: bool = True,
+    run_migrations: bool = True,
+) -> sqlite3.Connection:
+    """Open (and by default create and migrate) `<workspace>/.agent/workspace.db`."""
+    options = options or OpenOptions()
+    path = database_path(workspace)
+
+    def _open() -> sqlite3.Connection:
+        if not path.exists():
+            if not create:
+                raise WorkspaceOpenError(
+                    f"no workspace database at {path}",
+                    hint="Run `acode db migrate` in the workspace to create it.",
+                )
+            _create_private_file(path)
+        conn = _connect(path, options)
+        try:
+            plan_migrations(applied_migrations(conn), load_migrations(DIALECT))
+            if run_migrations:
+                upgrade(conn, path, clock=options.clock)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    return translated(path, _open)
+
+
+def origin_id(conn: sqlite3.Connection) -> str:
+    row = conn.execute("SELECT value FROM workspace_meta WHERE key = 'origin_id'").fetchone()
+    if row is None:
+        raise WorkspaceOpenError("the workspace has no origin id; run `acode db migrate`")
+    return str(row[0])
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
