@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     db = groups.add_parser("db", help="the workspace database and its sync")
     db_commands = db.add_subparsers(dest="command", required=True)
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
-                into: argparse._SubParsersAction[argparse.ArgumentParser] = db_commands,
-                ) -> argparse.ArgumentParser:
+    def command(
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help_text: str,
+        into: argparse._SubParsersAction[argparse.ArgumentParser] = db_commands,
+    ) -> argparse.ArgumentParser:
         sub = into.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
             "--workspace",

@@ -113,9 +113,13 @@ _ENDINGS = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
 ALLOWED_TRANSITIONS: Mapping[SessionState, frozenset[SessionState]] = {
     _S.CREATED: frozenset({_S.PLANNING, _S.EXECUTING, _S.FAILED, _S.CANCELLED}),
     _S.PLANNING: frozenset({_S.AWAITING_APPROVAL, _S.EXECUTING, _S.PAUSED}) | _ENDINGS,
-    _S.AWAITING_APPROVAL: frozenset({_S.PLANNING, _S.EXECUTING, _S.PAUSED, _S.FAILED, _S.CANCELLED}),
+    _S.AWAITING_APPROVAL: frozenset(
+        {_S.PLANNING, _S.EXECUTING, _S.PAUSED, _S.FAILED, _S.CANCELLED}
+    ),
     _S.EXECUTING: frozenset({_S.PLANNING, _S.AWAITING_APPROVAL, _S.PAUSED}) | _ENDINGS,
-    _S.PAUSED: frozenset({_S.PLANNING, _S.AWAITING_APPROVAL, _S.EXECUTING, _S.FAILED, _S.CANCELLED}),
+    _S.PAUSED: frozenset(
+        {_S.PLANNING, _S.AWAITING_APPROVAL, _S.EXECUTING, _S.FAILED, _S.CANCELLED}
+    ),
     _S.COMPLETED: frozenset(),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
@@ -275,16 +279,13 @@ def validate_entity(entity: Entity) -> None:
     """Refuse identifiers without their type prefix and empty required text."""
     if not entity.entity_id.startswith(f"{entity.id_prefix}_"):
         raise RecordRejectedError(
-            f"{entity.entity_type} id {entity.entity_id[:80]!r} must start with "
-            f"{entity.id_prefix}_"
+            f"{entity.entity_type} id {entity.entity_id[:80]!r} must start with {entity.id_prefix}_"
         )
     if len(entity.entity_id) > MAX_ID_LENGTH:
         raise RecordRejectedError(f"{entity.entity_type} id is longer than {MAX_ID_LENGTH}")
     if not entity.session_id.startswith("sess_"):
-        raise RecordRejectedError(
-            f"session id {entity.session_id[:80]!r} must start with sess_"
-        )
+        raise RecordRejectedError(f"session id {entity.session_id[:80]!r} must start with sess_")
 
 
 def stamped(entity: E, *, created_at: str, updated_at: str) -> E:
-    return replace(entity, created_at=created_at, updated_at=updated_at)  # type: ignore[misc]
+    return replace(entity, created_at=created_at, updated_at=updated_at)

@@ -17,13 +17,12 @@ class AcodeError(Exception):
     """acode-sync failed."""
 
     code: ClassVar[str] = "ACODE-DB-000"
-    hint: ClassVar[str] = "See docs/errors.md."
+    default_hint: ClassVar[str] = "See docs/errors.md."
     exit_code: ClassVar[int] = EX_SOFTWARE
 
     def __init__(self, message: str | None = None, *, hint: str | None = None) -> None:
         self.message = message or (self.__doc__ or "").strip()
-        if hint is not None:
-            self.hint = hint
+        self.hint = hint or self.default_hint
         super().__init__(f"{self.code}: {self.message}")
 
 
@@ -31,7 +30,7 @@ class WorkspaceOpenError(AcodeError):
     """The workspace database cannot be opened or created."""
 
     code = "ACODE-DB-001"
-    hint = (
+    default_hint = (
         "Check that the path is a workspace you own, that .agent/workspace.db is a SQLite "
         "database, and that the disk is writable and not full."
     )
@@ -41,16 +40,17 @@ class MigrationError(AcodeError):
     """A schema migration failed and was rolled back."""
 
     code = "ACODE-DB-002"
-    hint = "The database is unchanged. Fix the cause named above, then run `acode db migrate`."
+    default_hint = (
+        "The database is unchanged. Fix the cause named above, then run `acode db migrate`."
+    )
 
 
 class SchemaMismatchError(AcodeError):
     """The database schema does not match this program."""
 
     code = "ACODE-DB-003"
-    hint = (
-        "Upgrade acode-sync to a version that knows this schema; never edit an applied "
-        "migration."
+    default_hint = (
+        "Upgrade acode-sync to a version that knows this schema; never edit an applied migration."
     )
 
 
@@ -58,7 +58,7 @@ class BusyError(AcodeError):
     """Waiting for the workspace database lock timed out."""
 
     code = "ACODE-DB-004"
-    hint = (
+    default_hint = (
         "Another process held the write lock longer than the busy timeout. Retry, or find "
         "the process that keeps the database locked."
     )
@@ -68,7 +68,7 @@ class PostgresUnavailableError(AcodeError):
     """PostgreSQL is unreachable, refused the connection, or failed the TLS handshake."""
 
     code = "ACODE-DB-005"
-    hint = (
+    default_hint = (
         "Check that PostgreSQL is running and reachable, and the [postgres] settings or "
         "ACODE_POSTGRES_URL. Records wait in the outbox meanwhile; nothing is lost."
     )
@@ -78,7 +78,9 @@ class RecordRejectedError(AcodeError):
     """A record was rejected: invalid entity, payload, argument or state transition."""
 
     code = "ACODE-DB-006"
-    hint = "Correct the input. A rejected outbox record can be replayed with `acode db outbox retry`."
+    default_hint = (
+        "Correct the input. A rejected outbox record can be replayed with `acode db outbox retry`."
+    )
 
 
 class InvalidTransitionError(RecordRejectedError):
@@ -89,7 +91,9 @@ class ConfigError(AcodeError):
     """The configuration is invalid."""
 
     code = "ACODE-DB-007"
-    hint = "Correct the key named above; `acode-syncd check-config` validates a config file."
+    default_hint = (
+        "Correct the key named above; `acode-syncd check-config` validates a config file."
+    )
     exit_code = EX_CONFIG
 
 

@@ -170,8 +170,8 @@ class WorkspaceDatabase:
             rows = self.conn.execute(query, params)
             items = tuple(_from_row(Session, rows, values) for values in rows)
             last = items[-1] if len(items) == limit else None
-            next_cursor = None if last is None else _encode_cursor(
-                str(last.updated_at), last.session_id
+            next_cursor = (
+                None if last is None else _encode_cursor(str(last.updated_at), last.session_id)
             )
             return Page(items, next_cursor)
 
@@ -196,8 +196,8 @@ R = TypeVar("R")
 class WorkspaceStore:
     """The async store. One operation at a time per store, one thread hop each.
 
-        async with await WorkspaceStore.open(Path("~/project").expanduser()) as store:
-            session = await store.save(Session(title="fix the build"))
+    async with await WorkspaceStore.open(Path("~/project").expanduser()) as store:
+        session = await store.save(Session(title="fix the build"))
     """
 
     def __init__(self, database: WorkspaceDatabase) -> None:

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from acode_sync import __version__
+from acode_sync.cli import main
+from acode_sync.domain import Session
+from acode_sync.store import WorkspaceDatabase
+from acode_sync.workspace import database_path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_migrate_creates_then_reports_no_change(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(capsys, "db", "migrate", "--workspace", str(workspace)) == (
+        0,
+        "schema version 0 -> 1\n",
+        "",
+    )
+    assert run_cli(capsys, "db", "migrate", "--workspace", str(workspace))[1] == (
+        "schema version 1 -> 1\n"
+    )
+    assert run_cli(capsys, "db", "schema", "version", "--workspace", str(workspace))[1] == "1\n"
+
+
+def test_status_reports_counts_and_backlog(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    session = db.save(Session())
+    db.save(Session(session_id=session.session_id, title="renamed"))
+    db.conn.execute(
+        "UPDATE outbox SET state = 'dead' WHERE outbox_id = (SELECT min(outbox_id) FROM outbox)"
+    )
+    db.close()
+
+    code, out, _ = run_cli(capsys, "db", "status", "--workspace", str(workspace), "--json")
+    status = json.loads(out)
+    assert code == 0
+    assert status["schema_version"] == status["latest_schema_version"] == 1
+    assert status["journal_mode"] == "wal"
+    assert status["file_mode"] == "0600"
+    assert status["rows"]["sessions"] == 1
+    assert status["rows"]["outbox"] == 2
+    assert (status["outbox_pending"], status["outbox_dead"], status["outbox_processed"]) == (
+        1,
+        1,
+        0,
+    )
+    assert status["oldest_pending_age_seconds"] >= 0
+    assert status["origin_id"] == db.origin_id
+
+    code, out, _ = run_cli(capsys, "db", "status", "--workspace", str(workspace))
+    assert code == 0
+    assert "1 pending, 1 failed, 0 processed" in out
+    assert "journal mode:    wal" in out
+
+
+def test_status_of_an_empty_outbox_says_none(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    WorkspaceDatabase(workspace).close()
+    _, out, _ = run_cli(capsys, "db", "status", "--workspace", str(workspace))
+    assert "oldest pending:  none" in out
+
+
+def test_status_does_not_create_a_workspace(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(capsys, "db", "status", "--workspace", str(workspace))
+    assert code == 1
+    assert out == ""
+    assert err.startswith("ACODE-DB-001: no workspace database at ")
+    assert "hint: Run `acode db migrate`" in err
+    assert not (workspace / ".agent").exists()
+
+
+def test_newer_schema_is_refused_with_its_code(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    WorkspaceDatabase(workspace).close()
+    conn = sqlite3.connect(database_path(workspace))
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, checksum, created_at) "
+        "VALUES (99, 'future', 'x', '2030-01-01T00:00:00.000000Z')"
+    )
+    conn.commit()
+    conn.close()
+    for argv in (["db", "migrate"], ["db", "status"], ["db", "schema", "version"]):
+        code, _, err = run_cli(capsys, *argv, "--workspace", str(workspace))
+        assert code == 1
+        assert err.startswith("ACODE-DB-003: schema version 99 is newer than this program")
+        assert "Traceback" not in err
+
+
+@pytest.mark.processes
+def test_console_scripts_run_as_processes(workspace: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run(
+        [bin_dir / "acode", "db", "migrate"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "schema version 0 -> 1\n")
+    assert database_path(workspace).exists()
+
+    garbage = workspace / "other" / ".agent"
+    garbage.mkdir(parents=True)
+    (garbage / "workspace.db").write_text("not a database" * 100)
+    done = subprocess.run(
+        [bin_dir / "acode", "db", "status", "--workspace", str(garbage.parent)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("ACODE-DB-001:")
+    assert "Traceback" not in done.stderr
+
+    for script, name in (("acode", "acode"), ("acode-syncd", "acode-syncd")):
+        done = subprocess.run(
+            [bin_dir / script, "--version"], capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == f"{name} {__version__}"
+    done = subprocess.run(
+        [bin_dir / "acode-syncd", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "usage: acode-syncd" in done.stdout
