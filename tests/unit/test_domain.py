@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from acode_sync.domain import (
     ALLOWED_TRANSITIONS,
-    Entity,
     ENTITY_BY_TYPE,
     Artifact,
+    Entity,
     Session,
     SessionEvent,
     SessionState,
