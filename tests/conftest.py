@@ -11,6 +11,8 @@ import pytest
 from acode_sync.store import WorkspaceStore
 from acode_sync.workspace import OpenOptions
 
+pytest_plugins = ["tests.pg"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -129,10 +129,10 @@ ALLOWED_TRANSITIONS: Mapping[SessionState, frozenset[SessionState]] = {
 def check_transition(current: SessionState | None, new: SessionState) -> None:
     """Refuse an illegal move. A new session starts in CREATED; staying put is allowed."""
     if current is None:
-        if new is not SessionState.CREATED:
+        if new != SessionState.CREATED:
             raise InvalidTransitionError(f"a new session must start in CREATED, not {new}")
         return
-    if new is not current and new not in ALLOWED_TRANSITIONS[current]:
+    if new != current and new not in ALLOWED_TRANSITIONS[current]:
         raise InvalidTransitionError(f"session cannot move from {current} to {new}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -240,9 +241,28 @@ def migrate(
     return from_version, latest_version(available)
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """PRAGMA journal_mode = WAL, waiting for the write lock up to the busy timeout.
+
+    SQLite does not call the busy handler for this switch (it asks for the write lock
+    while already holding a read lock), so a process creating a workspace while another
+    one holds the write lock would get SQLITE_BUSY at once: retry until the timeout.
+    """
+    deadline = time.monotonic() + conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+    pause = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def upgrade(conn: sqlite3.Connection, path: Path, *, clock: Clock = utc_now) -> tuple[int, int]:
     """Switch to WAL (persistent) and run pending migrations: (from_version, to_version)."""
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    mode = _switch_to_wal(conn)
     if mode != "wal":
         raise WorkspaceOpenError(f"{path}: cannot switch to WAL (journal mode is {mode})")
     return migrate(conn, clock=clock)

@@ -141,3 +141,61 @@ FROM outbox;
 
 -- name: oldest_pending
 SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY outbox_id LIMIT 1;
+
+-- Oldest first (AC-038). A record waits while an earlier record of the same entity is
+-- waiting out a backoff (X-004); records of other entities go on.
+-- name: claim_pending
+SELECT outbox_id, idempotency_key, entity_type, entity_id, session_id, payload,
+       base_updated_at, created_at, attempts
+FROM outbox AS o
+WHERE o.state = 'pending'
+  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= :now)
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox AS w
+      WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL
+        AND w.next_attempt_at > :now
+        AND w.entity_type = o.entity_type AND w.entity_id = o.entity_id
+        AND w.outbox_id < o.outbox_id)
+ORDER BY o.outbox_id
+LIMIT :limit;
+
+-- name: mark_processed
+UPDATE outbox SET state = 'processed', processed_at = :now, next_attempt_at = NULL
+WHERE outbox_id IN (SELECT value FROM json_each(:ids)) AND state = 'pending';
+
+-- name: mark_failed
+UPDATE outbox
+SET attempts = attempts + 1,
+    last_error = :error,
+    state = CASE WHEN attempts + 1 >= :max_attempts THEN 'dead' ELSE 'pending' END,
+    next_attempt_at = CASE WHEN attempts + 1 >= :max_attempts THEN NULL ELSE :next_attempt_at END
+WHERE outbox_id = :outbox_id AND state = 'pending'
+RETURNING attempts, state;
+
+-- name: record_error
+INSERT INTO outbox_errors (outbox_id, attempt, error, created_at) VALUES (?, ?, ?, ?);
+
+-- name: replay
+UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL
+WHERE state = 'dead' AND outbox_id IN (SELECT value FROM json_each(:ids));
+
+-- name: replay_all
+UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL WHERE state = 'dead';
+
+-- name: list_outbox
+SELECT outbox_id, idempotency_key, entity_type, entity_id, session_id, state, attempts,
+       created_at, processed_at, next_attempt_at, last_error
+FROM outbox
+WHERE state IN (SELECT value FROM json_each(:states))
+ORDER BY outbox_id
+LIMIT :limit;
+
+-- name: backlog
+SELECT count(*), min(created_at) FROM outbox WHERE state = 'pending';
+
+-- name: prune_processed
+DELETE FROM outbox WHERE outbox_id IN (
+    SELECT outbox_id FROM outbox
+    WHERE state = 'processed' AND processed_at < :before
+    ORDER BY processed_at
+    LIMIT :limit);

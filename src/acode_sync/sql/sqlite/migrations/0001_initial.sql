@@ -100,3 +100,18 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_pending ON outbox (outbox_id) WHERE state = 'pending';
 CREATE INDEX outbox_by_entity ON outbox (entity_type, entity_id, outbox_id);
 CREATE INDEX outbox_dead ON outbox (outbox_id) WHERE state = 'dead';
+-- Records waiting out a backoff: a later record of the same entity must wait too.
+CREATE INDEX outbox_waiting ON outbox (entity_type, entity_id, outbox_id)
+    WHERE state = 'pending' AND next_attempt_at IS NOT NULL;
+CREATE INDEX outbox_processed ON outbox (processed_at) WHERE state = 'processed';
+
+-- Every failed delivery attempt, kept when a dead record is replayed.
+CREATE TABLE outbox_errors (
+    error_id INTEGER PRIMARY KEY,
+    outbox_id INTEGER NOT NULL REFERENCES outbox (outbox_id) ON DELETE CASCADE,
+    attempt INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT
+) STRICT;
+CREATE INDEX outbox_errors_by_record ON outbox_errors (outbox_id, attempt);

@@ -1,0 +1,198 @@
+"""The syncer's side of a workspace database: claim, mark, fail, replay, prune.
+
+Synchronous; runs in a worker thread. Reads are single statements in autocommit mode,
+so no read transaction stays open between batches (it would hold back WAL checkpoints
+and grow the agent's -wal file).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from acode_sync.domain import Clock, format_timestamp, utc_now
+from acode_sync.errors import SchemaMismatchError
+from acode_sync.migrations import latest_version, load_migrations
+from acode_sync.retry import RecordRetryPolicy
+from acode_sync.sql import queries
+from acode_sync.workspace import (
+    DIALECT,
+    OpenOptions,
+    database_path,
+    open_workspace,
+    origin_id,
+    schema_version,
+    translated,
+    write_transaction,
+)
+
+PRUNE_CHUNK: Final = 500
+_Q = queries(DIALECT)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    outbox_id: int
+    idempotency_key: str
+    entity_type: str
+    entity_id: str
+    session_id: str | None
+    payload: str
+    base_updated_at: str | None
+    created_at: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    outbox_id: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailureResult:
+    outbox_id: int
+    attempts: int
+    dead: bool
+
+
+class Outbox:
+    """One workspace's outbox, opened by a syncer. It never creates or migrates."""
+
+    def __init__(self, workspace: Path, *, busy_timeout: float, clock: Clock = utc_now) -> None:
+        self.path = database_path(workspace)
+        self.clock = clock
+        self.conn = open_workspace(
+            workspace, OpenOptions(busy_timeout=busy_timeout), create=False, run_migrations=False
+        )
+        try:
+            self.origin_id = translated(self.path, self._check_schema)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _check_schema(self) -> str:
+        version = schema_version(self.conn)
+        supported = latest_version(load_migrations(DIALECT))
+        if version != supported:
+            raise SchemaMismatchError(
+                f"{self.path}: schema version {version}, this syncer needs {supported}",
+                hint="Open the workspace with the agent or run `acode db migrate` there; "
+                "syncers never migrate a workspace.",
+            )
+        return origin_id(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def claim(self, *, max_records: int, max_bytes: int) -> list[OutboxRecord]:
+        """Pending records, oldest first, bounded by count and by payload bytes."""
+
+        def _claim() -> list[OutboxRecord]:
+            now = format_timestamp(self.clock())
+            rows = self.conn.execute(_Q["claim_pending"], {"now": now, "limit": max_records})
+            batch: list[OutboxRecord] = []
+            size = 0
+            for row in rows:
+                record = OutboxRecord(*row)
+                size += len(record.payload)
+                if batch and size > max_bytes:
+                    break
+                batch.append(record)
+            rows.close()
+            return batch
+
+        return translated(self.path, _claim)
+
+    def mark(
+        self,
+        processed: Sequence[int],
+        failures: Sequence[Failure],
+        policy: RecordRetryPolicy,
+    ) -> list[FailureResult]:
+        """Record a batch's outcome in one transaction, after PostgreSQL committed."""
+
+        def _mark() -> list[FailureResult]:
+            results = []
+            with write_transaction(self.conn):
+                now = self.clock()
+                stamp = format_timestamp(now)
+                if processed:
+                    self.conn.execute(
+                        _Q["mark_processed"], {"now": stamp, "ids": json.dumps(list(processed))}
+                    )
+                for failure in failures:
+                    results.append(self._fail(failure, now, stamp, policy))
+            return results
+
+        return translated(self.path, _mark)
+
+    def _fail(
+        self, failure: Failure, now: datetime, stamp: str, policy: RecordRetryPolicy
+    ) -> FailureResult:
+        attempts = 1 + int(
+            self.conn.execute(
+                "SELECT attempts FROM outbox WHERE outbox_id = ?", (failure.outbox_id,)
+            ).fetchone()[0]
+        )
+        next_attempt = format_timestamp(policy.next_attempt(now, attempts))
+        row = self.conn.execute(
+            _Q["mark_failed"],
+            {
+                "outbox_id": failure.outbox_id,
+                "error": failure.error,
+                "max_attempts": policy.max_attempts,
+                "next_attempt_at": next_attempt,
+            },
+        ).fetchone()
+        self.conn.execute(_Q["record_error"], (failure.outbox_id, attempts, failure.error, stamp))
+        return FailureResult(failure.outbox_id, int(row[0]), row[1] == "dead")
+
+    def backlog(self) -> tuple[int, str | None]:
+        """(pending records, created_at of the oldest)."""
+
+        def _backlog() -> tuple[int, str | None]:
+            count, oldest = self.conn.execute(_Q["backlog"]).fetchone()
+            return int(count), oldest
+
+        return translated(self.path, _backlog)
+
+    def prune(self, retention: timedelta) -> int:
+        """Delete processed records older than the retention, in small transactions."""
+        before = format_timestamp(self.clock() - retention)
+        total = 0
+        while True:
+
+            def _chunk() -> int:
+                with write_transaction(self.conn):
+                    cursor = self.conn.execute(
+                        _Q["prune_processed"], {"before": before, "limit": PRUNE_CHUNK}
+                    )
+                    return cursor.rowcount
+
+            deleted = translated(self.path, _chunk)
+            total += deleted
+            if deleted < PRUNE_CHUNK:
+                return total
+
+
+def list_records(
+    conn: sqlite3.Connection, *, failed_only: bool, limit: int
+) -> list[dict[str, Any]]:
+    states = ["dead"] if failed_only else ["pending", "dead"]
+    cursor = conn.execute(_Q["list_outbox"], {"states": json.dumps(states), "limit": limit})
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+def replay(conn: sqlite3.Connection, ids: Sequence[int] | None) -> int:
+    """Dead records back to pending: attempts and next attempt reset, errors kept."""
+    with write_transaction(conn):
+        if ids is None:
+            return conn.execute(_Q["replay_all"]).rowcount
+        return conn.execute(_Q["replay"], {"ids": json.dumps(list(ids))}).rowcount

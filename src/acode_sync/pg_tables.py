@@ -1,0 +1,154 @@
+"""How each entity's payload maps onto its typed PostgreSQL table.
+
+The per-table apply statement is the `apply_entities` template of
+sql/postgres/queries.sql filled from these constant specs: no input ever reaches it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+
+from acode_sync.sql import queries
+
+_MARKER = re.compile(r"<[a-z_]+>")
+
+
+class Kind(Enum):
+    TEXT = "text"
+    JSONB = "jsonb"
+    TIMESTAMP = "timestamptz"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    kind: Kind = Kind.TEXT
+    default: str | None = None  # an SQL literal used when the payload lacks the key
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    entity_type: str
+    table: str
+    id_column: str
+    columns: tuple[Column, ...]
+
+    def _value(self, column: Column) -> str:
+        if column.name == self.id_column:
+            return "d.entity_id"
+        if column.name == "session_id":
+            return "coalesce(d.p->>'session_id', d.session_id)"
+        if column.name == "updated_at":
+            return "d.version"
+        if column.name == "created_at":
+            return "coalesce((d.p->>'created_at')::timestamptz, d.version)"
+        if column.kind is Kind.JSONB:
+            return f"nullif(d.p->'{column.name}', 'null'::jsonb)"
+        if column.default is not None:
+            return f"coalesce(d.p->>'{column.name}', {column.default})"
+        return f"d.p->>'{column.name}'"
+
+    @cached_property
+    def apply_sql(self) -> str:
+        names = [c.name for c in self.columns]
+        filled = (
+            queries("postgres")["apply_entities"]
+            .replace("<entity_type>", self.entity_type)
+            .replace("<table>", self.table)
+            .replace("<id_column>", self.id_column)
+            .replace("<columns>", ", ".join(names))
+            .replace("<values>", ", ".join(self._value(c) for c in self.columns))
+            .replace("<known_keys>", "{" + ",".join(names) + "}")
+            .replace(
+                "<updates>",
+                ", ".join(f"{n} = excluded.{n}" for n in names if n != self.id_column),
+            )
+        )
+        if _MARKER.search(filled):
+            raise AssertionError(f"unfilled marker in the apply statement for {self.table}")
+        return filled
+
+
+_TS = Kind.TIMESTAMP
+_STAMPS = (Column("created_at", _TS), Column("updated_at", _TS))
+
+TABLES: Mapping[str, TableSpec] = {
+    spec.entity_type: spec
+    for spec in (
+        TableSpec(
+            "Session",
+            "sessions",
+            "session_id",
+            (
+                Column("session_id"),
+                Column("state", default="'CREATED'"),
+                Column("title"),
+                Column("metadata", Kind.JSONB),
+                *_STAMPS,
+            ),
+        ),
+        TableSpec(
+            "SessionEvent",
+            "session_events",
+            "event_id",
+            (
+                Column("event_id"),
+                Column("session_id"),
+                Column("event_type"),
+                Column("payload", Kind.JSONB),
+                *_STAMPS,
+            ),
+        ),
+        TableSpec(
+            "SessionTask",
+            "session_tasks",
+            "task_id",
+            (Column("task_id"), Column("session_id"), Column("status"), Column("title"), *_STAMPS),
+        ),
+        TableSpec(
+            "Step",
+            "steps",
+            "step_id",
+            (
+                Column("step_id"),
+                Column("task_id"),
+                Column("session_id"),
+                Column("status"),
+                Column("description"),
+                *_STAMPS,
+            ),
+        ),
+        TableSpec(
+            "ToolCall",
+            "tool_calls",
+            "tool_call_id",
+            (
+                Column("tool_call_id"),
+                Column("step_id"),
+                Column("session_id"),
+                Column("name"),
+                Column("arguments", Kind.JSONB),
+                Column("result", Kind.JSONB),
+                Column("status", default="'pending'"),
+                *_STAMPS,
+            ),
+        ),
+        TableSpec(
+            "Artifact",
+            "artifacts",
+            "artifact_id",
+            (
+                Column("artifact_id"),
+                Column("session_id"),
+                Column("type"),
+                Column("content"),
+                Column("name"),
+                *_STAMPS,
+            ),
+        ),
+    )
+}

@@ -1,0 +1,349 @@
+"""The central PostgreSQL: pool lifecycle, schema migrations, batch apply, error classes.
+
+Errors are classified by SQLSTATE class, never by message text:
+- a record's own fault (22 data, 23 integrity, 54 program limit; client-side encoding):
+  RecordFailure, so the caller can isolate the record;
+- anything else (connection 08, rollback 40, resources 53, operator 57, timeouts,
+  sockets, auth, a missing schema ...): PostgresUnavailableError, an outage that waits
+  and never uses up a record's attempts.
+The password is given to asyncpg apart from the DSN, and no error text built here
+contains the DSN: only the host description, error class names and SQLSTATEs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import anyio
+import asyncpg
+
+from acode_sync.config import PostgresSettings
+from acode_sync.errors import MigrationError, PostgresUnavailableError, SchemaMismatchError
+from acode_sync.migrations import (
+    AppliedMigration,
+    Migration,
+    latest_version,
+    load_migrations,
+    plan_migrations,
+)
+from acode_sync.pg_tables import TABLES
+from acode_sync.sql import queries
+
+DIALECT: Final = "postgres"
+LOCK_NAMESPACE: Final = 0x61636F64  # "acod": our advisory locks never meet another app's
+MIGRATION_LOCK: Final = 1
+RECORD_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "54"})
+_Q = queries(DIALECT)
+
+FaultHook = Callable[[str], None]
+
+
+class RecordFailure(Exception):
+    """PostgreSQL (or the driver) refused the data of a batch: some record in it is bad."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """An outbox record checked and normalised for shipping."""
+
+    outbox_id: int
+    idempotency_key: str  # canonical timestamp
+    entity_type: str
+    entity_id: str
+    session_id: str | None
+    payload: str
+    version: str  # canonical updated_at, from the key
+    base_updated_at: str | None
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    conflict_id: int
+    incoming_key: str
+    current_key: str
+    incoming_updated_at: datetime
+    current_updated_at: datetime
+    incoming_origin: str
+    current_origin: str
+    winner: str
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    applied: list[PreparedRecord] = field(default_factory=list)
+    duplicates: list[PreparedRecord] = field(default_factory=list)
+    conflicted: list[PreparedRecord] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+
+    @property
+    def delivered(self) -> list[PreparedRecord]:
+        """Every record PostgreSQL now holds, whatever the outcome."""
+        return self.applied + self.duplicates + self.conflicted
+
+    def extend(self, other: BatchOutcome) -> None:
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.conflicted += other.conflicted
+        self.conflicts += other.conflicts
+
+
+def lock_key(text: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(text.encode(), digest_size=4).digest(), "big", signed=True
+    )
+
+
+def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
+    """Split records so that each round holds at most one record per entity, in order:
+    one INSERT ... ON CONFLICT cannot touch a row twice."""
+    result: list[list[PreparedRecord]] = []
+    seen: dict[tuple[str, str], int] = {}
+    for record in records:
+        entity = (record.entity_type, record.entity_id)
+        index = seen.get(entity, -1) + 1
+        seen[entity] = index
+        if index == len(result):
+            result.append([])
+        result[index].append(record)
+    return result
+
+
+def _sqlstate(error: BaseException) -> str:
+    return str(getattr(error, "sqlstate", "") or "")
+
+
+def is_record_error(error: BaseException) -> bool:
+    if isinstance(error, asyncpg.PostgresError):
+        return _sqlstate(error)[:2] in RECORD_SQLSTATE_CLASSES
+    return isinstance(error, UnicodeError | asyncpg.DataError)
+
+
+class PostgresTarget:
+    """The pool and everything the syncers do against PostgreSQL."""
+
+    def __init__(self, settings: PostgresSettings) -> None:
+        self.settings = settings
+        self._pool: asyncpg.Pool | None = None
+        self._schema_ready = False
+
+    @property
+    def description(self) -> str:
+        return self.settings.host_description()
+
+    def outage(self, error: BaseException, doing: str) -> PostgresUnavailableError:
+        state = _sqlstate(error)
+        detail = type(error).__name__ + (f" (SQLSTATE {state})" if state else "")
+        return PostgresUnavailableError(f"PostgreSQL at {self.description}: {doing}: {detail}")
+
+    @contextmanager
+    def _classified(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except (SchemaMismatchError, MigrationError, RecordFailure):
+            raise
+        except Exception as error:
+            if is_record_error(error):
+                message = getattr(error, "message", None) or type(error).__name__
+                raise RecordFailure(f"{_sqlstate(error) or 'client'}: {message}") from None
+            raise self.outage(error, doing) from None
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            s = self.settings
+            with self._classified("creating the pool"):
+                # min_size 0 connects lazily, so creating the pool never fails on an outage.
+                self._pool = await asyncpg.create_pool(
+                    dsn=s.connect_dsn(),
+                    password=s.resolved_password(),
+                    min_size=s.pool_min,
+                    max_size=s.pool_max,
+                    max_inactive_connection_lifetime=s.idle_timeout,
+                    timeout=s.connect_timeout,
+                    command_timeout=s.statement_timeout + s.connect_timeout,
+                    server_settings={
+                        "application_name": "acode-syncd",
+                        "search_path": "acode",
+                        "statement_timeout": str(int(s.statement_timeout * 1000)),
+                    },
+                )
+        return self._pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with anyio.move_on_after(self.settings.connect_timeout, shield=True):
+                await pool.close()
+                return
+            pool.terminate()
+
+    @property
+    def connections_in_use(self) -> int:
+        if self._pool is None:
+            return 0
+        return int(self._pool.get_size()) - int(self._pool.get_idle_size())
+
+    async def probe(self) -> bool:
+        try:
+            with anyio.fail_after(self.settings.connect_timeout), self._classified("probe"):
+                pool = await self._get_pool()
+                await pool.fetchval(_Q["probe"])
+        except (PostgresUnavailableError, TimeoutError):
+            return False
+        return True
+
+    async def ensure_schema(self, available: Sequence[Migration] | None = None) -> tuple[int, int]:
+        """Bring the schema to this program's version under an advisory lock (many daemons
+        share one server). With auto_migrate off, an older schema is reported instead."""
+        available = load_migrations(DIALECT) if available is None else available
+        pool = await self._get_pool()
+        with anyio.fail_after(self.settings.statement_timeout * 4), self._classified("migrating"):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
+                exists = await conn.fetchval(_Q["schema_exists"])
+                applied = []
+                if exists:
+                    rows = await conn.fetch(_Q["applied_migrations"])
+                    applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
+                current = max((m.version for m in applied), default=0)
+                pending = plan_migrations(applied, available)
+                if pending and not self.settings.auto_migrate:
+                    raise SchemaMismatchError(
+                        f"the PostgreSQL schema is at version {current}, this program needs "
+                        f"{latest_version(available)}, and postgres.auto_migrate is off",
+                        hint="Run `acode db migrate --postgres` or turn auto_migrate on.",
+                    )
+                if pending and not exists:
+                    await conn.execute(_Q["create_schema"])
+                    await conn.execute(_Q["create_migrations_table"])
+                for migration in pending:
+                    await self._run_migration(conn, migration)
+        self._schema_ready = True
+        return current, latest_version(available)
+
+    async def _run_migration(self, conn: asyncpg.Connection, migration: Migration) -> None:
+        try:
+            async with conn.transaction():  # a savepoint: its failure is reported by name
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    _Q["record_migration"], migration.version, migration.name, migration.checksum
+                )
+        except asyncpg.PostgresError as error:
+            raise MigrationError(
+                f"PostgreSQL migration {migration.version} ({migration.name}) failed: "
+                f"SQLSTATE {_sqlstate(error)}: {getattr(error, 'message', type(error).__name__)}"
+            ) from None
+
+    async def apply(
+        self,
+        origin_id: str,
+        records: Sequence[PreparedRecord],
+        *,
+        fault_hook: FaultHook | None = None,
+    ) -> BatchOutcome:
+        """Apply one batch in one transaction: record the keys, then the entities."""
+        if not self._schema_ready:
+            await self.ensure_schema()
+        pool = await self._get_pool()
+        timeout = self.settings.statement_timeout + self.settings.connect_timeout
+        with anyio.fail_after(timeout * 2), self._classified("applying a batch"):
+            async with pool.acquire() as conn:
+                async with conn.transaction():
+                    outcome = await self._apply_in_transaction(conn, origin_id, records)
+                    if fault_hook is not None:
+                        fault_hook("before_commit")
+                if fault_hook is not None:
+                    fault_hook("after_commit")
+        return outcome
+
+    async def _apply_in_transaction(
+        self, conn: asyncpg.Connection, origin_id: str, records: Sequence[PreparedRecord]
+    ) -> BatchOutcome:
+        locks = sorted(
+            {lock_key(r.session_id or f"{r.entity_type}:{r.entity_id}") for r in records}
+        )
+        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, locks)
+        new_keys = {
+            row[0]
+            for row in await conn.fetch(
+                _Q["record_keys"],
+                [r.idempotency_key for r in records],
+                [r.digest for r in records],
+                [r.entity_type for r in records],
+                [r.entity_id for r in records],
+                origin_id,
+            )
+        }
+        outcome = BatchOutcome()
+        fresh = [r for r in records if r.idempotency_key in new_keys]
+        known = [r for r in records if r.idempotency_key not in new_keys]
+        if known:
+            delivered = {
+                row[0]
+                for row in await conn.fetch(
+                    _Q["delivered_keys"],
+                    [r.idempotency_key for r in known],
+                    [r.digest for r in known],
+                )
+            }
+            outcome.duplicates = [r for r in known if r.idempotency_key in delivered]
+            # Same key, other payload: another origin's change in the same microsecond.
+            # It goes through last-write-wins, which records it as a conflict.
+            ship = new_keys | {r.idempotency_key for r in known} - delivered
+            fresh = [r for r in records if r.idempotency_key in ship]
+        for batch_round in rounds(fresh):
+            by_type: dict[str, list[PreparedRecord]] = {}
+            for record in batch_round:
+                by_type.setdefault(record.entity_type, []).append(record)
+            for entity_type in sorted(by_type):
+                outcome.conflicts += await self._apply_round(
+                    conn, origin_id, entity_type, by_type[entity_type]
+                )
+        conflicted = {c.incoming_key for c in outcome.conflicts}
+        outcome.applied = [r for r in fresh if r.idempotency_key not in conflicted]
+        outcome.conflicted = [r for r in fresh if r.idempotency_key in conflicted]
+        return outcome
+
+    async def _apply_round(
+        self,
+        conn: asyncpg.Connection,
+        origin_id: str,
+        entity_type: str,
+        records: list[PreparedRecord],
+    ) -> list[Conflict]:
+        records = sorted(records, key=lambda r: r.entity_id)  # a fixed lock order
+        rows = await conn.fetch(
+            TABLES[entity_type].apply_sql,
+            [r.idempotency_key for r in records],
+            [r.entity_id for r in records],
+            [r.session_id for r in records],
+            [r.payload for r in records],
+            [r.version for r in records],
+            [r.base_updated_at for r in records],
+            [r.digest for r in records],
+            origin_id,
+        )
+        return [Conflict(**dict(row)) for row in rows]
+
+    async def list_conflicts(self, session_id: str | None, limit: int) -> list[dict[str, Any]]:
+        pool = await self._get_pool()
+        with anyio.fail_after(self.settings.statement_timeout), self._classified("listing"):
+            if not self._schema_ready:
+                await self.ensure_schema()
+            rows = await pool.fetch(_Q["list_conflicts"], session_id, limit)
+        return [dict(row) for row in rows]
+
+    async def prune_applied_keys(self, before: datetime, limit: int = 5000) -> int:
+        pool = await self._get_pool()
+        with anyio.fail_after(self.settings.statement_timeout), self._classified("pruning"):
+            status = str(await pool.execute(_Q["prune_applied_keys"], before, limit))
+        return int(status.rsplit(" ", 1)[-1])

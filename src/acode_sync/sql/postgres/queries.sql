@@ -1,0 +1,134 @@
+-- Every SQL statement run against PostgreSQL, loaded by name (see acode_sync/sql.py).
+-- All tables live in the `acode` schema (the pool sets search_path). Parameters are
+-- always bound. `apply_entities` is a template: the <...> markers are filled once, at
+-- import, from the constant table specs in acode_sync/pg_tables.py, never from input.
+
+-- name: schema_exists
+SELECT to_regclass('acode.schema_migrations') IS NOT NULL;
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS acode;
+
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS acode.schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    checksum text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz
+);
+
+-- name: applied_migrations
+SELECT version, checksum FROM acode.schema_migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO acode.schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: migration_lock
+SELECT pg_advisory_xact_lock($1, $2);
+
+-- Taken in ascending order so that concurrent batches cannot deadlock.
+-- name: lock_entities
+SELECT count(pg_advisory_xact_lock($1, k)) FROM unnest($2::int[]) AS k;
+
+-- name: record_keys
+INSERT INTO applied_keys (idempotency_key, payload_digest, entity_type, entity_id, origin_id)
+SELECT k.idempotency_key, k.digest, k.entity_type, k.entity_id, $5::text
+FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[])
+     AS k(idempotency_key, digest, entity_type, entity_id)
+ORDER BY k.idempotency_key
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING idempotency_key;
+
+-- A key PostgreSQL already holds: delivered before if its digest matches the applied
+-- one, or if this very change was settled as a conflict earlier.
+-- name: delivered_keys
+SELECT u.idempotency_key
+FROM unnest($1::text[], $2::bytea[]) AS u(idempotency_key, digest)
+JOIN applied_keys AS a USING (idempotency_key)
+WHERE a.payload_digest = u.digest
+   OR EXISTS (SELECT 1 FROM conflicts AS c
+              WHERE c.incoming_key = u.idempotency_key AND c.incoming_digest = u.digest);
+
+-- One record per entity (a "round"). Last write wins on (updated_at, origin_id, key);
+-- a record not based on the version held is a conflict, stored with both versions.
+-- name: apply_entities
+WITH incoming AS (
+    SELECT i.idempotency_key, i.entity_id, i.session_id, i.payload::jsonb AS p,
+           i.version::timestamptz AS version, i.base::timestamptz AS base, i.digest,
+           $8::text AS origin_id
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::bytea[])
+         AS i(idempotency_key, entity_id, session_id, payload, version, base, digest)
+),
+judged AS (
+    SELECT n.*,
+           c.<id_column> IS NOT NULL AS has_current,
+           c.updated_at AS current_updated_at,
+           c.origin_id AS current_origin,
+           c.idempotency_key AS current_key,
+           (to_jsonb(c) - '{extra,origin_id,idempotency_key,synced_at}'::text[]) || c.extra
+               AS current_version,
+           c.<id_column> IS NULL
+               OR (n.version, n.origin_id, n.idempotency_key)
+                  > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
+    FROM incoming AS n
+    LEFT JOIN <table> AS c ON c.<id_column> = n.entity_id
+),
+decided AS (
+    SELECT j.*,
+           j.has_current AND (
+               NOT j.wins
+               OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
+                       ELSE j.base <> j.current_updated_at END
+           ) AS in_conflict
+    FROM judged AS j
+),
+recorded AS (
+    INSERT INTO conflicts (
+        entity_type, entity_id, session_id, incoming_key, incoming_digest, incoming_origin,
+        incoming_updated_at, incoming_base_updated_at, incoming_version, current_key,
+        current_origin, current_updated_at, current_version, winner)
+    SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id),
+           d.idempotency_key, d.digest, d.origin_id, d.version, d.base, d.p,
+           d.current_key, d.current_origin, d.current_updated_at, d.current_version,
+           CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
+    FROM decided AS d
+    WHERE d.in_conflict
+    ON CONFLICT (incoming_key, incoming_digest) DO NOTHING
+    RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
+              incoming_origin, current_origin, winner
+),
+written AS (
+    INSERT INTO <table> AS t (<columns>, extra, origin_id, idempotency_key, synced_at)
+    SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now()
+    FROM decided AS d
+    WHERE d.wins
+    ORDER BY d.entity_id
+    ON CONFLICT (<id_column>) DO UPDATE SET
+        <updates>, extra = excluded.extra, origin_id = excluded.origin_id,
+        idempotency_key = excluded.idempotency_key, synced_at = excluded.synced_at
+    WHERE (t.updated_at, t.origin_id, t.idempotency_key)
+          < (excluded.updated_at, excluded.origin_id, excluded.idempotency_key)
+    RETURNING 1
+)
+SELECT r.conflict_id, r.incoming_key, r.current_key,
+       r.incoming_updated_at, r.current_updated_at, r.incoming_origin, r.current_origin,
+       r.winner
+FROM recorded AS r;
+
+-- name: list_conflicts
+SELECT conflict_id, entity_type, entity_id, session_id, incoming_key, current_key,
+       incoming_updated_at, current_updated_at, incoming_origin, current_origin, winner,
+       detected_at, incoming_version, current_version
+FROM conflicts
+WHERE ($1::text IS NULL OR session_id = $1)
+ORDER BY conflict_id DESC
+LIMIT $2;
+
+-- name: prune_applied_keys
+DELETE FROM applied_keys
+WHERE ctid = ANY (ARRAY(SELECT ctid FROM applied_keys WHERE applied_at < $1 LIMIT $2));
+
+-- name: probe
+SELECT 1;

@@ -1,0 +1,291 @@
+"""One workspace's syncer: claim -> apply in PostgreSQL -> mark in SQLite.
+
+A batch is applied in one PostgreSQL transaction; only after it commits is the SQLite
+side marked, in one SQLite transaction. A crash in between is harmless: the records are
+sent again and PostgreSQL answers "duplicate" (same key, same digest). A record that
+PostgreSQL refuses is isolated by bisection, so the rest of its batch still commits.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import anyio.to_thread
+
+from acode_sync.config import SyncSettings
+from acode_sync.domain import Clock, canonical_timestamp, format_timestamp, utc_now
+from acode_sync.errors import AcodeError, BusyError, RecordRejectedError
+from acode_sync.log import get_logger
+from acode_sync.outbox import Failure, Outbox, OutboxRecord
+from acode_sync.pg_tables import TABLES
+from acode_sync.postgres import (
+    BatchOutcome,
+    FaultHook,
+    PostgresTarget,
+    PreparedRecord,
+    RecordFailure,
+)
+from acode_sync.retry import RecordRetryPolicy
+from acode_sync.workspace import AGENT_DIR, FILE_MODE
+
+LOCK_NAME: Final = "sync.lock"
+LOCK_POLL_SECONDS: Final = 0.2
+
+
+def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
+    """Check a record before shipping and put its timestamps in canonical form."""
+    if record.entity_type not in TABLES:
+        raise RecordRejectedError(f"unknown entity type {record.entity_type[:60]!r}")
+    try:
+        payload_bytes = record.payload.encode()
+    except UnicodeEncodeError:
+        raise RecordRejectedError("the payload is not valid UTF-8") from None
+    if len(payload_bytes) > max_payload_bytes:
+        raise RecordRejectedError(
+            f"the payload is {len(payload_bytes)} bytes, over max_payload_bytes "
+            f"({max_payload_bytes})"
+        )
+    prefix = f"{record.entity_type}:{record.entity_id}:"
+    if not record.idempotency_key.startswith(prefix):
+        raise RecordRejectedError("the idempotency key is not EntityType:entity_id:timestamp")
+    version = canonical_timestamp(record.idempotency_key[len(prefix) :])
+    base = record.base_updated_at
+    return PreparedRecord(
+        outbox_id=record.outbox_id,
+        idempotency_key=prefix + version,
+        entity_type=record.entity_type,
+        entity_id=record.entity_id,
+        session_id=record.session_id,
+        payload=record.payload,
+        version=version,
+        base_updated_at=None if base is None else canonical_timestamp(base),
+        digest=hashlib.sha256(payload_bytes).digest(),
+    )
+
+
+@dataclass(slots=True)
+class SyncSummary:
+    applied: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    retried: int = 0
+    dead: int = 0
+    batches: int = 0
+
+    def line(self) -> str:
+        return (
+            f"applied {self.applied}, duplicates {self.duplicates}, conflicts "
+            f"{self.conflicts}, retried {self.retried}, dead {self.dead} "
+            f"({self.batches} batches)"
+        )
+
+
+class SyncLock:
+    """One syncer per workspace: an exclusive flock on .agent/sync.lock, released by the
+    kernel if the holder dies."""
+
+    def __init__(self, workspace: Path) -> None:
+        self.path = workspace / AGENT_DIR / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+@dataclass(kw_only=True)
+class WorkspaceSyncer:
+    workspace: Path
+    target: PostgresTarget
+    settings: SyncSettings = field(default_factory=SyncSettings)
+    clock: Clock = utc_now
+    policy: RecordRetryPolicy | None = None
+    fault_hook: FaultHook | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = RecordRetryPolicy(
+                base_seconds=self.settings.retry_base_seconds,
+                cap_seconds=self.settings.retry_cap_seconds,
+                max_attempts=self.settings.max_attempts,
+            )
+        self.log = get_logger(workspace=str(self.workspace))
+
+    async def drain(self, *, lock_wait: float = 0.0) -> SyncSummary:
+        """Ship every claimable record. Raises PostgresUnavailableError on an outage
+        (nothing is marked then) and BusyError if another syncer holds the workspace."""
+        lock = SyncLock(self.workspace)
+        deadline = anyio.current_time() + lock_wait
+        # flock has no wake-up to await: poll until the deadline.
+        while not await anyio.to_thread.run_sync(lock.try_acquire):
+            if anyio.current_time() >= deadline:
+                break
+            await anyio.sleep(LOCK_POLL_SECONDS)
+        if not lock.held:
+            raise BusyError(
+                f"another syncer (the daemon?) is syncing {self.workspace}",
+                hint="Wait for it, or stop it first; it ships the same records.",
+            )
+        try:
+            outbox = await anyio.to_thread.run_sync(self._open_outbox)
+            try:
+                return await self._drain(outbox)
+            finally:
+                await anyio.to_thread.run_sync(outbox.close)
+        finally:
+            lock.release()
+
+    def _open_outbox(self) -> Outbox:
+        return Outbox(self.workspace, busy_timeout=self.settings.busy_timeout, clock=self.clock)
+
+    async def _drain(self, outbox: Outbox) -> SyncSummary:
+        summary = SyncSummary()
+        while True:
+            records = await anyio.to_thread.run_sync(
+                lambda: outbox.claim(
+                    max_records=self.settings.batch_max_records,
+                    max_bytes=self.settings.batch_max_bytes,
+                )
+            )
+            if not records:
+                break
+            await self._ship(outbox, records, summary)
+        retention = timedelta(days=self.settings.retention_days)
+        await anyio.to_thread.run_sync(outbox.prune, retention)
+        return summary
+
+    async def _ship(
+        self, outbox: Outbox, records: Sequence[OutboxRecord], summary: SyncSummary
+    ) -> None:
+        started = time.perf_counter()
+        prepared: list[PreparedRecord] = []
+        failures: list[Failure] = []
+        keys = {r.outbox_id: r.idempotency_key for r in records}
+        held: set[tuple[str, str]] = set()
+        for record in records:
+            entity = (record.entity_type, record.entity_id)
+            if entity in held:
+                continue  # an earlier record of this entity failed: keep the order
+            try:
+                prepared.append(prepare(record, max_payload_bytes=self.settings.max_payload_bytes))
+            except AcodeError as error:
+                failures.append(Failure(record.outbox_id, error.message))
+                held.add(entity)
+        outcome, rejected = await self._apply_isolating(outbox.origin_id, prepared)
+        failures += rejected
+        done = [r.outbox_id for r in outcome.applied + outcome.duplicates]
+        done += [
+            r.outbox_id
+            for r in prepared
+            if r.idempotency_key in {c.incoming_key for c in outcome.conflicts}
+        ]
+        assert self.policy is not None
+        policy = self.policy
+        results = await anyio.to_thread.run_sync(lambda: outbox.mark(done, failures, policy))
+        if self.fault_hook is not None:
+            self.fault_hook("after_mark")
+        self._report(records, outcome, results, failures, keys, summary, started)
+
+    def _report(
+        self,
+        records: Sequence[OutboxRecord],
+        outcome: BatchOutcome,
+        results: Sequence[Any],
+        failures: Sequence[Failure],
+        keys: dict[int, str],
+        summary: SyncSummary,
+        started: float,
+    ) -> None:
+        errors = {f.outbox_id: f.error for f in failures}
+        for record in outcome.applied:
+            self.log.debug("applied", idempotency_key=record.idempotency_key)
+        for record in outcome.duplicates:
+            self.log.info("duplicate", idempotency_key=record.idempotency_key)
+        for c in outcome.conflicts:
+            self.log.warning(
+                "conflict",
+                conflict_id=c.conflict_id,
+                idempotency_key=c.incoming_key,
+                current_key=c.current_key,
+                incoming_updated_at=format_timestamp(c.incoming_updated_at),
+                current_updated_at=format_timestamp(c.current_updated_at),
+                incoming_origin=c.incoming_origin,
+                current_origin=c.current_origin,
+                winner=c.winner,
+            )
+        for result in results:
+            fields = {
+                "idempotency_key": keys[result.outbox_id],
+                "outbox_id": result.outbox_id,
+                "attempts": result.attempts,
+                "error": errors[result.outbox_id],
+            }
+            if result.dead:
+                self.log.error("dead letter", **fields)
+            else:
+                self.log.warning("retry", **fields)
+        dead = sum(1 for r in results if r.dead)
+        summary.applied += len(outcome.applied)
+        summary.duplicates += len(outcome.duplicates)
+        summary.conflicts += len(outcome.conflicts)
+        summary.retried += len(results) - dead
+        summary.dead += dead
+        summary.batches += 1
+        self.log.info(
+            "batch",
+            first_outbox_id=records[0].outbox_id,
+            last_outbox_id=records[-1].outbox_id,
+            records=len(records),
+            applied=len(outcome.applied),
+            duplicates=len(outcome.duplicates),
+            conflicts=len(outcome.conflicts),
+            failed=len(results),
+            seconds=round(time.perf_counter() - started, 4),
+        )
+
+    async def _apply_isolating(
+        self, origin_id: str, records: Sequence[PreparedRecord]
+    ) -> tuple[BatchOutcome, list[Failure]]:
+        """Apply, bisecting on a refused batch until each bad record stands alone:
+        O(log n) extra transactions per bad record; the good ones commit."""
+        if not records:
+            return BatchOutcome(), []
+        try:
+            return await self.target.apply(origin_id, records, fault_hook=self.fault_hook), []
+        except RecordFailure as error:
+            if len(records) == 1:
+                return BatchOutcome(), [Failure(records[0].outbox_id, error.reason)]
+        middle = len(records) // 2
+        outcome, failures = await self._apply_isolating(origin_id, records[:middle])
+        failed_ids = {f.outbox_id for f in failures}
+        blocked = {
+            (r.entity_type, r.entity_id) for r in records[:middle] if r.outbox_id in failed_ids
+        }
+        rest = [r for r in records[middle:] if (r.entity_type, r.entity_id) not in blocked]
+        more, more_failures = await self._apply_isolating(origin_id, rest)
+        outcome.extend(more)
+        return outcome, failures + more_failures
