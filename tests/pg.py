@@ -31,14 +31,26 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
-def create_database() -> str:
-    name = f"acode_test_{os.getpid()}_{secrets.token_hex(4)}"
-    anyio.run(_admin, f'CREATE DATABASE "{name}"')
+def _new_name() -> str:
+    return f"acode_test_{os.getpid()}_{secrets.token_hex(4)}"
+
+
+async def create_database_async() -> str:
+    name = _new_name()
+    await _admin(f'CREATE DATABASE "{name}"')
     return name
 
 
+async def drop_database_async(name: str) -> None:
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_database() -> str:
+    return anyio.run(create_database_async)
+
+
 def drop_database(name: str) -> None:
-    anyio.run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    anyio.run(drop_database_async, name)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`acode db ...`: inspect and operate a workspace database.
+"""`acode db ...`: inspect and operate a workspace database and its sync.
 
 Errors print `ACODE-DB-00N: message` and a hint on stderr, with no traceback.
 """
@@ -7,31 +7,73 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import anyio
 
 from acode_sync import __version__
-from acode_sync.errors import AcodeError
+from acode_sync.config import Config, load_config
+from acode_sync.errors import AcodeError, RecordRejectedError
+from acode_sync.log import configure_logging
+from acode_sync.outbox import list_records, replay
+from acode_sync.postgres import PostgresTarget
 from acode_sync.status import workspace_status
-from acode_sync.workspace import database_path, open_workspace, schema_version, translated, upgrade
+from acode_sync.sync import WorkspaceSyncer
+from acode_sync.workspace import (
+    OpenOptions,
+    database_path,
+    open_workspace,
+    schema_version,
+    translated,
+    upgrade,
+)
+
+SYNC_LOCK_WAIT = 30.0
+Handler = Callable[[argparse.Namespace], int]
 
 
 def _workspace(args: argparse.Namespace) -> Path:
     return Path(args.workspace).resolve()
 
 
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config, os.environ)
+    password = config.postgres.resolved_password()
+    configure_logging(level="info", secrets=[password] if password else [], stream=sys.stderr)
+    return config
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.postgres:
+        config = _config(args)
+        from_version, to_version = anyio.run(_migrate_postgres, config)
+        print(f"PostgreSQL schema version {from_version} -> {to_version}")
+        return 0
     workspace = _workspace(args)
+    path = database_path(workspace)
     conn = open_workspace(workspace, run_migrations=False)
     try:
-        from_version, to_version = translated(
-            database_path(workspace), upgrade, conn, database_path(workspace)
-        )
+        from_version, to_version = translated(path, upgrade, conn, path)
     finally:
         conn.close()
     print(f"schema version {from_version} -> {to_version}")
     return 0
+
+
+async def _migrate_postgres(config: Config) -> tuple[int, int]:
+    target = PostgresTarget(config.postgres)
+    try:
+        return await target.ensure_schema()
+    finally:
+        await target.close()
 
 
 def cmd_schema_version(args: argparse.Namespace) -> int:
@@ -46,9 +88,88 @@ def cmd_schema_version(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     status = workspace_status(_workspace(args))
     if args.json:
-        print(json.dumps(status.as_dict(), indent=2))
+        _print_json(status.as_dict())
     else:
         print("\n".join(status.lines()))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def _sync() -> str:
+        target = PostgresTarget(config.postgres)
+        try:
+            syncer = WorkspaceSyncer(
+                workspace=_workspace(args), target=target, settings=config.sync
+            )
+            summary = await syncer.drain(
+                lock_wait=SYNC_LOCK_WAIT, max_batches=1 if args.once else None
+            )
+        finally:
+            await target.close()
+        return summary.line()
+
+    print(anyio.run(_sync))
+    return 0
+
+
+def _open_existing(args: argparse.Namespace) -> Any:
+    return open_workspace(_workspace(args), OpenOptions(), create=False, run_migrations=False)
+
+
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    conn = _open_existing(args)
+    try:
+        path = database_path(_workspace(args))
+        records = translated(path, list_records, conn, failed_only=args.failed, limit=args.limit)
+    finally:
+        conn.close()
+    if args.json:
+        _print_json(records)
+        return 0
+    for r in records:
+        error = f"  {r['last_error']}" if r["last_error"] else ""
+        print(
+            f"{r['outbox_id']:>8}  {r['state']:<7}  attempts {r['attempts']:>2}  "
+            f"{r['idempotency_key']}{error}"
+        )
+    return 0
+
+
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.all_failed):
+        raise RecordRejectedError("give outbox ids or --all-failed, not both or neither")
+    conn = _open_existing(args)
+    try:
+        path = database_path(_workspace(args))
+        count = translated(path, replay, conn, None if args.all_failed else args.ids)
+    finally:
+        conn.close()
+    print(f"{count} record(s) queued again")
+    return 0
+
+
+def cmd_conflicts_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def _list() -> list[dict[str, Any]]:
+        target = PostgresTarget(config.postgres)
+        try:
+            return await target.list_conflicts(args.session, args.limit)
+        finally:
+            await target.close()
+
+    conflicts = anyio.run(_list)
+    if args.json:
+        _print_json(conflicts)
+        return 0
+    for c in conflicts:
+        print(
+            f"{c['conflict_id']:>6}  {c['entity_type']} {c['entity_id']}  winner {c['winner']}\n"
+            f"        incoming {c['incoming_key']} from {c['incoming_origin']}\n"
+            f"        current  {c['current_key']} from {c['current_origin']}"
+        )
     return 0
 
 
@@ -56,38 +177,69 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acode", description="Operate acode workspaces.")
     parser.add_argument("--version", action="version", version=f"acode {__version__}")
     groups = parser.add_subparsers(dest="group", required=True)
-
     db = groups.add_parser("db", help="the workspace database and its sync")
-    db_commands = db.add_subparsers(dest="command", required=True)
+    commands = db.add_subparsers(dest="command", required=True)
 
     def command(
-        name: str,
-        handler: Callable[[argparse.Namespace], int],
-        help_text: str,
-        into: argparse._SubParsersAction[argparse.ArgumentParser] = db_commands,
+        into: Any, name: str, handler: Handler, text: str, *, config: bool = False
     ) -> argparse.ArgumentParser:
-        sub = into.add_parser(name, help=help_text, description=help_text)
+        sub: argparse.ArgumentParser = into.add_parser(name, help=text, description=text)
         sub.add_argument(
             "--workspace",
             default=".",
             metavar="DIR",
             help="the workspace directory (default: the current directory)",
         )
+        if config:
+            sub.add_argument("--config", type=Path, metavar="FILE", help="acode-syncd.toml")
         sub.set_defaults(handler=handler)
         return sub
 
-    command("migrate", cmd_migrate, "create or upgrade the workspace database")
-    status = command("status", cmd_status, "schema, files, row counts and the outbox backlog")
+    migrate = command(
+        commands, "migrate", cmd_migrate, "create or upgrade the database", config=True
+    )
+    migrate.add_argument(
+        "--postgres", action="store_true", help="migrate the PostgreSQL schema instead"
+    )
+    status = command(commands, "status", cmd_status, "schema, files, rows and the backlog")
     status.add_argument("--json", action="store_true", help="print JSON for machines")
+    sync = command(commands, "sync", cmd_sync, "ship pending records now", config=True)
+    sync.add_argument("--once", action="store_true", help="ship one batch at most")
 
-    schema = db_commands.add_parser("schema", help="the schema of the workspace database")
-    schema_commands = schema.add_subparsers(dest="schema_command", required=True)
-    command("version", cmd_schema_version, "print the schema version", into=schema_commands)
+    schema = commands.add_parser("schema", help="the schema of the workspace database")
+    command(
+        schema.add_subparsers(dest="sub", required=True),
+        "version",
+        cmd_schema_version,
+        "print the schema version",
+    )
+
+    outbox = commands.add_parser("outbox", help="pending and dead-lettered records")
+    outbox_commands = outbox.add_subparsers(dest="sub", required=True)
+    listing = command(outbox_commands, "list", cmd_outbox_list, "list pending and failed records")
+    listing.add_argument("--failed", action="store_true", help="only dead letters")
+    listing.add_argument("--json", action="store_true", help="print JSON for machines")
+    listing.add_argument("--limit", type=int, default=1000)
+    retry = command(outbox_commands, "retry", cmd_outbox_retry, "replay dead-lettered records")
+    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="outbox ids to replay")
+    retry.add_argument("--all-failed", action="store_true", help="replay every dead letter")
+
+    conflicts = commands.add_parser("conflicts", help="conflicts recorded in PostgreSQL")
+    conflicts_list = command(
+        conflicts.add_subparsers(dest="sub", required=True),
+        "list",
+        cmd_conflicts_list,
+        "list recorded conflicts, newest first",
+        config=True,
+    )
+    conflicts_list.add_argument("--session", metavar="ID", help="only this session's")
+    conflicts_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    conflicts_list.add_argument("--limit", type=int, default=100)
     return parser
 
 
-def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)
     except AcodeError as error:
@@ -95,7 +247,3 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
         print(f"hint: {error.hint}", file=sys.stderr)
         return error.exit_code
     return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(argv, build_parser())

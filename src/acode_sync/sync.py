@@ -135,7 +135,7 @@ class WorkspaceSyncer:
             )
         self.log = get_logger(workspace=str(self.workspace))
 
-    async def drain(self, *, lock_wait: float = 0.0) -> SyncSummary:
+    async def drain(self, *, lock_wait: float = 0.0, max_batches: int | None = None) -> SyncSummary:
         """Ship every claimable record. Raises PostgresUnavailableError on an outage
         (nothing is marked then) and BusyError if another syncer holds the workspace."""
         lock = SyncLock(self.workspace)
@@ -153,7 +153,7 @@ class WorkspaceSyncer:
         try:
             outbox = await anyio.to_thread.run_sync(self._open_outbox)
             try:
-                return await self._drain(outbox)
+                return await self._drain(outbox, max_batches)
             finally:
                 await anyio.to_thread.run_sync(outbox.close)
         finally:
@@ -162,9 +162,9 @@ class WorkspaceSyncer:
     def _open_outbox(self) -> Outbox:
         return Outbox(self.workspace, busy_timeout=self.settings.busy_timeout, clock=self.clock)
 
-    async def _drain(self, outbox: Outbox) -> SyncSummary:
+    async def _drain(self, outbox: Outbox, max_batches: int | None) -> SyncSummary:
         summary = SyncSummary()
-        while True:
+        while max_batches is None or summary.batches < max_batches:
             records = await anyio.to_thread.run_sync(
                 lambda: outbox.claim(
                     max_records=self.settings.batch_max_records,
@@ -176,6 +176,7 @@ class WorkspaceSyncer:
             await self._ship(outbox, records, summary)
         retention = timedelta(days=self.settings.retention_days)
         await anyio.to_thread.run_sync(outbox.prune, retention)
+        await anyio.to_thread.run_sync(outbox.checkpoint)
         return summary
 
     async def _ship(

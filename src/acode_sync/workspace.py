@@ -40,6 +40,9 @@ DATABASE_NAME: Final = "workspace.db"
 DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
 DEFAULT_BUSY_TIMEOUT: Final = 30.0
+# The syncer checkpoints the WAL after every drain, off the agent's save path; the agent's
+# own automatic checkpoint is only a backstop, so it is rarely what slows a save.
+DEFAULT_WAL_AUTOCHECKPOINT: Final = 10_000
 DIALECT: Final = "sqlite"
 
 
@@ -54,6 +57,7 @@ class Synchronous(StrEnum):
 class OpenOptions:
     busy_timeout: float = DEFAULT_BUSY_TIMEOUT
     synchronous: Synchronous = Synchronous.FULL
+    wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT
     clock: Clock = utc_now
 
 
@@ -141,6 +145,7 @@ def _connect(path: Path, options: OpenOptions) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA synchronous = {Synchronous(options.synchronous).value}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(options.wal_autocheckpoint)}")
         conn.execute("PRAGMA schema_version").fetchone()  # reads the header: not SQLite -> error
     except BaseException:
         conn.close()

@@ -1,0 +1,459 @@
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+from acode_sync.config import PostgresSettings, SyncSettings
+from acode_sync.domain import Session, SessionState, SessionTask, format_timestamp
+from acode_sync.errors import BusyError, MigrationError, RecordRejectedError, SchemaMismatchError
+from acode_sync.migrations import load_migrations, parse_migrations
+from acode_sync.outbox import OutboxRecord
+from acode_sync.postgres import PostgresTarget
+from acode_sync.store import WorkspaceDatabase
+from acode_sync.sync import SyncLock, WorkspaceSyncer, prepare
+from acode_sync.workspace import database_path
+from tests.pg import create_database_async, database_url, drop_database_async
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+@pytest.fixture
+async def target(pg_url: str) -> AsyncIterator[PostgresTarget]:
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, connect_timeout=5, statement_timeout=10))
+    yield target
+    await target.close()
+
+
+async def fetch(pg_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(pg_url, server_settings={"search_path": "acode"})
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+def outbox_states(workspace: Path) -> list[tuple[str, int]]:
+    conn = sqlite3.connect(database_path(workspace))
+    try:
+        return list(conn.execute("SELECT state, attempts FROM outbox ORDER BY outbox_id"))
+    finally:
+        conn.close()
+
+
+def clone_workspace(source: Path, destination: Path) -> None:
+    """A copy of a workspace with its own origin: another machine with the same history."""
+    shutil.copytree(source, destination)
+    conn = sqlite3.connect(database_path(destination))
+    conn.execute("UPDATE workspace_meta SET value = ? WHERE key = 'origin_id'", (destination.name,))
+    conn.execute("UPDATE outbox SET state = 'processed'")
+    conn.commit()
+    conn.close()
+
+
+def syncer(workspace: Path, target: PostgresTarget, **settings: Any) -> WorkspaceSyncer:
+    return WorkspaceSyncer(workspace=workspace, target=target, settings=SyncSettings(**settings))
+
+
+async def test_records_reach_postgres_with_typed_columns(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    session = db.save(Session(title="fix", metadata={"n": 1}))
+    session = db.save(Session(session_id=session.session_id, state=SessionState.PLANNING))
+    task = db.save(SessionTask(session_id=session.session_id, title="t"))
+    db.close()
+
+    summary = await syncer(workspace, target).drain()
+
+    assert (summary.applied, summary.duplicates, summary.conflicts) == (3, 0, 0)
+    rows = await fetch(pg_url, "SELECT * FROM sessions")
+    assert len(rows) == 1
+    assert rows[0]["state"] == "PLANNING"
+    assert rows[0]["metadata"] is None
+    assert format_timestamp(rows[0]["updated_at"]) == session.updated_at
+    assert rows[0]["origin_id"] == db.origin_id
+    tasks = await fetch(pg_url, "SELECT session_id, title FROM session_tasks")
+    assert [tuple(r) for r in tasks] == [(session.session_id, "t")]
+    keys = await fetch(pg_url, "SELECT count(*) FROM applied_keys")
+    assert keys[0][0] == 3
+    assert outbox_states(workspace) == [("processed", 0)] * 3
+    assert task.task_id
+
+
+async def test_the_same_batch_twice_has_one_effect(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    for _ in range(5):
+        db.save(Session())
+    db.close()
+    first = await syncer(workspace, target).drain()
+    conn = sqlite3.connect(database_path(workspace))
+    conn.execute("UPDATE outbox SET state = 'pending', processed_at = NULL")
+    conn.commit()
+    conn.close()
+    second = await syncer(workspace, target).drain()
+    assert (first.applied, first.duplicates) == (5, 0)
+    assert (second.applied, second.duplicates) == (0, 5)
+    assert outbox_states(workspace) == [("processed", 0)] * 5
+    count = await fetch(pg_url, "SELECT count(*) FROM sessions")
+    assert count[0][0] == 5
+
+
+async def test_several_records_of_one_entity_in_one_batch(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    session = db.save(Session())
+    for title in ("a", "b", "c", "d"):
+        session = db.save(Session(session_id=session.session_id, title=title))
+    db.close()
+    summary = await syncer(workspace, target).drain()
+    assert (summary.applied, summary.conflicts, summary.batches) == (5, 0, 1)
+    rows = await fetch(pg_url, "SELECT title, idempotency_key FROM sessions")
+    assert [tuple(r) for r in rows] == [("d", f"Session:{session.session_id}:{session.updated_at}")]
+
+
+async def test_unknown_payload_keys_are_kept(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    WorkspaceDatabase(workspace).close()
+    payload = {
+        "session_id": "sess_future",
+        "state": "CREATED",
+        "created_at": "2026-01-15T10:30:00Z",
+        "updated_at": "2026-01-15T10:30:00Z",
+        "color": "blue",
+    }
+    conn = sqlite3.connect(database_path(workspace))
+    conn.execute(
+        "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
+        "created_at) VALUES (?, 'Session', 'sess_future', 'sess_future', ?, ?)",
+        ("Session:sess_future:2026-01-15T10:30:00Z", json.dumps(payload), "2026-01-15T10:30:00Z"),
+    )
+    conn.commit()
+    conn.close()
+    summary = await syncer(workspace, target).drain()
+    assert summary.applied == 1
+    rows = await fetch(pg_url, "SELECT extra, idempotency_key FROM sessions")
+    assert json.loads(rows[0]["extra"]) == {"color": "blue"}
+    assert rows[0]["idempotency_key"] == "Session:sess_future:2026-01-15T10:30:00.000000Z"
+
+
+async def _conflict_scenario(
+    tmp_path: Path, url: str, order: tuple[str, str]
+) -> tuple[list[Any], list[Any]]:
+    base = tmp_path / f"base-{order[0]}"
+    base.mkdir()
+    db = WorkspaceDatabase(base)
+    session = db.save(Session(session_id="sess_shared", title="v1"))
+    db.close()
+    target = PostgresTarget(PostgresSettings(dsn=url))
+    try:
+        await syncer(base, target).drain()
+        workspaces = {}
+        for name in ("a", "b"):
+            workspaces[name] = tmp_path / f"{name}-{order[0]}"
+            clone_workspace(base, workspaces[name])
+        for name in ("a", "b"):  # b saves last: its updated_at is the newest
+            db = WorkspaceDatabase(workspaces[name])
+            db.save(Session(session_id=session.session_id, title=f"from {name}"))
+            db.close()
+        for name in order:
+            await syncer(workspaces[name], target).drain()
+    finally:
+        await target.close()
+    sessions = await fetch(url, "SELECT title, origin_id FROM sessions")
+    conflicts = await fetch(url, "SELECT * FROM conflicts")
+    return [tuple(r) for r in sessions], conflicts
+
+
+async def test_concurrent_edits_conflict_once_and_converge_in_either_order(
+    tmp_path: Path, pg_url: str
+) -> None:
+    other = await create_database_async()
+    try:
+        one = await _conflict_scenario(tmp_path, pg_url, ("a", "b"))
+        two = await _conflict_scenario(tmp_path, database_url(other), ("b", "a"))
+    finally:
+        await drop_database_async(other)
+    assert [title for title, _ in one[0]] == [title for title, _ in two[0]] == ["from b"]
+    for sessions, conflicts in (one, two):
+        assert len(conflicts) == 1
+        conflict = conflicts[0]
+        versions = {
+            json.loads(conflict["incoming_version"])["title"],
+            json.loads(conflict["current_version"])["title"],
+        }
+        assert versions == {"from a", "from b"}
+        assert conflict["incoming_updated_at"] != conflict["current_updated_at"]
+        assert conflict["incoming_origin"] != conflict["current_origin"]
+        winner_title = json.loads(conflict[f"{conflict['winner']}_version"])["title"]
+        assert winner_title == sessions[0][0] == "from b"
+
+
+async def test_sequential_saves_of_one_workspace_are_never_conflicts(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    session = db.save(Session())
+    for n in range(6):
+        session = db.save(Session(session_id=session.session_id, title=str(n)))
+        await syncer(workspace, target, batch_max_records=2).drain()
+    db.close()
+    assert (await fetch(pg_url, "SELECT count(*) FROM conflicts"))[0][0] == 0
+    assert (await fetch(pg_url, "SELECT title FROM sessions"))[0][0] == "5"
+
+
+async def test_same_key_different_payload_is_a_tie_conflict(
+    tmp_path: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    key = "Session:sess_tie:2026-01-15T10:30:00.000000Z"
+    workspaces = []
+    for name, title in (("origin-a", "A"), ("origin-b", "B")):
+        workspace = tmp_path / name
+        workspace.mkdir()
+        WorkspaceDatabase(workspace).close()
+        conn = sqlite3.connect(database_path(workspace))
+        conn.execute("UPDATE workspace_meta SET value = ? WHERE key = 'origin_id'", (name,))
+        payload = {"state": "CREATED", "title": title, "created_at": "2026-01-15T10:30:00Z"}
+        conn.execute(
+            "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
+            "created_at) VALUES (?, 'Session', 'sess_tie', 'sess_tie', ?, ?)",
+            (key, json.dumps(payload), "2026-01-15T10:30:00Z"),
+        )
+        conn.commit()
+        conn.close()
+        workspaces.append(workspace)
+    summaries = [await syncer(w, target).drain() for w in reversed(workspaces)]
+    assert [s.conflicts for s in summaries] == [0, 1]
+    # The tie goes to the greater origin id: "origin-b".
+    assert (await fetch(pg_url, "SELECT title FROM sessions"))[0][0] == "B"
+    again = await syncer(workspaces[0], target).drain()
+    assert again.batches == 0
+    conn = sqlite3.connect(database_path(workspaces[0]))
+    conn.execute("UPDATE outbox SET state = 'pending'")
+    conn.commit()
+    conn.close()
+    resent = await syncer(workspaces[0], target).drain()
+    assert (resent.duplicates, resent.conflicts) == (1, 0)
+    assert (await fetch(pg_url, "SELECT count(*) FROM conflicts"))[0][0] == 1
+
+
+async def test_two_syncers_on_the_same_entities_at_once(tmp_path: Path, pg_url: str) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    db = WorkspaceDatabase(base)
+    ids = [db.save(Session()).session_id for _ in range(40)]
+    db.close()
+    names = ("w1", "w2")
+    for name in names:
+        clone_workspace(base, tmp_path / name)
+    for round_ in range(3):
+        for name in names:
+            db = WorkspaceDatabase(tmp_path / name)
+            for session_id in reversed(ids) if name == "w2" else ids:
+                db.save(Session(session_id=session_id, title=f"{name}-{round_}"))
+            db.close()
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, pool_max=4))
+    try:
+        await syncer(base, target).drain()
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(syncer(tmp_path / name, target, batch_max_records=7).drain)
+    finally:
+        await target.close()
+    rows = await fetch(pg_url, "SELECT session_id, title, updated_at FROM sessions")
+    assert len(rows) == 40
+    # Every entity holds its newest version, whichever syncer delivered it.
+    for row in rows:
+        versions = []
+        for name in names:
+            conn = sqlite3.connect(database_path(tmp_path / name))
+            versions += conn.execute(
+                "SELECT updated_at, title FROM sessions WHERE session_id = ?", (row[0],)
+            ).fetchall()
+            conn.close()
+        assert row["title"] == max(versions)[1]
+    for name in names:
+        assert {s for s, _ in outbox_states(tmp_path / name)} == {"processed"}
+
+
+async def test_a_plain_insert_record_syncs(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    WorkspaceDatabase(workspace).close()
+    conn = sqlite3.connect(database_path(workspace))
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(
+        "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            "SessionTask:task_go:2026-02-01T09:00:00.5+01:00",
+            "SessionTask",
+            "task_go",
+            "sess_go",
+            json.dumps(
+                {
+                    "task_id": "task_go",
+                    "session_id": "sess_go",
+                    "status": "running",
+                    "created_at": "2026-02-01T08:00:00Z",
+                }
+            ),
+            "2026-02-01T08:00:00.500000Z",
+        ),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    assert (await syncer(workspace, target).drain()).applied == 1
+    rows = await fetch(pg_url, "SELECT status, updated_at::text FROM session_tasks")
+    assert [tuple(r) for r in rows] == [("running", "2026-02-01 08:00:00.5+00")]
+
+
+async def test_syncer_waits_for_an_unsupported_workspace_schema(
+    workspace: Path, target: PostgresTarget
+) -> None:
+    WorkspaceDatabase(workspace).close()
+    conn = sqlite3.connect(database_path(workspace))
+    conn.execute("DELETE FROM schema_migrations")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaMismatchError, match="syncer needs"):
+        await syncer(workspace, target).drain()
+
+
+async def test_one_syncer_per_workspace(workspace: Path, target: PostgresTarget) -> None:
+    WorkspaceDatabase(workspace).close()
+    lock = SyncLock(workspace)
+    assert lock.try_acquire()
+    try:
+        with pytest.raises(BusyError, match="another syncer"):
+            await syncer(workspace, target).drain(lock_wait=0.3)
+    finally:
+        lock.release()
+    assert (await syncer(workspace, target).drain()).batches == 0
+
+
+async def test_processed_records_are_pruned_after_retention(
+    workspace: Path, target: PostgresTarget
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    for _ in range(3):
+        db.save(Session())
+    db.close()
+    await syncer(workspace, target).drain()
+    assert len(outbox_states(workspace)) == 3
+    await syncer(workspace, target, retention_days=1e-9).drain()
+    assert outbox_states(workspace) == []
+
+
+async def test_postgres_migrations_are_idempotent_and_locked(pg_url: str) -> None:
+    targets = [PostgresTarget(PostgresSettings(dsn=pg_url)) for _ in range(3)]
+    try:
+        results = []
+
+        async def migrate(t: PostgresTarget) -> None:
+            results.append(await t.ensure_schema())
+
+        async with anyio.create_task_group() as tg:
+            for t in targets:
+                tg.start_soon(migrate, t)
+        assert sorted(results) == [(0, 1), (1, 1), (1, 1)]
+        assert await targets[0].ensure_schema() == (1, 1)
+    finally:
+        for t in targets:
+            await t.close()
+    rows = await fetch(pg_url, "SELECT version FROM schema_migrations")
+    assert [r[0] for r in rows] == [1]
+
+
+async def test_auto_migrate_off_reports_a_missing_schema(pg_url: str) -> None:
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, auto_migrate=False))
+    try:
+        with pytest.raises(SchemaMismatchError, match="auto_migrate is off"):
+            await target.ensure_schema()
+    finally:
+        await target.close()
+
+
+async def test_failed_postgres_migration_rolls_back(pg_url: str) -> None:
+    shipped = load_migrations("postgres")
+    broken = parse_migrations(
+        [
+            ("0001_initial.sql", shipped[0].sql),
+            ("0002_bad.sql", "CREATE TABLE t (x int); SELECT 1/0;"),
+        ]
+    )
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        with pytest.raises(MigrationError, match=r"migration 2 \(bad\) failed"):
+            await target.ensure_schema(broken)
+        assert await target.ensure_schema() == (0, 1)
+        with pytest.raises(SchemaMismatchError, match="newer"):
+            await target.ensure_schema(())
+    finally:
+        await target.close()
+    assert (await fetch(pg_url, "SELECT to_regclass('acode.t') IS NULL"))[0][0] is True
+
+
+def test_prepare_canonicalises_keys_and_rejects_bad_ones() -> None:
+    record = OutboxRecord(
+        1,
+        "Session:sess_x:2026-01-15T11:30:00+01:00",
+        "Session",
+        "sess_x",
+        None,
+        "{}",
+        "2026-01-15T10:00:00Z",
+        "2026-01-15T10:00:00Z",
+        0,
+    )
+    prepared = prepare(record, max_payload_bytes=100)
+    assert prepared.idempotency_key == "Session:sess_x:2026-01-15T10:30:00.000000Z"
+    assert prepared.base_updated_at == "2026-01-15T10:00:00.000000Z"
+    with pytest.raises(RecordRejectedError, match="unknown entity type"):
+        prepare(
+            OutboxRecord(1, "X:1:2026-01-01T00:00:00Z", "X", "1", None, "{}", None, "", 0),
+            max_payload_bytes=100,
+        )
+    with pytest.raises(RecordRejectedError, match="max_payload_bytes"):
+        prepare(record, max_payload_bytes=1)
+    with pytest.raises(RecordRejectedError, match="idempotency key"):
+        prepare(
+            OutboxRecord(
+                1,
+                "Session:other:2026-01-01T00:00:00Z",
+                "Session",
+                "sess_x",
+                None,
+                "{}",
+                None,
+                "",
+                0,
+            ),
+            max_payload_bytes=100,
+        )
+    with pytest.raises(RecordRejectedError, match="UTF-8"):
+        prepare(
+            OutboxRecord(
+                1,
+                "Session:sess_x:2026-01-01T00:00:00Z",
+                "Session",
+                "sess_x",
+                None,
+                "\udcff",
+                None,
+                "",
+                0,
+            ),
+            max_payload_bytes=100,
+        )
