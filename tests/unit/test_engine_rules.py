@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import io
+import json
+
+import asyncpg
+import pytest
+
+from acode_sync.log import Redactor, configure_logging, get_logger
+from acode_sync.pg_tables import TABLES
+from acode_sync.postgres import PreparedRecord, is_record_error, lock_key, rounds
+
+
+def record(n: int, entity: str) -> PreparedRecord:
+    return PreparedRecord(n, f"k{n}", "Session", entity, None, "{}", "v", None, b"")
+
+
+def test_rounds_hold_one_record_per_entity_in_order() -> None:
+    records = [record(1, "a"), record(2, "b"), record(3, "a"), record(4, "a"), record(5, "c")]
+    assert [[r.outbox_id for r in batch] for batch in rounds(records)] == [[1, 2, 5], [3], [4]]
+    assert rounds([]) == []
+
+
+def test_lock_keys_are_stable_32_bit() -> None:
+    assert lock_key("sess_1") == lock_key("sess_1")
+    assert -(2**31) <= lock_key("sess_1") < 2**31
+
+
+def test_errors_are_classified_by_sqlstate_class() -> None:
+    assert is_record_error(asyncpg.exceptions.UntranslatableCharacterError())
+    assert is_record_error(asyncpg.exceptions.CheckViolationError())
+    assert is_record_error(asyncpg.exceptions.ProgramLimitExceededError())
+    assert is_record_error(UnicodeEncodeError("utf-8", "x", 0, 1, "bad"))
+    assert not is_record_error(asyncpg.exceptions.ConnectionDoesNotExistError())
+    assert not is_record_error(asyncpg.exceptions.SerializationError())
+    assert not is_record_error(asyncpg.exceptions.TooManyConnectionsError())
+    assert not is_record_error(asyncpg.exceptions.AdminShutdownError())
+    assert not is_record_error(asyncpg.exceptions.UndefinedTableError())
+    assert not is_record_error(OSError("refused"))
+    assert not is_record_error(TimeoutError())
+
+
+def test_every_apply_statement_is_filled() -> None:
+    for spec in TABLES.values():
+        assert spec.table in spec.apply_sql
+        assert "<" + "table>" not in spec.apply_sql
+
+
+def test_redactor_scrubs_nested_values() -> None:
+    redact = Redactor(["hunter2"])
+    event = {"event": "x hunter2", "nested": {"a": ["hunter2!", 1]}, "n": 3}
+    assert redact(None, "info", event) == {
+        "event": "x ********",
+        "nested": {"a": ["********!", 1]},
+        "n": 3,
+    }
+    assert Redactor([])(None, "info", event) is event
+
+
+def test_logs_are_json_lines_without_secrets() -> None:
+    stream = io.StringIO()
+    configure_logging(level="info", json_lines=True, secrets=["hunter2"], stream=stream)
+    log = get_logger(workspace="/w")
+    log.debug("hidden")
+    log.info("connected", dsn="postgresql://u:hunter2@h/d")
+    try:
+        raise ValueError("boom hunter2")
+    except ValueError:
+        log.exception("failed")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["connected", "failed"]
+    assert lines[0]["workspace"] == "/w"
+    assert "hunter2" not in stream.getvalue()
+    assert "ValueError: boom ********" in lines[1]["exception"]
+
+
+def test_console_logs_on_a_terminal_style_stream() -> None:
+    stream = io.StringIO()
+    configure_logging(level="debug", json_lines=False, stream=stream)
+    get_logger().debug("shown", key="value")
+    assert "shown" in stream.getvalue()
+    assert "key=value" in stream.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> None:
+    configure_logging(level="warning", json_lines=True, stream=io.StringIO())
