@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -79,9 +80,7 @@ def test_secret_never_shows_itself() -> None:
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     config = parse_config({"postgres": {"dsn": "postgresql://file-host/acode", "password": "file"}})
-    env = {
-        "ACODE_POSTGRES_URL": f"postgresql://app:{PASSWORD.replace('@', '%40').replace(':', '%3A').replace('/', '%2F').replace('?', '%3F').replace('#', '%23')}@env-host/acode"
-    }
+    env = {"ACODE_POSTGRES_URL": f"postgresql://app:{quote(PASSWORD, safe='')}@env-host/acode"}
     merged = apply_environment(config, env)
     assert merged.postgres.dsn == "postgresql://app@env-host/acode"
     assert merged.postgres.resolved_password() == PASSWORD
