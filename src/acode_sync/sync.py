@@ -23,7 +23,12 @@ import anyio.to_thread
 
 from acode_sync.config import SyncSettings
 from acode_sync.domain import Clock, canonical_timestamp, format_timestamp, utc_now
-from acode_sync.errors import AcodeError, BusyError, RecordRejectedError
+from acode_sync.errors import (
+    AcodeError,
+    BusyError,
+    PostgresUnavailableError,
+    RecordRejectedError,
+)
 from acode_sync.log import get_logger
 from acode_sync.outbox import Failure, Outbox, OutboxRecord
 from acode_sync.pg_tables import TABLES
@@ -39,6 +44,9 @@ from acode_sync.workspace import AGENT_DIR, FILE_MODE
 
 LOCK_NAME: Final = "sync.lock"
 LOCK_POLL_SECONDS: Final = 0.2
+# A batch that fails "transiently" this many times in a row while PostgreSQL answers a
+# probe is treated as holding a bad record (a statement it always times out on, ...).
+SUSPECT_STRIKES: Final = 3
 
 
 def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
@@ -134,6 +142,7 @@ class WorkspaceSyncer:
                 max_attempts=self.settings.max_attempts,
             )
         self.log = get_logger(workspace=str(self.workspace))
+        self._strikes: dict[int, int] = {}
 
     async def drain(self, *, lock_wait: float = 0.0, max_batches: int | None = None) -> SyncSummary:
         """Ship every claimable record. Raises PostgresUnavailableError on an outage
@@ -268,25 +277,53 @@ class WorkspaceSyncer:
             seconds=round(time.perf_counter() - started, 4),
         )
 
+    async def _is_suspect(self, records: Sequence[PreparedRecord], *, suspect: bool) -> bool:
+        """An outage error, yet PostgreSQL answers a probe: a strike against this batch."""
+        if not await self.target.probe():
+            return False
+        if suspect:
+            return True
+        first = records[0].outbox_id
+        self._strikes[first] = self._strikes.get(first, 0) + 1
+        if self._strikes[first] < SUSPECT_STRIKES:
+            return False
+        del self._strikes[first]
+        self.log.warning(
+            "batch keeps failing while PostgreSQL answers: isolating its records",
+            first_outbox_id=first,
+            records=len(records),
+        )
+        return True
+
     async def _apply_isolating(
-        self, origin_id: str, records: Sequence[PreparedRecord]
+        self, origin_id: str, records: Sequence[PreparedRecord], *, suspect: bool = False
     ) -> tuple[BatchOutcome, list[Failure]]:
         """Apply, bisecting on a refused batch until each bad record stands alone:
         O(log n) extra transactions per bad record; the good ones commit."""
         if not records:
             return BatchOutcome(), []
         try:
-            return await self.target.apply(origin_id, records, fault_hook=self.fault_hook), []
+            outcome = await self.target.apply(origin_id, records, fault_hook=self.fault_hook)
         except RecordFailure as error:
-            if len(records) == 1:
-                return BatchOutcome(), [Failure(records[0].outbox_id, error.reason)]
+            reason = error.reason
+        except PostgresUnavailableError as error:
+            if not await self._is_suspect(records, suspect=suspect):
+                raise
+            reason, suspect = error.message, True
+        else:
+            self._strikes.pop(records[0].outbox_id, None)
+            return outcome, []
+        if len(records) == 1:
+            return BatchOutcome(), [Failure(records[0].outbox_id, reason)]
         middle = len(records) // 2
-        outcome, failures = await self._apply_isolating(origin_id, records[:middle])
+        outcome, failures = await self._apply_isolating(
+            origin_id, records[:middle], suspect=suspect
+        )
         failed_ids = {f.outbox_id for f in failures}
         blocked = {
             (r.entity_type, r.entity_id) for r in records[:middle] if r.outbox_id in failed_ids
         }
         rest = [r for r in records[middle:] if (r.entity_type, r.entity_id) not in blocked]
-        more, more_failures = await self._apply_isolating(origin_id, rest)
+        more, more_failures = await self._apply_isolating(origin_id, rest, suspect=suspect)
         outcome.extend(more)
         return outcome, failures + more_failures

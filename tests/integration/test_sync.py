@@ -13,7 +13,13 @@ import pytest
 
 from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, SessionState, SessionTask, format_timestamp
-from acode_sync.errors import BusyError, MigrationError, RecordRejectedError, SchemaMismatchError
+from acode_sync.errors import (
+    BusyError,
+    MigrationError,
+    PostgresUnavailableError,
+    RecordRejectedError,
+    SchemaMismatchError,
+)
 from acode_sync.migrations import load_migrations, parse_migrations
 from acode_sync.outbox import OutboxRecord
 from acode_sync.postgres import PostgresTarget
@@ -457,3 +463,40 @@ def test_prepare_canonicalises_keys_and_rejects_bad_ones() -> None:
             ),
             max_payload_bytes=100,
         )
+
+
+async def test_a_batch_that_always_times_out_while_postgres_answers_is_isolated(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    await target.ensure_schema()
+    conn = await asyncpg.connect(pg_url)
+    await conn.execute(
+        """
+        CREATE FUNCTION acode.stall() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.title = 'stall' THEN
+                RAISE EXCEPTION 'canceling statement due to statement timeout'
+                    USING ERRCODE = '57014';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER stall BEFORE INSERT OR UPDATE ON acode.sessions
+            FOR EACH ROW EXECUTE FUNCTION acode.stall();
+        """
+    )
+    await conn.close()
+    db = WorkspaceDatabase(workspace)
+    good = [db.save(Session(title="fine")) for _ in range(3)]
+    db.save(Session(title="stall"))
+    db.close()
+
+    sync = syncer(workspace, target)
+    for _ in range(2):  # an outage as far as anyone can tell: nothing is charged
+        with pytest.raises(PostgresUnavailableError):
+            await sync.drain()
+        assert outbox_states(workspace) == [("pending", 0)] * 4
+    summary = await sync.drain()  # third strike: the batch is bisected
+    assert (summary.applied, summary.retried) == (3, 1)
+    assert outbox_states(workspace) == [("processed", 0)] * 3 + [("pending", 1)]
+    rows = await fetch(pg_url, "SELECT count(*) FROM sessions")
+    assert rows[0][0] == len(good)
