@@ -3,15 +3,23 @@ asyncpg is asyncio-only."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from acode_sync.store import WorkspaceStore
 from acode_sync.workspace import OpenOptions
 
 pytest_plugins = ["tests.pg"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A command run in-process configures logging onto its (captured) stream: undo it."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
