@@ -97,9 +97,38 @@ class SyncSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DaemonSettings:
+    """[daemon]: which workspaces to watch and how the daemon paces itself."""
+
+    roots: tuple[Path, ...] = ()  # none: the current directory's workspace only
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    max_depth: int = 3
+    rescan_seconds: float = 30.0
+    sweep_seconds: float = 60.0
+    drain_timeout_seconds: float = 20.0
+    batches_per_turn: int = 10
+    broken_retry_seconds: float = 30.0
+    log_level: str = "info"
+    log_format: str = "auto"
+    state_dir: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MetricsSettings:
+    """[metrics]: the Prometheus endpoint."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
 
 
@@ -125,17 +154,6 @@ def split_password(dsn: str) -> tuple[str, Secret | None]:
     return urlunsplit(parts), password
 
 
-def _typed(section: str, key: str, value: Any, expected: type | tuple[type, ...]) -> Any:
-    if isinstance(value, bool) and expected in (int, float, (int, float)):
-        raise ConfigError(f"{section}.{key} must be a number, not {value!r}")
-    if not isinstance(value, expected):
-        raise ConfigError(f"{section}.{key} has the wrong type ({type(value).__name__})")
-    return value
-
-
-_NUMBER = (int, float)
-
-
 def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name, {})
     if not isinstance(value, dict):
@@ -143,27 +161,55 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _parse_postgres(raw: Mapping[str, Any]) -> PostgresSettings:
-    table = _section(raw, "postgres")
-    known = {f.name for f in fields(PostgresSettings)}
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"postgres.{key} is not a known setting")
-    values: dict[str, Any] = {}
+def _convert(key: str, kind: str, value: Any) -> Any:
+    """One TOML value to the type its settings field declares (annotations are strings)."""
+    wrong = ConfigError(f"{key} has the wrong type ({type(value).__name__}); expected {kind}")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        if kind == "int" and not isinstance(value, int):
+            raise wrong
+        return value if kind == "int" else float(value)
+    if kind.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings")
+        paths = "Path" in kind
+        return tuple(Path(v).expanduser() if paths else v for v in value)
+    if not isinstance(value, str):
+        raise wrong
+    if kind.startswith("Path"):
+        return Path(value).expanduser()
+    if kind.startswith("Secret"):
+        return Secret(value)
+    return value
+
+
+def _parse_section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
+    table = _section(raw, name)
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    values = {}
     for key, value in table.items():
-        if key in ("dsn", "sslmode"):
-            values[key] = _typed("postgres", key, value, str)
-        elif key == "password":
-            values[key] = Secret(_typed("postgres", key, value, str))
-        elif key in ("password_file", "sslrootcert"):
-            values[key] = Path(_typed("postgres", key, value, str)).expanduser()
-        elif key == "auto_migrate":
-            values[key] = _typed("postgres", key, value, bool)
-        elif key in ("pool_min", "pool_max"):
-            values[key] = _typed("postgres", key, value, int)
-        else:
-            values[key] = float(_typed("postgres", key, value, _NUMBER))
-    settings = PostgresSettings(**values)
+        if key not in kinds:
+            raise ConfigError(f"{name}.{key} is not a known setting")
+        values[key] = _convert(f"{name}.{key}", kinds[key], value)
+        if isinstance(values[key], int | float) and not isinstance(values[key], bool):
+            minimum = 0 if key in _MAY_BE_ZERO else 1e-9
+            if values[key] < minimum:
+                raise ConfigError(f"{name}.{key} must be {'>= 0' if minimum == 0 else 'positive'}")
+    return cls(**values)
+
+
+_MAY_BE_ZERO = frozenset({"pool_min", "max_depth", "port"})
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("auto", "json", "console")
+
+
+def _parse_postgres(raw: Mapping[str, Any]) -> PostgresSettings:
+    settings: PostgresSettings = _parse_section(raw, "postgres", PostgresSettings)
     dsn, password = split_password(settings.dsn)
     settings = replace(settings, dsn=dsn, password=settings.password or password)
     return _check_postgres(settings)
@@ -172,30 +218,25 @@ def _parse_postgres(raw: Mapping[str, Any]) -> PostgresSettings:
 def _check_postgres(settings: PostgresSettings) -> PostgresSettings:
     if settings.sslmode is not None and settings.sslmode not in SSL_MODES:
         raise ConfigError(f"postgres.sslmode must be one of {', '.join(sorted(SSL_MODES))}")
-    if settings.pool_max < 1:
-        raise ConfigError("postgres.pool_max must be at least 1")
-    if not 0 <= settings.pool_min <= settings.pool_max:
-        raise ConfigError("postgres.pool_min must be between 0 and pool_max")
-    for key in ("connect_timeout", "statement_timeout", "idle_timeout"):
-        if getattr(settings, key) <= 0:
-            raise ConfigError(f"postgres.{key} must be positive")
+    if settings.pool_min > settings.pool_max:
+        raise ConfigError("postgres.pool_min must not exceed postgres.pool_max")
     return settings
 
 
-def _parse_sync(raw: Mapping[str, Any]) -> SyncSettings:
-    table = _section(raw, "sync")
-    kinds = {f.name: f.type for f in fields(SyncSettings)}
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in kinds:
-            raise ConfigError(f"sync.{key} is not a known setting")
-        if kinds[key] == "int":
-            values[key] = _typed("sync", key, value, int)
-        else:
-            values[key] = float(_typed("sync", key, value, _NUMBER))
-        if values[key] <= 0:
-            raise ConfigError(f"sync.{key} must be positive")
-    return SyncSettings(**values)
+def _parse_daemon(raw: Mapping[str, Any]) -> DaemonSettings:
+    settings: DaemonSettings = _parse_section(raw, "daemon", DaemonSettings)
+    if settings.log_level not in LOG_LEVELS:
+        raise ConfigError(f"daemon.log_level must be one of {', '.join(LOG_LEVELS)}")
+    if settings.log_format not in LOG_FORMATS:
+        raise ConfigError(f"daemon.log_format must be one of {', '.join(LOG_FORMATS)}")
+    return settings
+
+
+def _parse_metrics(raw: Mapping[str, Any]) -> MetricsSettings:
+    settings: MetricsSettings = _parse_section(raw, "metrics", MetricsSettings)
+    if settings.port > 65535:
+        raise ConfigError("metrics.port must be at most 65535")
+    return settings
 
 
 def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
@@ -211,8 +252,20 @@ def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     return replace(config, postgres=_check_postgres(postgres))
 
 
+SECTIONS: Final = ("postgres", "sync", "daemon", "metrics")
+
+
 def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
-    return Config(postgres=_parse_postgres(raw), sync=_parse_sync(raw), source=source)
+    for name in raw:
+        if name not in SECTIONS:
+            raise ConfigError(f"[{name}] is not a known section")
+    return Config(
+        postgres=_parse_postgres(raw),
+        sync=_parse_section(raw, "sync", SyncSettings),
+        daemon=_parse_daemon(raw),
+        metrics=_parse_metrics(raw),
+        source=source,
+    )
 
 
 def read_config_file(path: Path) -> Config:

@@ -206,7 +206,7 @@ class PostgresTarget:
         share one server). With auto_migrate off, an older schema is reported instead."""
         available = load_migrations(DIALECT) if available is None else available
         pool = await self._get_pool()
-        with anyio.fail_after(self.settings.statement_timeout * 4), self._classified("migrating"):
+        with self._classified("migrating"), anyio.fail_after(self.settings.statement_timeout * 4):
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
                 exists = await conn.fetchval(_Q["schema_exists"])
@@ -255,7 +255,7 @@ class PostgresTarget:
             await self.ensure_schema()
         pool = await self._get_pool()
         timeout = self.settings.statement_timeout + self.settings.connect_timeout
-        with anyio.fail_after(timeout * 2), self._classified("applying a batch"):
+        with self._classified("applying a batch"), anyio.fail_after(timeout * 2):
             async with pool.acquire() as conn:
                 async with conn.transaction():
                     outcome = await self._apply_in_transaction(conn, origin_id, records)
@@ -336,7 +336,7 @@ class PostgresTarget:
 
     async def list_conflicts(self, session_id: str | None, limit: int) -> list[dict[str, Any]]:
         pool = await self._get_pool()
-        with anyio.fail_after(self.settings.statement_timeout), self._classified("listing"):
+        with self._classified("listing"), anyio.fail_after(self.settings.statement_timeout):
             if not self._schema_ready:
                 await self.ensure_schema()
             rows = await pool.fetch(_Q["list_conflicts"], session_id, limit)
@@ -344,6 +344,6 @@ class PostgresTarget:
 
     async def prune_applied_keys(self, before: datetime, limit: int = 5000) -> int:
         pool = await self._get_pool()
-        with anyio.fail_after(self.settings.statement_timeout), self._classified("pruning"):
+        with self._classified("pruning"), anyio.fail_after(self.settings.statement_timeout):
             status = str(await pool.execute(_Q["prune_applied_keys"], before, limit))
         return int(status.rsplit(" ", 1)[-1])

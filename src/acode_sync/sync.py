@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 
 from acode_sync.config import SyncSettings
+from acode_sync.discovery import Signature, files_signature
 from acode_sync.domain import Clock, canonical_timestamp, format_timestamp, utc_now
 from acode_sync.errors import (
     AcodeError,
@@ -88,6 +89,11 @@ class SyncSummary:
     retried: int = 0
     dead: int = 0
     batches: int = 0
+    batch_seconds: list[float] = field(default_factory=list)
+    drained: bool = False  # stopped because nothing was left to claim
+    idle_signature: Signature | None = None  # the files as they were when found empty
+    backlog: int = 0
+    oldest_pending: str | None = None
 
     def line(self) -> str:
         return (
@@ -144,8 +150,15 @@ class WorkspaceSyncer:
         self.log = get_logger(workspace=str(self.workspace))
         self._strikes: dict[int, int] = {}
 
-    async def drain(self, *, lock_wait: float = 0.0, max_batches: int | None = None) -> SyncSummary:
-        """Ship every claimable record. Raises PostgresUnavailableError on an outage
+    async def drain(
+        self,
+        *,
+        lock_wait: float = 0.0,
+        max_batches: int | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> SyncSummary:
+        """Ship claimable records until none is left, `max_batches` were shipped or `stop()`
+        says so (checked between batches). Raises PostgresUnavailableError on an outage
         (nothing is marked then) and BusyError if another syncer holds the workspace."""
         lock = SyncLock(self.workspace)
         deadline = anyio.current_time() + lock_wait
@@ -162,7 +175,7 @@ class WorkspaceSyncer:
         try:
             outbox = await anyio.to_thread.run_sync(self._open_outbox)
             try:
-                return await self._drain(outbox, max_batches)
+                return await self._drain(outbox, max_batches, stop)
             finally:
                 await anyio.to_thread.run_sync(outbox.close)
         finally:
@@ -171,22 +184,37 @@ class WorkspaceSyncer:
     def _open_outbox(self) -> Outbox:
         return Outbox(self.workspace, busy_timeout=self.settings.busy_timeout, clock=self.clock)
 
-    async def _drain(self, outbox: Outbox, max_batches: int | None) -> SyncSummary:
+    async def _drain(
+        self, outbox: Outbox, max_batches: int | None, stop: Callable[[], bool] | None
+    ) -> SyncSummary:
         summary = SyncSummary()
+        maintained = False
         while max_batches is None or summary.batches < max_batches:
-            records = await anyio.to_thread.run_sync(
-                lambda: outbox.claim(
-                    max_records=self.settings.batch_max_records,
-                    max_bytes=self.settings.batch_max_bytes,
-                )
-            )
-            if not records:
+            if stop is not None and stop():
                 break
-            await self._ship(outbox, records, summary)
-        retention = timedelta(days=self.settings.retention_days)
-        await anyio.to_thread.run_sync(outbox.prune, retention)
-        await anyio.to_thread.run_sync(outbox.checkpoint)
+            # Taken before the claim: a commit after it shows up as a changed signature.
+            signature = await anyio.to_thread.run_sync(files_signature, self.workspace)
+            records = await anyio.to_thread.run_sync(self._claim, outbox)
+            if records:
+                await self._ship(outbox, records, summary)
+            elif maintained:
+                summary.drained, summary.idle_signature = True, signature
+                break
+            else:
+                await anyio.to_thread.run_sync(self._maintain, outbox)
+                maintained = True
+        summary.backlog, summary.oldest_pending = await anyio.to_thread.run_sync(outbox.backlog)
         return summary
+
+    def _claim(self, outbox: Outbox) -> list[OutboxRecord]:
+        return outbox.claim(
+            max_records=self.settings.batch_max_records, max_bytes=self.settings.batch_max_bytes
+        )
+
+    def _maintain(self, outbox: Outbox) -> None:
+        """Off the agent's save path: prune old processed records, checkpoint the WAL."""
+        outbox.prune(timedelta(days=self.settings.retention_days))
+        outbox.checkpoint()
 
     async def _ship(
         self, outbox: Outbox, records: Sequence[OutboxRecord], summary: SyncSummary
@@ -265,6 +293,7 @@ class WorkspaceSyncer:
         summary.retried += len(results) - dead
         summary.dead += dead
         summary.batches += 1
+        summary.batch_seconds.append(time.perf_counter() - started)
         self.log.info(
             "batch",
             first_outbox_id=records[0].outbox_id,

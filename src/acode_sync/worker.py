@@ -1,0 +1,222 @@
+"""One workspace's worker task in the daemon: wait for a wake-up, ship, back off.
+
+A worker never lets an error out: a broken workspace is logged with its code, counted,
+and retried later; an outage backs off the workspace without touching any record's
+attempts. Idle, it holds no connection, no thread and no open file of the workspace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskStatus
+
+from acode_sync.config import Config
+from acode_sync.discovery import Signature, files_signature
+from acode_sync.domain import parse_timestamp
+from acode_sync.errors import (
+    AcodeError,
+    BusyError,
+    PostgresUnavailableError,
+)
+from acode_sync.log import get_logger
+from acode_sync.metrics import Metrics
+from acode_sync.postgres import PostgresTarget
+from acode_sync.retry import OutageBackoff
+from acode_sync.sync import SyncSummary, WorkspaceSyncer
+
+
+@dataclass
+class Shared:
+    """What every worker reads from the supervisor; replaced as a whole on reload."""
+
+    config: Config
+    target: PostgresTarget
+    metrics: Metrics
+    limiter: anyio.CapacityLimiter
+    on_postgres: Callable[[bool], None]
+    watchdog: Heartbeat
+
+
+@dataclass
+class Heartbeat:
+    """Operations in flight with their deadlines: the watchdog is withheld only when one
+    is past its own time limit (the daemon is wedged), never for a slow but bounded wait."""
+
+    running: dict[int, tuple[str, float]] = field(default_factory=dict)
+    _next: int = 0
+
+    def start(self, name: str, limit: float) -> int:
+        self._next += 1
+        self.running[self._next] = (name, time.monotonic() + limit)
+        return self._next
+
+    def finish(self, token: int) -> None:
+        self.running.pop(token, None)
+
+    def overdue(self) -> list[str]:
+        now = time.monotonic()
+        return [name for name, deadline in self.running.values() if now > deadline]
+
+
+class WorkspaceWorker:
+    def __init__(self, workspace: Path, shared: Shared) -> None:
+        self.workspace = workspace
+        self.shared = shared
+        self.log = get_logger(workspace=str(workspace))
+        self.syncer = WorkspaceSyncer(
+            workspace=workspace, target=shared.target, settings=shared.config.sync
+        )
+        self.outage = OutageBackoff(
+            base_seconds=shared.config.sync.outage_base_seconds,
+            cap_seconds=shared.config.sync.outage_cap_seconds,
+        )
+        self.backlog = 0
+        self.oldest_pending: float | None = None  # unix time of the oldest pending record
+        self.last_sync: float | None = None
+        self.broken_code: str | None = None
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._force = False
+        self._changed = False
+        self._idle_signature: Signature | None = None
+
+    def is_stopping(self) -> bool:
+        return self._stopping
+
+    def notify_change(self) -> None:
+        """The workspace's files changed (maybe by this daemon's own commit)."""
+        self._changed = True
+        self._wake.set()
+
+    def sync_now(self) -> None:
+        """Skip the current wait (an idle sleep or an outage backoff)."""
+        self._force = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def update(self, shared: Shared) -> None:
+        self.shared = shared
+        self.syncer.target = shared.target
+        self.syncer.settings = shared.config.sync
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        delay: float | None = 0.0
+        try:
+            while not self.is_stopping():
+                if delay is None:
+                    await self._wait(self.shared.config.daemon.sweep_seconds, on_change=True)
+                elif delay > 0:
+                    await self._wait(delay, on_change=False)
+                if self.is_stopping():
+                    break
+                self._changed = False
+                delay = await self._turn()
+        finally:
+            self._set_broken(None)
+
+    async def _wait(self, seconds: float, *, on_change: bool) -> None:
+        """Sleep for `seconds`, or until sync_now()/stop(), or (idle) until a commit that
+        is not this daemon's own: a change of the files since they were found empty."""
+        deadline = anyio.current_time() + seconds
+        while not (self._stopping or self._force) and anyio.current_time() < deadline:
+            with anyio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            if on_change and self._changed:
+                self._changed = False
+                now = await anyio.to_thread.run_sync(files_signature, self.workspace)
+                if now != self._idle_signature:
+                    break
+        self._force = False
+
+    async def _turn(self) -> float | None:
+        """Ship up to batches_per_turn batches. Returns seconds to wait before the next
+        turn (0: more work), or None when the workspace is drained."""
+        shared = self.shared
+        config = shared.config
+        limit = (config.postgres.statement_timeout + config.postgres.connect_timeout) * 2
+        limit = limit * config.daemon.batches_per_turn + config.sync.busy_timeout + 60
+        async with shared.limiter:
+            token = shared.watchdog.start(f"sync {self.workspace}", limit)
+            try:
+                summary = await self.syncer.drain(
+                    max_batches=config.daemon.batches_per_turn, stop=self.is_stopping
+                )
+            except PostgresUnavailableError as error:
+                shared.on_postgres(False)
+                shared.metrics.batch_errors.inc()
+                delay = self.outage.next_delay()
+                self.log.warning(
+                    "postgres unavailable",
+                    code=error.code,
+                    error=error.message,
+                    retry_in_seconds=round(delay, 1),
+                )
+                return delay
+            except BusyError:
+                return 1.0  # another syncer (acode db sync) holds the workspace
+            except AcodeError as error:
+                self._set_broken(error)
+                return config.daemon.broken_retry_seconds
+            finally:
+                shared.watchdog.finish(token)
+        self._record(summary)
+        if self.outage.failures:
+            self.log.info("postgres reachable again", after_failures=self.outage.failures)
+            self.outage.reset()
+        self._set_broken(None)
+        if summary.drained:
+            self._idle_signature = summary.idle_signature
+            return None
+        return 0.0
+
+    def _record(self, summary: SyncSummary) -> None:
+        metrics = self.shared.metrics
+        if summary.batches:
+            self.shared.on_postgres(True)
+            self.last_sync = time.time()
+            metrics.last_sync.set(self.last_sync)
+        metrics.records.labels("applied").inc(summary.applied)
+        metrics.records.labels("duplicate").inc(summary.duplicates)
+        metrics.records.labels("conflict").inc(summary.conflicts)
+        metrics.conflicts.inc(summary.conflicts)
+        metrics.retries.inc(summary.retried)
+        metrics.dead_letters.inc(summary.dead)
+        for seconds in summary.batch_seconds:
+            metrics.batch_duration.observe(seconds)
+        self.backlog = summary.backlog
+        self.oldest_pending = (
+            None
+            if summary.oldest_pending is None
+            else parse_timestamp(summary.oldest_pending).timestamp()
+        )
+
+    def _set_broken(self, error: AcodeError | None) -> None:
+        metrics = self.shared.metrics
+        code = None if error is None else error.code
+        if code == self.broken_code:
+            return
+        if self.broken_code is not None:
+            metrics.workspaces_broken.labels(self.broken_code).dec()
+            metrics.workspace_broken.remove(str(self.workspace), self.broken_code)
+            self.log.info("workspace recovered", code=self.broken_code)
+        if error is not None:
+            metrics.workspaces_broken.labels(error.code).inc()
+            metrics.workspace_broken.labels(str(self.workspace), error.code).set(1)
+            self.log.error(
+                "workspace broken",
+                code=error.code,
+                error=error.message,
+                retry_in_seconds=self.shared.config.daemon.broken_retry_seconds,
+            )
+        self.broken_code = code
