@@ -1,11 +1,89 @@
-"""`acode-syncd`: the sync daemon's command line."""
+"""`acode-syncd`: run the daemon, check its configuration, reload it.
+
+Exit codes: 0 ok; 78 (EX_CONFIG) a bad configuration; 1 anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import sys
+import time
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 from acode_sync import __version__
+from acode_sync.config import Config, load_config
+from acode_sync.errors import AcodeError, ConfigError
+from acode_sync.runtime import read_status, state_dir
+from acode_sync.secret import MASK, Secret
+
+RELOAD_TIMEOUT = 30.0
+RELOAD_POLL = 0.1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from acode_sync.daemon import run_daemon
+
+    return run_daemon(args.config)
+
+
+def _shown(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return MASK
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_shown(v) for v in value]
+    return value
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """Every setting as it will be used, secrets hidden."""
+    shown: dict[str, Any] = {"source": str(config.source) if config.source else None}
+    for section in ("postgres", "sync", "daemon", "metrics"):
+        settings = getattr(config, section)
+        shown[section] = {f.name: _shown(getattr(settings, f.name)) for f in fields(settings)}
+    return shown
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config, os.environ)
+    config.postgres.resolved_password()  # a password file must be readable
+    print(json.dumps(effective_config(config), indent=2))
+    print("configuration is valid", file=sys.stderr)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Send SIGHUP and wait for the daemon to say how the reload went (for ExecReload)."""
+    config = load_config(args.config, os.environ)
+    directory = state_dir(config.daemon, os.environ)
+    status = read_status(directory)
+    if status is None:
+        print(f"acode-syncd is not running (no live status in {directory})", file=sys.stderr)
+        return 1
+    generation = status["reload"]["generation"]
+    os.kill(int(status["pid"]), signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(RELOAD_POLL)
+        status = read_status(directory)
+        if status is not None and status["reload"]["generation"] > generation:
+            if status["reload"]["ok"]:
+                print("configuration reloaded")
+                return 0
+            print(
+                f"reload rejected, old configuration kept: {status['reload']['error']}",
+                file=sys.stderr,
+            )
+            return ConfigError.exit_code
+    print(f"no answer from acode-syncd within {args.timeout:g} s", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,9 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ship workspaces' outbox records into PostgreSQL.",
     )
     parser.add_argument("--version", action="version", version=f"acode-syncd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler, text in (
+        ("run", cmd_run, "run the daemon in the foreground (as systemd or launchd does)"),
+        ("check-config", cmd_check_config, "validate and print the effective configuration"),
+        ("reload", cmd_reload, "make the running daemon reload its configuration"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--config", type=Path, metavar="FILE", help="acode-syncd.toml")
+        sub.set_defaults(handler=handler)
+        if name == "reload":
+            sub.add_argument("--timeout", type=float, default=RELOAD_TIMEOUT, metavar="SECONDS")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except AcodeError as error:
+        print(f"{error.code}: {error.message}", file=sys.stderr)
+        print(f"hint: {error.hint}", file=sys.stderr)
+        return error.exit_code
+    return code
+

@@ -1,0 +1,375 @@
+"""acode-syncd's supervisor: workers, signals, reload, drain, sd_notify, status.
+
+Three phases, like any well-behaved service: start (metrics listener, workers, then
+READY=1), run (signals turn into actions), stop (stop claiming, let in-flight batches
+commit within the drain timeout, close the pool, exit 0).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup, TaskStatus
+
+from acode_sync import __version__
+from acode_sync.config import Config, load_config
+from acode_sync.discovery import discover
+from acode_sync.errors import ConfigError
+from acode_sync.log import configure_logging, get_logger
+from acode_sync.metrics import Metrics, MetricsServer
+from acode_sync.postgres import PostgresTarget
+from acode_sync.runtime import remove_status, state_dir, write_status
+from acode_sync.systemd import Notifier, watchdog_interval
+from acode_sync.watcher import Watcher, make_watcher
+from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
+
+STATUS_SECONDS: Final = 2.0
+PROBE_SECONDS: Final = 30.0
+
+
+def configure_daemon_logging(config: Config) -> None:
+    password = config.postgres.resolved_password()
+    log_format = config.daemon.log_format
+    configure_logging(
+        level=config.daemon.log_level,
+        json_lines=None if log_format == "auto" else log_format == "json",
+        secrets=[password] if password else [],
+    )
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None,
+        environ: Mapping[str, str],
+        cwd: Path,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.environ = environ
+        self.cwd = cwd
+        self.log = get_logger()
+        self.metrics = Metrics()
+        self.notifier = Notifier(environ)
+        self.heartbeat = Heartbeat()
+        self.workers: dict[Path, WorkspaceWorker] = {}
+        self.started_at = datetime.now(UTC).isoformat()
+        self.postgres_up: bool | None = None
+        self.last_postgres_report = 0.0
+        self.reload: dict[str, Any] = {"generation": 0, "ok": True, "error": None, "at": None}
+        self._stop = anyio.Event()
+        self._watcher: Watcher | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._workers_tg: TaskGroup | None = None
+        self._workers_scope: anyio.CancelScope | None = None
+        self._services: TaskGroup | None = None
+        self._status_line = ""
+        self._status_written: dict[str, Any] = {}
+        target = PostgresTarget(config.postgres)
+        self.shared = Shared(
+            config=config,
+            target=target,
+            metrics=self.metrics,
+            limiter=anyio.CapacityLimiter(config.postgres.pool_max),
+            on_postgres=self._on_postgres,
+            watchdog=self.heartbeat,
+        )
+
+    # -- the three phases -------------------------------------------------------------
+
+    async def run(self) -> int:
+        if self.config.postgres.is_remote_without_tls():
+            self.log.warning(
+                "postgres connection is not encrypted", host=self.config.postgres.host_description()
+            )
+        self._metrics_server = await self._start_metrics(self.config)
+        self._watcher = make_watcher()
+        try:
+            async with anyio.create_task_group() as services:
+                self._services = services
+                await services.start(self._signal_loop)
+                with anyio.CancelScope() as workers_scope:
+                    self._workers_scope = workers_scope
+                    async with anyio.create_task_group() as workers:
+                        self._workers_tg = workers
+                        await self._rescan()
+                        self._start_services(services)
+                        self.notifier.ready(self.status_line())
+                        self.log.info(
+                            "ready",
+                            version=__version__,
+                            workspaces=len(self.workers),
+                            postgres=self.config.postgres.host_description(),
+                        )
+                        await self._stop.wait()
+                        self._begin_drain()
+                if workers_scope.cancelled_caught:
+                    self.log.warning("drain abandoned: in-flight batches were rolled back")
+                services.cancel_scope.cancel()
+        finally:
+            await self._shut_down()
+        self.log.info("stopped")
+        return 0
+
+    def _start_services(self, services: TaskGroup) -> None:
+        services.start_soon(self._watch_loop)
+        services.start_soon(self._rescan_loop)
+        services.start_soon(self._status_loop)
+        services.start_soon(self._probe_loop)
+        interval = watchdog_interval(self.environ, os.getpid())
+        if interval:
+            services.start_soon(self._watchdog_loop, interval)
+
+    def _begin_drain(self) -> None:
+        self.notifier.stopping()
+        timeout = self.config.daemon.drain_timeout_seconds
+        self.log.info("stopping: letting in-flight batches commit", drain_timeout_seconds=timeout)
+        assert self._workers_scope is not None
+        self._workers_scope.deadline = anyio.current_time() + timeout
+        for worker in self.workers.values():
+            worker.stop()
+
+    async def _shut_down(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._watcher is not None:
+                self._watcher.close()
+            if self._metrics_server is not None:
+                await anyio.to_thread.run_sync(self._metrics_server.close)
+            await self.shared.target.close()
+            remove_status(state_dir(self.config.daemon, self.environ))
+
+    # -- signals ------------------------------------------------------------------------
+
+    async def _signal_loop(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        with anyio.open_signal_receiver(*wanted) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._on_stop_signal(signal.Signals(signum).name)
+                elif signum == signal.SIGHUP:
+                    await self._reload()
+                else:
+                    self.log.info("syncing every workspace now", signal="SIGUSR1")
+                    for worker in self.workers.values():
+                        worker.sync_now()
+
+    def _on_stop_signal(self, name: str) -> None:
+        if not self._stop.is_set():
+            self.log.info("stop requested", signal=name)
+            self._stop.set()
+        elif self._workers_scope is not None:
+            self.log.warning("second stop signal: abandoning the drain", signal=name)
+            self._workers_scope.cancel()
+
+    # -- reload -------------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        self.log.info("reloading configuration", path=str(self.config_path or "(defaults)"))
+        try:
+            new = await anyio.to_thread.run_sync(load_config, self.config_path, self.environ)
+            metrics_server = self._metrics_server
+            if new.metrics != self.config.metrics:
+                metrics_server = await self._start_metrics(new)
+        except ConfigError as error:
+            self.metrics.reloads.labels("failure").inc()
+            self._record_reload(f"{error.code}: {error.message}")
+            self.log.error(
+                "reload rejected: keeping the old configuration",
+                code=error.code,
+                error=error.message,
+            )
+            self.notifier.ready(self.status_line())
+            return
+        self._apply(new, metrics_server)
+        await self._rescan()
+        self.metrics.reloads.labels("success").inc()
+        self._record_reload(None)
+        self.log.info("configuration reloaded", workspaces=len(self.workers))
+        self.notifier.ready(self.status_line())
+
+    def _apply(self, new: Config, metrics_server: MetricsServer | None) -> None:
+        old = self.config
+        if metrics_server is not self._metrics_server and self._metrics_server is not None:
+            self._metrics_server.close()
+        self._metrics_server = metrics_server
+        target = self.shared.target
+        if new.postgres != old.postgres:
+            retired, target = target, PostgresTarget(new.postgres)
+            assert self._services is not None
+            self._services.start_soon(retired.close)  # after its in-flight batches
+        self.shared.limiter.total_tokens = new.postgres.pool_max
+        self.shared = replace(self.shared, config=new, target=target)
+        for worker in self.workers.values():
+            worker.update(self.shared)
+        self.config = new
+        configure_daemon_logging(new)
+
+    def _record_reload(self, error: str | None) -> None:
+        self.reload = {
+            "generation": self.reload["generation"] + 1,
+            "ok": error is None,
+            "error": error,
+            "at": datetime.now(UTC).isoformat(),
+        }
+        self._write_status()
+
+    async def _start_metrics(self, config: Config) -> MetricsServer | None:
+        if not config.metrics.enabled:
+            return None
+        settings = config.metrics
+        try:
+            return await anyio.to_thread.run_sync(
+                MetricsServer, self.metrics, settings.address, settings.port
+            )
+        except OSError as error:
+            raise ConfigError(
+                f"metrics: cannot listen on {settings.address}:{settings.port}: "
+                f"{error.strerror or error}"
+            ) from None
+
+    # -- workspaces ---------------------------------------------------------------------
+
+    async def _rescan(self) -> None:
+        found = await anyio.to_thread.run_sync(discover, self.config.daemon, self.cwd)
+        assert self._watcher is not None
+        assert self._workers_tg is not None
+        for workspace in sorted(found - set(self.workers)):
+            try:
+                self._watcher.add(workspace)
+            except OSError as error:
+                self.log.warning(
+                    "cannot watch workspace", workspace=str(workspace), error=error.strerror
+                )
+            worker = WorkspaceWorker(workspace, self.shared)
+            self.workers[workspace] = worker
+            await self._workers_tg.start(worker.run)
+            self.log.info("workspace added", workspace=str(workspace))
+        for workspace in sorted(set(self.workers) - found):
+            self._watcher.remove(workspace)
+            self.workers.pop(workspace).stop()
+            self.log.info("workspace removed", workspace=str(workspace))
+        self.metrics.workspaces.set(len(self.workers))
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.daemon.rescan_seconds)
+            await self._rescan()
+
+    async def _watch_loop(self) -> None:
+        assert self._watcher is not None
+        while True:
+            for workspace in await self._watcher.changed():
+                worker = self.workers.get(workspace)
+                if worker is not None:
+                    worker.notify_change()
+
+    # -- health -------------------------------------------------------------------------
+
+    def _on_postgres(self, up: bool) -> None:
+        self.last_postgres_report = time.monotonic()
+        if up != self.postgres_up:
+            self.metrics.postgres_up.set(1 if up else 0)
+            if self.postgres_up is not None:
+                self.log.info("postgres up" if up else "postgres down")
+            self.postgres_up = up
+
+    async def _probe_loop(self) -> None:
+        """Keep acode_sync_postgres_up true when no worker has talked to PostgreSQL lately."""
+        while True:
+            if time.monotonic() - self.last_postgres_report >= PROBE_SECONDS:
+                self._on_postgres(await self.shared.target.probe())
+            await anyio.sleep(PROBE_SECONDS)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        """WATCHDOG=1 every half WATCHDOG_USEC unless the daemon itself is wedged: a
+        stalled event loop sends nothing, and an operation past its own time limit
+        withholds the ping. PostgreSQL being down never does."""
+        while True:
+            overdue = self.heartbeat.overdue()
+            if overdue:
+                self.log.error(
+                    "watchdog withheld: operations past their time limit", operations=overdue[:5]
+                )
+            else:
+                self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    def status_line(self) -> str:
+        backlog = sum(w.backlog for w in self.workers.values())
+        broken = sum(1 for w in self.workers.values() if w.broken_code)
+        postgres = {True: "up", False: "down", None: "unknown"}[self.postgres_up]
+        return (
+            f"{len(self.workers)} workspaces ({broken} broken), backlog {backlog}, "
+            f"PostgreSQL {postgres}"
+        )
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        oldest = [w.oldest_pending for w in self.workers.values() if w.oldest_pending]
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": self.started_at,
+            "config": str(self.config_path) if self.config_path else None,
+            "postgres": self.config.postgres.host_description(),
+            "postgres_up": self.postgres_up,
+            "workspaces": len(self.workers),
+            "backlog": sum(w.backlog for w in self.workers.values()),
+            "lag_seconds": round(now - min(oldest)) if oldest else 0,
+            "reload": self.reload,
+            "workspace_status": {
+                str(path): {
+                    "last_sync": w.last_sync,
+                    "backlog": w.backlog,
+                    "broken": w.broken_code,
+                }
+                for path, w in self.workers.items()
+            },
+        }
+
+    def _write_status(self) -> None:
+        status = self.status()
+        if status == self._status_written:
+            return
+        try:
+            write_status(state_dir(self.config.daemon, self.environ), status)
+        except OSError as error:
+            self.log.warning("cannot write the status file", error=error.strerror)
+        self._status_written = status
+
+    async def _status_loop(self) -> None:
+        while True:
+            status = self.status()
+            self.metrics.backlog.set(status["backlog"])
+            self.metrics.lag.set(status["lag_seconds"])
+            self.metrics.pool_in_use.set(self.shared.target.connections_in_use)
+            line = self.status_line()
+            if line != self._status_line:
+                self.notifier.status(line)
+                self._status_line = line
+            await anyio.to_thread.run_sync(self._write_status)
+            await anyio.sleep(STATUS_SECONDS)
+
+
+def run_daemon(config_path: Path | None) -> int:
+    config = load_config(config_path, os.environ)
+    configure_daemon_logging(config)
+    daemon = Daemon(
+        config, config_path=config_path or config.source, environ=os.environ, cwd=Path.cwd()
+    )
+    return anyio.run(daemon.run, backend="asyncio")
