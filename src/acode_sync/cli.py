@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from acode_sync.errors import AcodeError, RecordRejectedError
 from acode_sync.log import configure_logging
 from acode_sync.outbox import list_records, replay
 from acode_sync.postgres import PostgresTarget
+from acode_sync.runtime import read_status, state_dir
 from acode_sync.status import workspace_status
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import (
@@ -85,12 +87,46 @@ def cmd_schema_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def daemon_view(workspace: Path, config_path: Path | None) -> dict[str, Any] | None:
+    """What a running acode-syncd says about this workspace (from its status file)."""
+    try:
+        config = load_config(config_path, os.environ)
+    except AcodeError:
+        return None
+    status = read_status(state_dir(config.daemon, os.environ))
+    if status is None:
+        return None
+    mine = status.get("workspace_status", {}).get(str(workspace))
+    last_sync = None if mine is None or mine["last_sync"] is None else mine["last_sync"]
+    return {
+        "pid": status["pid"],
+        "postgres": status["postgres"],
+        "postgres_up": status["postgres_up"],
+        "watching_this_workspace": mine is not None,
+        "last_sync": None
+        if last_sync is None
+        else datetime.fromtimestamp(last_sync, UTC).isoformat(),
+        "broken": None if mine is None else mine["broken"],
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    status = workspace_status(_workspace(args))
+    workspace = _workspace(args)
+    status = workspace_status(workspace)
+    daemon = daemon_view(workspace, args.config)
     if args.json:
-        _print_json(status.as_dict())
-    else:
-        print("\n".join(status.lines()))
+        _print_json({**status.as_dict(), "daemon": daemon})
+        return 0
+    print("\n".join(status.lines()))
+    if daemon is None:
+        print("daemon:          not running (or not for this configuration)")
+        return 0
+    up = {True: "up", False: "down", None: "unknown"}[daemon["postgres_up"]]
+    watched = "watching this workspace" if daemon["watching_this_workspace"] else "not watching it"
+    print(f"daemon:          pid {daemon['pid']}, {watched}, PostgreSQL {daemon['postgres']} {up}")
+    print(f"last sync:       {daemon['last_sync'] or 'never'}")
+    if daemon["broken"]:
+        print(f"broken:          {daemon['broken']}")
     return 0
 
 
@@ -201,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--postgres", action="store_true", help="migrate the PostgreSQL schema instead"
     )
-    status = command(commands, "status", cmd_status, "schema, files, rows and the backlog")
+    status = command(
+        commands, "status", cmd_status, "schema, files, rows, backlog, daemon", config=True
+    )
     status.add_argument("--json", action="store_true", help="print JSON for machines")
     sync = command(commands, "sync", cmd_sync, "ship pending records now", config=True)
     sync.add_argument("--once", action="store_true", help="ship one batch at most")

@@ -115,4 +115,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hint: {error.hint}", file=sys.stderr)
         return error.exit_code
     return code
-
