@@ -18,6 +18,7 @@ import anyio
 
 from acode_sync import __version__
 from acode_sync.config import Config, load_config
+from acode_sync.domain import format_timestamp
 from acode_sync.errors import AcodeError, RecordRejectedError
 from acode_sync.log import configure_logging
 from acode_sync.outbox import list_records, replay
@@ -49,8 +50,21 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_timestamp(value)
+    return str(value)
+
+
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
+    print(json.dumps(value, indent=2, default=_json_default))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -73,7 +87,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 async def _migrate_postgres(config: Config) -> tuple[int, int]:
     target = PostgresTarget(config.postgres)
     try:
-        return await target.ensure_schema()
+        return await target.ensure_schema(explicit=True)
     finally:
         await target.close()
 
@@ -192,9 +206,13 @@ def cmd_conflicts_list(args: argparse.Namespace) -> int:
     async def _list() -> list[dict[str, Any]]:
         target = PostgresTarget(config.postgres)
         try:
-            return await target.list_conflicts(args.session, args.limit)
+            rows = await target.list_conflicts(args.session, args.limit)
         finally:
             await target.close()
+        for row in rows:  # jsonb arrives as text
+            for key in ("incoming_version", "current_version"):
+                row[key] = json.loads(row[key])
+        return rows
 
     conflicts = anyio.run(_list)
     if args.json:
@@ -257,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = command(outbox_commands, "list", cmd_outbox_list, "list pending and failed records")
     listing.add_argument("--failed", action="store_true", help="only dead letters")
     listing.add_argument("--json", action="store_true", help="print JSON for machines")
-    listing.add_argument("--limit", type=int, default=1000)
+    listing.add_argument("--limit", type=positive_int, default=1000)
     retry = command(outbox_commands, "retry", cmd_outbox_retry, "replay dead-lettered records")
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="outbox ids to replay")
     retry.add_argument("--all-failed", action="store_true", help="replay every dead letter")
@@ -272,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conflicts_list.add_argument("--session", metavar="ID", help="only this session's")
     conflicts_list.add_argument("--json", action="store_true", help="print JSON for machines")
-    conflicts_list.add_argument("--limit", type=int, default=100)
+    conflicts_list.add_argument("--limit", type=positive_int, default=100)
     return parser
 
 

@@ -71,13 +71,16 @@ class PostgresSettings:
         host = parts.netloc.rpartition("@")[2] or "localhost"
         return f"{host}{parts.path or '/'}"
 
+    def effective_sslmode(self) -> str | None:
+        return self.sslmode or dict(parse_qsl(urlsplit(self.dsn).query)).get("sslmode")
+
     def is_remote_without_tls(self) -> bool:
         hosts = {
             h.rpartition(":")[0] or h
             for h in urlsplit(self.dsn).netloc.rpartition("@")[2].split(",")
         }
         remote = any(h.strip("[]") not in LOCAL_HOSTS and not h.startswith("/") for h in hosts)
-        return remote and self.sslmode in (None, "disable", "allow", "prefer")
+        return remote and self.effective_sslmode() in (None, "disable", "allow", "prefer")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -105,7 +108,7 @@ class DaemonSettings:
     exclude: tuple[str, ...] = ()
     max_depth: int = 3
     rescan_seconds: float = 30.0
-    sweep_seconds: float = 60.0
+    sweep_seconds: float = 300.0
     drain_timeout_seconds: float = 20.0
     batches_per_turn: int = 10
     broken_retry_seconds: float = 30.0
@@ -248,7 +251,7 @@ def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     if password_text := environ.get(ENV_POSTGRES_PASSWORD):
         postgres = replace(postgres, password=Secret(password_text))
     if password_file := environ.get(ENV_POSTGRES_PASSWORD_FILE):
-        postgres = replace(postgres, password=None, password_file=Path(password_file))
+        postgres = replace(postgres, password=None, password_file=Path(password_file).expanduser())
     return replace(config, postgres=_check_postgres(postgres))
 
 

@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from acode_sync import __version__
 from acode_sync.config import Config, load_config
 from acode_sync.discovery import discover
-from acode_sync.errors import ConfigError
+from acode_sync.errors import ConfigError, PostgresUnavailableError
 from acode_sync.log import configure_logging, get_logger
 from acode_sync.metrics import Metrics, MetricsServer
 from acode_sync.postgres import PostgresTarget
@@ -34,6 +34,10 @@ from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
 
 STATUS_SECONDS: Final = 2.0
 PROBE_SECONDS: Final = 30.0
+PRUNE_SECONDS: Final = 3600.0
+# PostgreSQL keeps applied keys twice as long as the outboxes keep processed records, so a
+# record resent from any outbox is still recognised as a duplicate.
+KEY_RETENTION_FACTOR: Final = 2
 
 
 def configure_daemon_logging(config: Config) -> None:
@@ -127,6 +131,7 @@ class Daemon:
         services.start_soon(self._rescan_loop)
         services.start_soon(self._status_loop)
         services.start_soon(self._probe_loop)
+        services.start_soon(self._prune_loop)
         interval = watchdog_interval(self.environ, os.getpid())
         if interval:
             services.start_soon(self._watchdog_loop, interval)
@@ -245,7 +250,9 @@ class Daemon:
     # -- workspaces ---------------------------------------------------------------------
 
     async def _rescan(self) -> None:
-        found = await anyio.to_thread.run_sync(discover, self.config.daemon, self.cwd)
+        found = await anyio.to_thread.run_sync(
+            discover, self.config.daemon, self.cwd, frozenset(self.workers)
+        )
         assert self._watcher is not None
         assert self._workers_tg is not None
         for workspace in sorted(found - set(self.workers)):
@@ -294,6 +301,21 @@ class Daemon:
             if time.monotonic() - self.last_postgres_report >= PROBE_SECONDS:
                 self._on_postgres(await self.shared.target.probe())
             await anyio.sleep(PROBE_SECONDS)
+
+    async def _prune_loop(self) -> None:
+        """Forget applied keys older than the key retention, in small deletes, hourly."""
+        while True:
+            await anyio.sleep(PRUNE_SECONDS)
+            days = self.config.sync.retention_days * KEY_RETENTION_FACTOR
+            before = datetime.now(UTC) - timedelta(days=days)
+            total = 0
+            try:
+                while (deleted := await self.shared.target.prune_applied_keys(before)) > 0:
+                    total += deleted
+            except PostgresUnavailableError as error:
+                self.log.warning("cannot prune applied keys", code=error.code, error=error.message)
+            if total:
+                self.log.info("pruned applied keys", keys=total, older_than_days=days)
 
     async def _watchdog_loop(self, interval: float) -> None:
         """WATCHDOG=1 every half WATCHDOG_USEC unless the daemon itself is wedged: a

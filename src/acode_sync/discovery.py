@@ -47,19 +47,29 @@ def _matches(relative: str, settings: DaemonSettings) -> bool:
     return included and not any(fnmatch(relative, pattern) for pattern in settings.exclude)
 
 
-def discover(settings: DaemonSettings, cwd: Path) -> set[Path]:
+def discover(
+    settings: DaemonSettings, cwd: Path, known: frozenset[Path] = frozenset()
+) -> set[Path]:
     """Every directory holding a SQLite `.agent/workspace.db` under the roots. With no roots
-    configured, only the current directory's workspace."""
+    configured, only the current directory's workspace.
+
+    The header of a `known` workspace's database is not read again: this process may hold
+    SQLite connections to it, and closing any other descriptor of that file would drop
+    their POSIX locks, so another process closing its last connection would delete the
+    WAL under them (their later commits lost)."""
     roots, depth = (settings.roots, settings.max_depth) if settings.roots else ((cwd,), 0)
     found = set()
     for root in roots:
         for directory in _walk(root, depth):
             database = directory / AGENT_DIR / DATABASE_NAME
-            if not is_sqlite_file(database):
+            if not database.is_file():
+                continue
+            resolved = directory.resolve()
+            if resolved not in known and not is_sqlite_file(database):
                 continue
             relative = directory.relative_to(root).as_posix()
             if _matches(relative, settings):
-                found.add(directory.resolve())
+                found.add(resolved)
     return found
 
 

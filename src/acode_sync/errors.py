@@ -54,6 +54,15 @@ class SchemaMismatchError(AcodeError):
     )
 
 
+class PostgresMigrationError(MigrationError):
+    """A PostgreSQL schema migration failed and was rolled back."""
+
+    default_hint = (
+        "Nothing was applied; the daemon waits as if PostgreSQL were down. Fix the cause, "
+        "then run `acode db migrate --postgres`."
+    )
+
+
 class BusyError(AcodeError):
     """Waiting for the workspace database lock timed out."""
 
@@ -71,6 +80,15 @@ class PostgresUnavailableError(AcodeError):
     default_hint = (
         "Check that PostgreSQL is running and reachable, and the [postgres] settings or "
         "ACODE_POSTGRES_URL. Records wait in the outbox meanwhile; nothing is lost."
+    )
+
+
+class PostgresSchemaMismatchError(SchemaMismatchError):
+    """The PostgreSQL schema does not match this program."""
+
+    default_hint = (
+        "Records wait in the outboxes. Upgrade acode-sync, or migrate the PostgreSQL schema "
+        "with `acode db migrate --postgres`."
     )
 
 

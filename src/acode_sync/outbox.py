@@ -100,7 +100,7 @@ class Outbox:
             size = 0
             for row in rows:
                 record = OutboxRecord(*row)
-                size += len(record.payload)
+                size += len(record.payload.encode(errors="replace"))
                 if batch and size > max_bytes:
                     break
                 batch.append(record)
@@ -153,12 +153,12 @@ class Outbox:
         self.conn.execute(_Q["record_error"], (failure.outbox_id, attempts, failure.error, stamp))
         return FailureResult(failure.outbox_id, int(row[0]), row[1] == "dead")
 
-    def backlog(self) -> tuple[int, str | None]:
-        """(pending records, created_at of the oldest)."""
+    def backlog(self) -> tuple[int, str | None, str | None]:
+        """(pending records, created_at of the oldest, the earliest retry time)."""
 
-        def _backlog() -> tuple[int, str | None]:
-            count, oldest = self.conn.execute(_Q["backlog"]).fetchone()
-            return int(count), oldest
+        def _backlog() -> tuple[int, str | None, str | None]:
+            count, oldest, next_retry = self.conn.execute(_Q["backlog"]).fetchone()
+            return int(count), oldest, next_retry
 
         return translated(self.path, _backlog)
 

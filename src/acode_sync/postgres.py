@@ -23,7 +23,13 @@ import anyio
 import asyncpg
 
 from acode_sync.config import PostgresSettings
-from acode_sync.errors import MigrationError, PostgresUnavailableError, SchemaMismatchError
+from acode_sync.errors import (
+    AcodeError,
+    PostgresMigrationError,
+    PostgresSchemaMismatchError,
+    PostgresUnavailableError,
+    SchemaMismatchError,
+)
 from acode_sync.migrations import (
     AppliedMigration,
     Migration,
@@ -122,10 +128,15 @@ def _sqlstate(error: BaseException) -> str:
     return str(getattr(error, "sqlstate", "") or "")
 
 
+# asyncpg's client-side "cannot encode this value" error; its public name `DataError` is
+# taken by the server's SQLSTATE class 22 error.
+_CLIENT_DATA_ERROR: type[Exception] = asyncpg.exceptions._base.DataError
+
+
 def is_record_error(error: BaseException) -> bool:
     if isinstance(error, asyncpg.PostgresError):
         return _sqlstate(error)[:2] in RECORD_SQLSTATE_CLASSES
-    return isinstance(error, UnicodeError | asyncpg.DataError)
+    return isinstance(error, UnicodeError | _CLIENT_DATA_ERROR)
 
 
 class PostgresTarget:
@@ -149,7 +160,7 @@ class PostgresTarget:
     def _classified(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except (SchemaMismatchError, MigrationError, RecordFailure):
+        except (AcodeError, RecordFailure):
             raise
         except Exception as error:
             if is_record_error(error):
@@ -170,11 +181,7 @@ class PostgresTarget:
                     max_inactive_connection_lifetime=s.idle_timeout,
                     timeout=s.connect_timeout,
                     command_timeout=s.statement_timeout + s.connect_timeout,
-                    server_settings={
-                        "application_name": "acode-syncd",
-                        "search_path": "acode",
-                        "statement_timeout": str(int(s.statement_timeout * 1000)),
-                    },
+                    server_settings={"application_name": "acode-syncd"},
                 )
         return self._pool
 
@@ -201,9 +208,12 @@ class PostgresTarget:
             return False
         return True
 
-    async def ensure_schema(self, available: Sequence[Migration] | None = None) -> tuple[int, int]:
+    async def ensure_schema(
+        self, available: Sequence[Migration] | None = None, *, explicit: bool = False
+    ) -> tuple[int, int]:
         """Bring the schema to this program's version under an advisory lock (many daemons
-        share one server). With auto_migrate off, an older schema is reported instead."""
+        share one server). With auto_migrate off, an older schema is reported instead,
+        unless the migration was asked for explicitly (`acode db migrate --postgres`)."""
         available = load_migrations(DIALECT) if available is None else available
         pool = await self._get_pool()
         with self._classified("migrating"), anyio.fail_after(self.settings.statement_timeout * 4):
@@ -215,9 +225,12 @@ class PostgresTarget:
                     rows = await conn.fetch(_Q["applied_migrations"])
                     applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
                 current = max((m.version for m in applied), default=0)
-                pending = plan_migrations(applied, available)
-                if pending and not self.settings.auto_migrate:
-                    raise SchemaMismatchError(
+                try:
+                    pending = plan_migrations(applied, available)
+                except SchemaMismatchError as error:
+                    raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
+                if pending and not (self.settings.auto_migrate or explicit):
+                    raise PostgresSchemaMismatchError(
                         f"the PostgreSQL schema is at version {current}, this program needs "
                         f"{latest_version(available)}, and postgres.auto_migrate is off",
                         hint="Run `acode db migrate --postgres` or turn auto_migrate on.",
@@ -225,6 +238,7 @@ class PostgresTarget:
                 if pending and not exists:
                     await conn.execute(_Q["create_schema"])
                     await conn.execute(_Q["create_migrations_table"])
+                await conn.execute(_Q["set_migration_search_path"])
                 for migration in pending:
                     await self._run_migration(conn, migration)
         self._schema_ready = True
@@ -238,7 +252,7 @@ class PostgresTarget:
                     _Q["record_migration"], migration.version, migration.name, migration.checksum
                 )
         except asyncpg.PostgresError as error:
-            raise MigrationError(
+            raise PostgresMigrationError(
                 f"PostgreSQL migration {migration.version} ({migration.name}) failed: "
                 f"SQLSTATE {_sqlstate(error)}: {getattr(error, 'message', type(error).__name__)}"
             ) from None
@@ -271,6 +285,8 @@ class PostgresTarget:
         locks = sorted(
             {lock_key(r.session_id or f"{r.entity_type}:{r.entity_id}") for r in records}
         )
+        timeout_ms = str(int(self.settings.statement_timeout * 1000))
+        await conn.fetchval(_Q["set_statement_timeout"], timeout_ms)
         await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, locks)
         new_keys = {
             row[0]

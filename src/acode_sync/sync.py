@@ -22,13 +22,13 @@ import anyio
 import anyio.to_thread
 
 from acode_sync.config import SyncSettings
-from acode_sync.discovery import Signature, files_signature
 from acode_sync.domain import Clock, canonical_timestamp, format_timestamp, utc_now
 from acode_sync.errors import (
     AcodeError,
     BusyError,
     PostgresUnavailableError,
     RecordRejectedError,
+    WorkspaceOpenError,
 )
 from acode_sync.log import get_logger
 from acode_sync.outbox import Failure, Outbox, OutboxRecord
@@ -41,7 +41,7 @@ from acode_sync.postgres import (
     RecordFailure,
 )
 from acode_sync.retry import RecordRetryPolicy
-from acode_sync.workspace import AGENT_DIR, FILE_MODE
+from acode_sync.workspace import AGENT_DIR, FILE_MODE, database_path
 
 LOCK_NAME: Final = "sync.lock"
 LOCK_POLL_SECONDS: Final = 0.2
@@ -91,9 +91,9 @@ class SyncSummary:
     batches: int = 0
     batch_seconds: list[float] = field(default_factory=list)
     drained: bool = False  # stopped because nothing was left to claim
-    idle_signature: Signature | None = None  # the files as they were when found empty
     backlog: int = 0
     oldest_pending: str | None = None
+    next_retry_at: str | None = None
 
     def line(self) -> str:
         return (
@@ -160,6 +160,8 @@ class WorkspaceSyncer:
         """Ship claimable records until none is left, `max_batches` were shipped or `stop()`
         says so (checked between batches). Raises PostgresUnavailableError on an outage
         (nothing is marked then) and BusyError if another syncer holds the workspace."""
+        if not await anyio.to_thread.run_sync(database_path(self.workspace).is_file):
+            raise WorkspaceOpenError(f"no workspace database at {database_path(self.workspace)}")
         lock = SyncLock(self.workspace)
         deadline = anyio.current_time() + lock_wait
         # flock has no wake-up to await: poll until the deadline.
@@ -192,19 +194,31 @@ class WorkspaceSyncer:
         while max_batches is None or summary.batches < max_batches:
             if stop is not None and stop():
                 break
-            # Taken before the claim: a commit after it shows up as a changed signature.
-            signature = await anyio.to_thread.run_sync(files_signature, self.workspace)
             records = await anyio.to_thread.run_sync(self._claim, outbox)
             if records:
                 await self._ship(outbox, records, summary)
             elif maintained:
-                summary.drained, summary.idle_signature = True, signature
+                summary.drained = True
                 break
             else:
                 await anyio.to_thread.run_sync(self._maintain, outbox)
                 maintained = True
-        summary.backlog, summary.oldest_pending = await anyio.to_thread.run_sync(outbox.backlog)
+        backlog = await anyio.to_thread.run_sync(outbox.backlog)
+        summary.backlog, summary.oldest_pending, summary.next_retry_at = backlog
         return summary
+
+    async def has_work(self) -> bool:
+        """Is any record claimable now? A read only: it takes no lock and writes nothing,
+        so checking never wakes a watcher."""
+
+        def _check() -> bool:
+            outbox = self._open_outbox()
+            try:
+                return bool(outbox.claim(max_records=1, max_bytes=1))
+            finally:
+                outbox.close()
+
+        return await anyio.to_thread.run_sync(_check)
 
     def _claim(self, outbox: Outbox) -> list[OutboxRecord]:
         return outbox.claim(

@@ -34,7 +34,10 @@ class InotifyWatcher:
         from inotify_simple import INotify, flags
 
         self._inotify = INotify()
-        self._mask = flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.MOVED_TO
+        # A commit writes the WAL (MODIFY); a database replaced whole is MOVED_TO. Opening
+        # or closing a connection (CREATE, CLOSE_WRITE) is not a commit: a read-only check
+        # of the outbox must not wake the daemon again.
+        self._mask = flags.MODIFY | flags.MOVED_TO
         self._by_descriptor: dict[int, Path] = {}
         self._by_workspace: dict[Path, int] = {}
 

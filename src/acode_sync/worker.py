@@ -7,6 +7,7 @@ attempts. Idle, it holds no connection, no thread and no open file of the worksp
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from acode_sync.config import Config
-from acode_sync.discovery import Signature, files_signature
 from acode_sync.domain import parse_timestamp
 from acode_sync.errors import (
     AcodeError,
     BusyError,
+    PostgresMigrationError,
+    PostgresSchemaMismatchError,
     PostgresUnavailableError,
 )
 from acode_sync.log import get_logger
@@ -64,6 +66,10 @@ class Heartbeat:
         return [name for name, deadline in self.running.values() if now > deadline]
 
 
+def _unix(timestamp: str | None) -> float | None:
+    return None if timestamp is None else parse_timestamp(timestamp).timestamp()
+
+
 class WorkspaceWorker:
     def __init__(self, workspace: Path, shared: Shared) -> None:
         self.workspace = workspace
@@ -80,18 +86,17 @@ class WorkspaceWorker:
         self.oldest_pending: float | None = None  # unix time of the oldest pending record
         self.last_sync: float | None = None
         self.broken_code: str | None = None
+        self.next_retry: float | None = None  # unix time a record's backoff ends
         self._wake = anyio.Event()
         self._stopping = False
         self._force = False
-        self._changed = False
-        self._idle_signature: Signature | None = None
+        self._rng = random.Random()  # noqa: S311 - jitter, not secrets
 
     def is_stopping(self) -> bool:
         return self._stopping
 
     def notify_change(self) -> None:
-        """The workspace's files changed (maybe by this daemon's own commit)."""
-        self._changed = True
+        """The workspace's files changed: maybe a commit of an agent, maybe our own."""
         self._wake.set()
 
     def sync_now(self) -> None:
@@ -114,30 +119,43 @@ class WorkspaceWorker:
         try:
             while not self.is_stopping():
                 if delay is None:
-                    await self._wait(self.shared.config.daemon.sweep_seconds, on_change=True)
+                    await self._idle()
                 elif delay > 0:
-                    await self._wait(delay, on_change=False)
+                    await self._sleep(delay, wake_on_change=False)
                 if self.is_stopping():
                     break
-                self._changed = False
                 delay = await self._turn()
         finally:
             self._set_broken(None)
 
-    async def _wait(self, seconds: float, *, on_change: bool) -> None:
-        """Sleep for `seconds`, or until sync_now()/stop(), or (idle) until a commit that
-        is not this daemon's own: a change of the files since they were found empty."""
+    async def _sleep(self, seconds: float, *, wake_on_change: bool) -> None:
+        """Until the time is up, sync_now()/stop(), or (if asked) a change of the files."""
         deadline = anyio.current_time() + seconds
-        while not (self._stopping or self._force) and anyio.current_time() < deadline:
+        while not (self._stopping or self._force):
             with anyio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = anyio.Event()
-            if on_change and self._changed:
-                self._changed = False
-                now = await anyio.to_thread.run_sync(files_signature, self.workspace)
-                if now != self._idle_signature:
-                    break
+            if wake_on_change or anyio.current_time() >= deadline:
+                break
         self._force = False
+
+    async def _idle(self) -> None:
+        """Sleep until there is work: a change of the files (checked with a read, which
+        writes nothing, so the daemon's own commits cannot keep it busy), a record's
+        backoff running out, or the slow periodic sweep."""
+        while not self.is_stopping():
+            sweep = self.shared.config.daemon.sweep_seconds * self._rng.uniform(0.8, 1.0)
+            if self.next_retry is not None:
+                sweep = min(sweep, max(0.0, self.next_retry - time.time()))
+            forced = self._force
+            await self._sleep(sweep, wake_on_change=True)
+            if forced or self.is_stopping():
+                return
+            try:
+                if await self.syncer.has_work():
+                    return
+            except AcodeError:
+                return  # let a turn report it
 
     async def _turn(self) -> float | None:
         """Ship up to batches_per_turn batches. Returns seconds to wait before the next
@@ -152,7 +170,11 @@ class WorkspaceWorker:
                 summary = await self.syncer.drain(
                     max_batches=config.daemon.batches_per_turn, stop=self.is_stopping
                 )
-            except PostgresUnavailableError as error:
+            except (
+                PostgresUnavailableError,
+                PostgresSchemaMismatchError,
+                PostgresMigrationError,
+            ) as error:
                 shared.on_postgres(False)
                 shared.metrics.batch_errors.inc()
                 delay = self.outage.next_delay()
@@ -175,10 +197,7 @@ class WorkspaceWorker:
             self.log.info("postgres reachable again", after_failures=self.outage.failures)
             self.outage.reset()
         self._set_broken(None)
-        if summary.drained:
-            self._idle_signature = summary.idle_signature
-            return None
-        return 0.0
+        return None if summary.drained else 0.0
 
     def _record(self, summary: SyncSummary) -> None:
         metrics = self.shared.metrics
@@ -195,11 +214,8 @@ class WorkspaceWorker:
         for seconds in summary.batch_seconds:
             metrics.batch_duration.observe(seconds)
         self.backlog = summary.backlog
-        self.oldest_pending = (
-            None
-            if summary.oldest_pending is None
-            else parse_timestamp(summary.oldest_pending).timestamp()
-        )
+        self.oldest_pending = _unix(summary.oldest_pending)
+        self.next_retry = _unix(summary.next_retry_at)
 
     def _set_broken(self, error: AcodeError | None) -> None:
         metrics = self.shared.metrics

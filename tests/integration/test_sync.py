@@ -16,9 +16,11 @@ from acode_sync.domain import Session, SessionState, SessionTask, format_timesta
 from acode_sync.errors import (
     BusyError,
     MigrationError,
+    PostgresSchemaMismatchError,
     PostgresUnavailableError,
     RecordRejectedError,
     SchemaMismatchError,
+    WorkspaceOpenError,
 )
 from acode_sync.migrations import load_migrations, parse_migrations
 from acode_sync.outbox import OutboxRecord
@@ -500,3 +502,55 @@ async def test_a_batch_that_always_times_out_while_postgres_answers_is_isolated(
     assert outbox_states(workspace) == [("processed", 0)] * 3 + [("pending", 1)]
     rows = await fetch(pg_url, "SELECT count(*) FROM sessions")
     assert rows[0][0] == len(good)
+
+
+async def test_applied_keys_are_pruned_by_age(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    for _ in range(3):
+        db.save(Session())
+    db.close()
+    await syncer(workspace, target).drain()
+    conn = await asyncpg.connect(pg_url)
+    await conn.execute("UPDATE acode.applied_keys SET applied_at = now() - interval '30 days'")
+    await conn.close()
+    from datetime import UTC, datetime, timedelta
+
+    assert await target.prune_applied_keys(datetime.now(UTC) - timedelta(days=14), limit=2) == 2
+    assert await target.prune_applied_keys(datetime.now(UTC) - timedelta(days=14)) == 1
+    assert await target.prune_applied_keys(datetime.now(UTC) - timedelta(days=14)) == 0
+
+
+async def test_explicit_migration_runs_even_with_auto_migrate_off(pg_url: str) -> None:
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, auto_migrate=False))
+    try:
+        assert await target.ensure_schema(explicit=True) == (0, 1)
+        assert await target.ensure_schema() == (1, 1)
+    finally:
+        await target.close()
+
+
+async def test_a_newer_postgres_schema_is_an_outage_not_a_broken_workspace(
+    pg_url: str,
+) -> None:
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await target.ensure_schema()
+        conn = await asyncpg.connect(pg_url)
+        await conn.execute(
+            "INSERT INTO acode.schema_migrations (version, name, checksum) VALUES (2, 'x', 'y')"
+        )
+        await conn.close()
+        with pytest.raises(PostgresSchemaMismatchError, match="PostgreSQL: schema version 2"):
+            await target.ensure_schema()
+    finally:
+        await target.close()
+
+
+async def test_sync_of_a_directory_without_a_workspace(
+    tmp_path: Path, target: PostgresTarget
+) -> None:
+    with pytest.raises(WorkspaceOpenError, match="no workspace database"):
+        await syncer(tmp_path, target).drain()
+    assert not (tmp_path / ".agent").exists()

@@ -122,6 +122,7 @@ def test_connect_dsn_adds_tls_settings_without_password() -> None:
         ("postgresql://127.0.0.1:5432/acode", None, False),
         ("postgresql://localhost/acode", "disable", False),
         ("postgresql://[::1]:5432/acode", None, False),
+        ("postgresql://db.example/acode?sslmode=verify-full", None, False),
     ],
 )
 def test_remote_hosts_without_tls_are_flagged(dsn: str, sslmode: str | None, warn: bool) -> None:

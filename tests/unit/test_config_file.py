@@ -11,7 +11,14 @@ from acode_sync.config import Config, parse_config, read_config_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "config" / "acode-syncd.toml"
-EXAMPLES = {"password", "password_file", "sslmode", "sslrootcert", "roots", "state_dir"}  # no default
+EXAMPLES = {
+    "password",
+    "password_file",
+    "sslmode",
+    "sslrootcert",
+    "roots",
+    "state_dir",
+}  # no default
 SETTING = re.compile(r"^# (\w+) = (.+)$")
 
 

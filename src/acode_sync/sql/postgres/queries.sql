@@ -1,5 +1,6 @@
 -- Every SQL statement run against PostgreSQL, loaded by name (see acode_sync/sql.py).
--- All tables live in the `acode` schema (the pool sets search_path). Parameters are
+-- All tables live in the `acode` schema, always named with it (no search_path or other
+-- startup parameter is needed, so PgBouncer can stand in between). Parameters are
 -- always bound. `apply_entities` is a template: the <...> markers are filled once, at
 -- import, from the constant table specs in acode_sync/pg_tables.py, never from input.
 
@@ -24,6 +25,13 @@ SELECT version, checksum FROM acode.schema_migrations ORDER BY version;
 -- name: record_migration
 INSERT INTO acode.schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
 
+-- Per transaction, so it also holds behind a transaction-pooling PgBouncer.
+-- name: set_statement_timeout
+SELECT set_config('statement_timeout', $1, true);
+
+-- name: set_migration_search_path
+SELECT set_config('search_path', 'acode', true);
+
 -- name: migration_lock
 SELECT pg_advisory_xact_lock($1, $2);
 
@@ -32,7 +40,7 @@ SELECT pg_advisory_xact_lock($1, $2);
 SELECT count(pg_advisory_xact_lock($1, k)) FROM unnest($2::int[]) AS k;
 
 -- name: record_keys
-INSERT INTO applied_keys (idempotency_key, payload_digest, entity_type, entity_id, origin_id)
+INSERT INTO acode.applied_keys (idempotency_key, payload_digest, entity_type, entity_id, origin_id)
 SELECT k.idempotency_key, k.digest, k.entity_type, k.entity_id, $5::text
 FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[])
      AS k(idempotency_key, digest, entity_type, entity_id)
@@ -45,9 +53,9 @@ RETURNING idempotency_key;
 -- name: delivered_keys
 SELECT u.idempotency_key
 FROM unnest($1::text[], $2::bytea[]) AS u(idempotency_key, digest)
-JOIN applied_keys AS a USING (idempotency_key)
+JOIN acode.applied_keys AS a USING (idempotency_key)
 WHERE a.payload_digest = u.digest
-   OR EXISTS (SELECT 1 FROM conflicts AS c
+   OR EXISTS (SELECT 1 FROM acode.conflicts AS c
               WHERE c.incoming_key = u.idempotency_key AND c.incoming_digest = u.digest);
 
 -- One record per entity (a "round"). Last write wins on (updated_at, origin_id, key);
@@ -73,7 +81,7 @@ judged AS (
                OR (n.version, n.origin_id, n.idempotency_key)
                   > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
     FROM incoming AS n
-    LEFT JOIN <table> AS c ON c.<id_column> = n.entity_id
+    LEFT JOIN acode.<table> AS c ON c.<id_column> = n.entity_id
 ),
 decided AS (
     SELECT j.*,
@@ -85,7 +93,7 @@ decided AS (
     FROM judged AS j
 ),
 recorded AS (
-    INSERT INTO conflicts (
+    INSERT INTO acode.conflicts (
         entity_type, entity_id, session_id, incoming_key, incoming_digest, incoming_origin,
         incoming_updated_at, incoming_base_updated_at, incoming_version, current_key,
         current_origin, current_updated_at, current_version, winner)
@@ -100,7 +108,7 @@ recorded AS (
               incoming_origin, current_origin, winner
 ),
 written AS (
-    INSERT INTO <table> AS t (<columns>, extra, origin_id, idempotency_key, synced_at)
+    INSERT INTO acode.<table> AS t (<columns>, extra, origin_id, idempotency_key, synced_at)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now()
     FROM decided AS d
     WHERE d.wins
@@ -121,14 +129,14 @@ FROM recorded AS r;
 SELECT conflict_id, entity_type, entity_id, session_id, incoming_key, current_key,
        incoming_updated_at, current_updated_at, incoming_origin, current_origin, winner,
        detected_at, incoming_version, current_version
-FROM conflicts
+FROM acode.conflicts
 WHERE ($1::text IS NULL OR session_id = $1)
 ORDER BY conflict_id DESC
 LIMIT $2;
 
 -- name: prune_applied_keys
-DELETE FROM applied_keys
-WHERE ctid = ANY (ARRAY(SELECT ctid FROM applied_keys WHERE applied_at < $1 LIMIT $2));
+DELETE FROM acode.applied_keys
+WHERE ctid = ANY (ARRAY(SELECT ctid FROM acode.applied_keys WHERE applied_at < $1 LIMIT $2));
 
 -- name: probe
 SELECT 1;

@@ -191,7 +191,7 @@ ORDER BY outbox_id
 LIMIT :limit;
 
 -- name: backlog
-SELECT count(*), min(created_at) FROM outbox WHERE state = 'pending';
+SELECT count(*), min(created_at), min(next_attempt_at) FROM outbox WHERE state = 'pending';
 
 -- name: prune_processed
 DELETE FROM outbox WHERE outbox_id IN (
