@@ -207,6 +207,18 @@ class WorkspaceSyncer:
         summary.backlog, summary.oldest_pending, summary.next_retry_at = backlog
         return summary
 
+    async def backlog(self) -> tuple[int, str | None, str | None]:
+        """(pending records, oldest created_at, earliest retry time), read only."""
+
+        def _read() -> tuple[int, str | None, str | None]:
+            outbox = self._open_outbox()
+            try:
+                return outbox.backlog()
+            finally:
+                outbox.close()
+
+        return await anyio.to_thread.run_sync(_read)
+
     async def has_work(self) -> bool:
         """Is any record claimable now? A read only: it takes no lock and writes nothing,
         so checking never wakes a watcher."""

@@ -177,6 +177,7 @@ class WorkspaceWorker:
             ) as error:
                 shared.on_postgres(False)
                 shared.metrics.batch_errors.inc()
+                await self._refresh_backlog()
                 delay = self.outage.next_delay()
                 self.log.warning(
                     "postgres unavailable",
@@ -198,6 +199,14 @@ class WorkspaceWorker:
             self.outage.reset()
         self._set_broken(None)
         return None if summary.drained else 0.0
+
+    async def _refresh_backlog(self) -> None:
+        """Keep backlog and lag true while nothing can be shipped."""
+        try:
+            self.backlog, oldest, _ = await self.syncer.backlog()
+        except AcodeError:
+            return
+        self.oldest_pending = _unix(oldest)
 
     def _record(self, summary: SyncSummary) -> None:
         metrics = self.shared.metrics
