@@ -49,6 +49,14 @@ _Q = queries(DIALECT)
 FaultHook = Callable[[str], None]
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """Nothing outlives a transaction here (advisory locks and settings are all
+    transaction-scoped), so a connection going back to the pool needs no RESET round trip."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 class RecordFailure(Exception):
     """PostgreSQL (or the driver) refused the data of a batch: some record in it is bad."""
 
@@ -182,6 +190,7 @@ class PostgresTarget:
                     timeout=s.connect_timeout,
                     command_timeout=s.statement_timeout + s.connect_timeout,
                     server_settings={"application_name": "acode-syncd"},
+                    connection_class=_Connection,
                 )
         return self._pool
 
@@ -286,8 +295,7 @@ class PostgresTarget:
             {lock_key(r.session_id or f"{r.entity_type}:{r.entity_id}") for r in records}
         )
         timeout_ms = str(int(self.settings.statement_timeout * 1000))
-        await conn.fetchval(_Q["set_statement_timeout"], timeout_ms)
-        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, locks)
+        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, locks, timeout_ms)
         new_keys = {
             row[0]
             for row in await conn.fetch(

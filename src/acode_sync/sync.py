@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,8 @@ LOCK_POLL_SECONDS: Final = 0.2
 # A batch that fails "transiently" this many times in a row while PostgreSQL answers a
 # probe is treated as holding a bad record (a statement it always times out on, ...).
 SUSPECT_STRIKES: Final = 3
+# Pruning and WAL checkpoints run when a drain finds nothing left, at most this often.
+MAINTENANCE_SECONDS: Final = 30.0
 
 
 def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
@@ -149,6 +152,8 @@ class WorkspaceSyncer:
             )
         self.log = get_logger(workspace=str(self.workspace))
         self._strikes: dict[int, int] = {}
+        self._open: Outbox | None = None
+        self._maintained_at = -math.inf
 
     async def drain(
         self,
@@ -156,6 +161,7 @@ class WorkspaceSyncer:
         lock_wait: float = 0.0,
         max_batches: int | None = None,
         stop: Callable[[], bool] | None = None,
+        keep_open: bool = False,
     ) -> SyncSummary:
         """Ship claimable records until none is left, `max_batches` were shipped or `stop()`
         says so (checked between batches). Raises PostgresUnavailableError on an outage
@@ -175,62 +181,64 @@ class WorkspaceSyncer:
                 hint="Wait for it, or stop it first; it ships the same records.",
             )
         try:
-            outbox = await anyio.to_thread.run_sync(self._open_outbox)
-            try:
-                return await self._drain(outbox, max_batches, stop)
-            finally:
-                await anyio.to_thread.run_sync(outbox.close)
+            outbox = await self._outbox()
+            return await self._drain(outbox, max_batches, stop)
+        except AcodeError:
+            await self.release()  # the connection may be what is broken
+            raise
         finally:
             lock.release()
+            if not keep_open:
+                await self.release()
 
-    def _open_outbox(self) -> Outbox:
-        return Outbox(self.workspace, busy_timeout=self.settings.busy_timeout, clock=self.clock)
+    async def _outbox(self) -> Outbox:
+        """The syncer's connection to the workspace, opened on demand; kept between turns
+        while the workspace is busy, closed by release() when it goes idle."""
+        if self._open is None:
+            self._open = await anyio.to_thread.run_sync(
+                lambda: Outbox(
+                    self.workspace, busy_timeout=self.settings.busy_timeout, clock=self.clock
+                )
+            )
+        return self._open
+
+    async def release(self) -> None:
+        outbox, self._open = self._open, None
+        if outbox is not None:
+            await anyio.to_thread.run_sync(outbox.close)
 
     async def _drain(
         self, outbox: Outbox, max_batches: int | None, stop: Callable[[], bool] | None
     ) -> SyncSummary:
         summary = SyncSummary()
-        maintained = False
         while max_batches is None or summary.batches < max_batches:
             if stop is not None and stop():
                 break
             records = await anyio.to_thread.run_sync(self._claim, outbox)
             if records:
                 await self._ship(outbox, records, summary)
-            elif maintained:
+                continue
+            if time.monotonic() - self._maintained_at < MAINTENANCE_SECONDS:
                 summary.drained = True
                 break
-            else:
-                await anyio.to_thread.run_sync(self._maintain, outbox)
-                maintained = True
+            await anyio.to_thread.run_sync(self._maintain, outbox)
+            self._maintained_at = time.monotonic()
         backlog = await anyio.to_thread.run_sync(outbox.backlog)
         summary.backlog, summary.oldest_pending, summary.next_retry_at = backlog
         return summary
 
     async def backlog(self) -> tuple[int, str | None, str | None]:
         """(pending records, oldest created_at, earliest retry time), read only."""
-
-        def _read() -> tuple[int, str | None, str | None]:
-            outbox = self._open_outbox()
-            try:
-                return outbox.backlog()
-            finally:
-                outbox.close()
-
-        return await anyio.to_thread.run_sync(_read)
+        outbox = await self._outbox()
+        return await anyio.to_thread.run_sync(outbox.backlog)
 
     async def has_work(self) -> bool:
         """Is any record claimable now? A read only: it takes no lock and writes nothing,
         so checking never wakes a watcher."""
-
-        def _check() -> bool:
-            outbox = self._open_outbox()
-            try:
-                return bool(outbox.claim(max_records=1, max_bytes=1))
-            finally:
-                outbox.close()
-
-        return await anyio.to_thread.run_sync(_check)
+        outbox = await self._outbox()
+        return bool(
+            await anyio.to_thread.run_sync(lambda: outbox.claim(max_records=1, max_bytes=1))
+        )
 
     def _claim(self, outbox: Outbox) -> list[OutboxRecord]:
         return outbox.claim(

@@ -126,6 +126,8 @@ class WorkspaceWorker:
                     break
                 delay = await self._turn()
         finally:
+            with anyio.CancelScope(shield=True):
+                await self.syncer.release()
             self._set_broken(None)
 
     async def _sleep(self, seconds: float, *, wake_on_change: bool) -> None:
@@ -148,6 +150,8 @@ class WorkspaceWorker:
             if self.next_retry is not None:
                 sweep = min(sweep, max(0.0, self.next_retry - time.time()))
             forced = self._force
+            if not self._wake.is_set():
+                await self.syncer.release()  # idle: no open connection, no open file
             await self._sleep(sweep, wake_on_change=True)
             if forced or self.is_stopping():
                 return
@@ -168,7 +172,9 @@ class WorkspaceWorker:
             token = shared.watchdog.start(f"sync {self.workspace}", limit)
             try:
                 summary = await self.syncer.drain(
-                    max_batches=config.daemon.batches_per_turn, stop=self.is_stopping
+                    max_batches=config.daemon.batches_per_turn,
+                    stop=self.is_stopping,
+                    keep_open=True,
                 )
             except (
                 PostgresUnavailableError,

@@ -25,19 +25,19 @@ SELECT version, checksum FROM acode.schema_migrations ORDER BY version;
 -- name: record_migration
 INSERT INTO acode.schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
 
--- Per transaction, so it also holds behind a transaction-pooling PgBouncer.
--- name: set_statement_timeout
-SELECT set_config('statement_timeout', $1, true);
-
 -- name: set_migration_search_path
 SELECT set_config('search_path', 'acode', true);
 
 -- name: migration_lock
 SELECT pg_advisory_xact_lock($1, $2);
 
--- Taken in ascending order so that concurrent batches cannot deadlock.
+-- The first statement of a batch: its statement timeout (per transaction, so it also holds
+-- behind a transaction-pooling PgBouncer), then the batch's session locks, taken in
+-- ascending order so that concurrent batches cannot deadlock.
 -- name: lock_entities
-SELECT count(pg_advisory_xact_lock($1, k)) FROM unnest($2::int[]) AS k;
+SELECT (SELECT set_config('statement_timeout', $3, true)),
+       count(pg_advisory_xact_lock($1, k))
+FROM unnest($2::int[]) AS k;
 
 -- name: record_keys
 INSERT INTO acode.applied_keys (idempotency_key, payload_digest, entity_type, entity_id, origin_id)
