@@ -40,6 +40,7 @@ class PostgresSettings:
     connect_timeout: float = 10.0
     statement_timeout: float = 30.0
     idle_timeout: float = 60.0
+    statement_cache_size: int = 100  # 0 behind a transaction-pooling PgBouncer
     auto_migrate: bool = True
 
     def resolved_password(self) -> str | None:
@@ -206,7 +207,7 @@ def _parse_section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
     return cls(**values)
 
 
-_MAY_BE_ZERO = frozenset({"pool_min", "max_depth", "port"})
+_MAY_BE_ZERO = frozenset({"pool_min", "max_depth", "port", "statement_cache_size"})
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("auto", "json", "console")
 

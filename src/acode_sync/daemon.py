@@ -187,6 +187,7 @@ class Daemon:
         self.log.info("reloading configuration", path=str(self.config_path or "(defaults)"))
         try:
             new = await anyio.to_thread.run_sync(load_config, self.config_path, self.environ)
+            await anyio.to_thread.run_sync(new.postgres.resolved_password)  # file readable?
             metrics_server = self._metrics_server
             if new.metrics != self.config.metrics:
                 metrics_server = await self._start_metrics(new)

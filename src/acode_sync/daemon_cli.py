@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from acode_sync import __version__
-from acode_sync.config import Config, load_config
+from acode_sync.config import Config, DaemonSettings, load_config
 from acode_sync.errors import AcodeError, ConfigError
 from acode_sync.runtime import read_status, state_dir
 from acode_sync.secret import MASK, Secret
@@ -61,10 +61,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """Send SIGHUP and wait for the daemon to say how the reload went (for ExecReload)."""
-    config = load_config(args.config, os.environ)
-    directory = state_dir(config.daemon, os.environ)
+    try:
+        daemon_settings = load_config(args.config, os.environ).daemon
+        invalid = None
+    except ConfigError as error:
+        # Still ask the daemon (found where it is by default): it logs and counts the
+        # rejection, and keeps its configuration.
+        daemon_settings, invalid = DaemonSettings(), error
+    directory = state_dir(daemon_settings, os.environ)
     status = read_status(directory)
     if status is None:
+        if invalid is not None:
+            raise invalid
         print(f"acode-syncd is not running (no live status in {directory})", file=sys.stderr)
         return 1
     generation = status["reload"]["generation"]

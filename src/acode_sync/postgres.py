@@ -191,6 +191,7 @@ class PostgresTarget:
                     command_timeout=s.statement_timeout + s.connect_timeout,
                     server_settings={"application_name": "acode-syncd"},
                     connection_class=_Connection,
+                    statement_cache_size=s.statement_cache_size,
                 )
         return self._pool
 

@@ -42,7 +42,7 @@ from acode_sync.postgres import (
     RecordFailure,
 )
 from acode_sync.retry import RecordRetryPolicy
-from acode_sync.workspace import AGENT_DIR, FILE_MODE, database_path
+from acode_sync.workspace import AGENT_DIR, FILE_MODE, database_path, translated
 
 LOCK_NAME: Final = "sync.lock"
 LOCK_POLL_SECONDS: Final = 0.2
@@ -153,6 +153,7 @@ class WorkspaceSyncer:
         self.log = get_logger(workspace=str(self.workspace))
         self._strikes: dict[int, int] = {}
         self._open: Outbox | None = None
+        self.summary = SyncSummary()  # the current (or last) drain's, even if it failed
         self._maintained_at = -math.inf
 
     async def drain(
@@ -171,7 +172,7 @@ class WorkspaceSyncer:
         lock = SyncLock(self.workspace)
         deadline = anyio.current_time() + lock_wait
         # flock has no wake-up to await: poll until the deadline.
-        while not await anyio.to_thread.run_sync(lock.try_acquire):
+        while not await anyio.to_thread.run_sync(translated, lock.path, lock.try_acquire):
             if anyio.current_time() >= deadline:
                 break
             await anyio.sleep(LOCK_POLL_SECONDS)
@@ -180,6 +181,7 @@ class WorkspaceSyncer:
                 f"another syncer (the daemon?) is syncing {self.workspace}",
                 hint="Wait for it, or stop it first; it ships the same records.",
             )
+        self.summary = SyncSummary()
         try:
             outbox = await self._outbox()
             return await self._drain(outbox, max_batches, stop)
@@ -210,7 +212,7 @@ class WorkspaceSyncer:
     async def _drain(
         self, outbox: Outbox, max_batches: int | None, stop: Callable[[], bool] | None
     ) -> SyncSummary:
-        summary = SyncSummary()
+        summary = self.summary
         while max_batches is None or summary.batches < max_batches:
             if stop is not None and stop():
                 break

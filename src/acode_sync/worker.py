@@ -25,11 +25,12 @@ from acode_sync.errors import (
     PostgresMigrationError,
     PostgresSchemaMismatchError,
     PostgresUnavailableError,
+    WorkspaceOpenError,
 )
 from acode_sync.log import get_logger
 from acode_sync.metrics import Metrics
 from acode_sync.postgres import PostgresTarget
-from acode_sync.retry import OutageBackoff
+from acode_sync.retry import OutageBackoff, RecordRetryPolicy
 from acode_sync.sync import SyncSummary, WorkspaceSyncer
 
 
@@ -110,8 +111,16 @@ class WorkspaceWorker:
 
     def update(self, shared: Shared) -> None:
         self.shared = shared
+        sync = shared.config.sync
         self.syncer.target = shared.target
-        self.syncer.settings = shared.config.sync
+        self.syncer.settings = sync
+        self.syncer.policy = RecordRetryPolicy(
+            base_seconds=sync.retry_base_seconds,
+            cap_seconds=sync.retry_cap_seconds,
+            max_attempts=sync.max_attempts,
+        )
+        self.outage.base_seconds = sync.outage_base_seconds
+        self.outage.cap_seconds = sync.outage_cap_seconds
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -128,7 +137,7 @@ class WorkspaceWorker:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.syncer.release()
-            self._set_broken(None)
+            self._set_broken(None, quietly=True)
 
     async def _sleep(self, seconds: float, *, wake_on_change: bool) -> None:
         """Until the time is up, sync_now()/stop(), or (if asked) a change of the files."""
@@ -181,6 +190,7 @@ class WorkspaceWorker:
                 PostgresSchemaMismatchError,
                 PostgresMigrationError,
             ) as error:
+                self._count(self.syncer.summary)  # batches applied before the outage
                 shared.on_postgres(False)
                 shared.metrics.batch_errors.inc()
                 await self._refresh_backlog()
@@ -195,7 +205,13 @@ class WorkspaceWorker:
             except BusyError:
                 return 1.0  # another syncer (acode db sync) holds the workspace
             except AcodeError as error:
+                self._count(self.syncer.summary)
                 self._set_broken(error)
+                return config.daemon.broken_retry_seconds
+            except Exception as error:  # a bug must not take the other workspaces down
+                self.log.exception("unexpected error", error=type(error).__name__)
+                await self.syncer.release()
+                self._set_broken(WorkspaceOpenError(f"unexpected {type(error).__name__}"))
                 return config.daemon.broken_retry_seconds
             finally:
                 shared.watchdog.finish(token)
@@ -215,6 +231,12 @@ class WorkspaceWorker:
         self.oldest_pending = _unix(oldest)
 
     def _record(self, summary: SyncSummary) -> None:
+        self._count(summary)
+        self.backlog = summary.backlog
+        self.oldest_pending = _unix(summary.oldest_pending)
+        self.next_retry = _unix(summary.next_retry_at)
+
+    def _count(self, summary: SyncSummary) -> None:
         metrics = self.shared.metrics
         if summary.batches:
             self.shared.on_postgres(True)
@@ -228,11 +250,8 @@ class WorkspaceWorker:
         metrics.dead_letters.inc(summary.dead)
         for seconds in summary.batch_seconds:
             metrics.batch_duration.observe(seconds)
-        self.backlog = summary.backlog
-        self.oldest_pending = _unix(summary.oldest_pending)
-        self.next_retry = _unix(summary.next_retry_at)
 
-    def _set_broken(self, error: AcodeError | None) -> None:
+    def _set_broken(self, error: AcodeError | None, *, quietly: bool = False) -> None:
         metrics = self.shared.metrics
         code = None if error is None else error.code
         if code == self.broken_code:
@@ -240,7 +259,8 @@ class WorkspaceWorker:
         if self.broken_code is not None:
             metrics.workspaces_broken.labels(self.broken_code).dec()
             metrics.workspace_broken.remove(str(self.workspace), self.broken_code)
-            self.log.info("workspace recovered", code=self.broken_code)
+            if not quietly:
+                self.log.info("workspace recovered", code=self.broken_code)
         if error is not None:
             metrics.workspaces_broken.labels(error.code).inc()
             metrics.workspace_broken.labels(str(self.workspace), error.code).set(1)
