@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKSPACE ?= .
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench deb clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,10 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m tests.bench.bench_store
 
+# The Debian package, dist/acode-sync_VERSION_ARCH.deb (packaging/README.md). It builds its
+# own virtual environment with Debian's /usr/bin/python3; it does not use $(VENV).
+deb:
+	packaging/build-deb
+
 clean:
-	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) dist .coverage .coverage.* .mypy_cache .ruff_cache .pytest_cache

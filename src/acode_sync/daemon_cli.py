@@ -1,4 +1,4 @@
-"""`acode-syncd`: run the daemon, check its configuration, reload it.
+"""`acode-syncd`: run the daemon, check its configuration, reload it, install its LaunchAgent.
 
 Exit codes: 0 ok; 78 (EX_CONFIG) a bad configuration; 1 anything else.
 """
@@ -94,6 +94,44 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_install_launchd(args: argparse.Namespace) -> int:
+    """Write ~/Library/LaunchAgents/dev.acode.acode-syncd.plist and print how to load it."""
+    from acode_sync import launchd
+
+    try:
+        plan = launchd.plan(args.bin, args.config)
+    except launchd.InstallError as error:
+        print(f"acode-syncd install-launchd: {error}", file=sys.stderr)
+        return 1
+    for note in plan.notes:
+        print(note, file=sys.stderr)
+    replacing = plan.existing is not None and not plan.unchanged
+    if args.dry_run:
+        print(plan.text, end="")
+        action = "would replace" if replacing else "would write"
+        print(f"# {action} {plan.path}", file=sys.stderr)
+        out = sys.stderr
+    elif replacing and not args.force:
+        print(plan.diff(), end="", file=sys.stderr)
+        print(
+            f"acode-syncd install-launchd: {plan.path} exists and differs (above); "
+            "run again with --force to replace it",
+            file=sys.stderr,
+        )
+        return 1
+    elif plan.unchanged:
+        launchd.log_dir(Path.home()).mkdir(parents=True, exist_ok=True)
+        print(f"{plan.path} is up to date")
+        out = sys.stdout
+    else:
+        launchd.write(plan)
+        print(f"{'replaced' if replacing else 'wrote'} {plan.path}")
+        out = sys.stdout
+    for line in launchd.launchctl_lines(plan.path, os.getuid(), reload=replacing):
+        print(line, file=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acode-syncd",
@@ -111,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         if name == "reload":
             sub.add_argument("--timeout", type=float, default=RELOAD_TIMEOUT, metavar="SECONDS")
+    text = "write the macOS LaunchAgent (~/Library/LaunchAgents/dev.acode.acode-syncd.plist)"
+    install = commands.add_parser("install-launchd", help=text, description=text)
+    install.add_argument(
+        "--bin",
+        type=Path,
+        metavar="DIR",
+        help="the directory of acode-syncd (default: that of this command)",
+    )
+    install.add_argument(
+        "--config", type=Path, metavar="FILE", help="run the daemon with --config FILE"
+    )
+    install.add_argument(
+        "--force", action="store_true", help="replace an existing plist that differs"
+    )
+    install.add_argument("--dry-run", action="store_true", help="print the plist and write nothing")
+    install.set_defaults(handler=cmd_install_launchd)
     return parser
 
 

@@ -6,6 +6,7 @@ entity's row, its outbox payload and its dataclass all use the same keys.
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -46,7 +47,17 @@ def parse_timestamp(text: str) -> datetime:
     return moment.astimezone(UTC)
 
 
+_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
 def canonical_timestamp(text: str) -> str:
+    if _CANONICAL.fullmatch(text):  # already canonical (the hot path): still a real time?
+        try:
+            datetime.fromisoformat(text[:-1])
+        except ValueError:
+            pass
+        else:
+            return text
     return format_timestamp(parse_timestamp(text))
 
 

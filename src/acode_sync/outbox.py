@@ -90,12 +90,14 @@ class Outbox:
     def close(self) -> None:
         self.conn.close()
 
-    def claim(self, *, max_records: int, max_bytes: int) -> list[OutboxRecord]:
-        """Pending records, oldest first, bounded by count and by payload bytes."""
+    def claim(self, *, max_records: int, max_bytes: int, after: int = 0) -> list[OutboxRecord]:
+        """Pending records past outbox id `after`, oldest first, bounded by count and by
+        payload bytes."""
 
         def _claim() -> list[OutboxRecord]:
             now = format_timestamp(self.clock())
-            rows = self.conn.execute(_Q["claim_pending"], {"now": now, "limit": max_records})
+            params = {"now": now, "limit": max_records, "after": after}
+            rows = self.conn.execute(_Q["claim_pending"], params)
             batch: list[OutboxRecord] = []
             size = 0
             for row in rows:

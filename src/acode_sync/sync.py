@@ -13,7 +13,8 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Final
 
 import anyio
 import anyio.to_thread
+from anyio.abc import TaskGroup
 
 from acode_sync.config import SyncSettings
 from acode_sync.domain import Clock, canonical_timestamp, format_timestamp, utc_now
@@ -104,6 +106,33 @@ class SyncSummary:
             f"{self.conflicts}, retried {self.retried}, dead {self.dead} "
             f"({self.batches} batches)"
         )
+
+
+@asynccontextmanager
+async def _task_group() -> AsyncIterator[TaskGroup]:
+    """A task group that raises its first error itself, not inside an ExceptionGroup:
+    callers handle AcodeErrors by class."""
+    try:
+        async with anyio.create_task_group() as tg:
+            yield tg
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
+
+
+@dataclass(slots=True)
+class _Batch:
+    records: Sequence[OutboxRecord]
+    started: float
+    ready: list[PreparedRecord] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shipped:
+    """A batch PostgreSQL has answered for, waiting to be marked in SQLite."""
+
+    batch: _Batch
+    outcome: BatchOutcome
 
 
 class SyncLock:
@@ -212,22 +241,73 @@ class WorkspaceSyncer:
     async def _drain(
         self, outbox: Outbox, max_batches: int | None, stop: Callable[[], bool] | None
     ) -> SyncSummary:
+        """A pipeline: while PostgreSQL applies batch N, the SQLite side marks batch N-1
+        and claims batch N+1 (one connection, one thread at a time)."""
         summary = self.summary
-        while max_batches is None or summary.batches < max_batches:
-            if stop is not None and stop():
-                break
-            records = await anyio.to_thread.run_sync(self._claim, outbox)
-            if records:
-                await self._ship(outbox, records, summary)
-                continue
-            if time.monotonic() - self._maintained_at < MAINTENANCE_SECONDS:
-                summary.drained = True
-                break
-            await anyio.to_thread.run_sync(self._maintain, outbox)
-            self._maintained_at = time.monotonic()
+        # A pass claims from the oldest record on. Records held back behind a failed record
+        # of their entity were skipped by the pass: once that failure is marked (a backoff,
+        # or a dead letter that frees them) a new pass decides again.
+        while await self._pass(outbox, max_batches, stop):
+            pass
+        stopped = max_batches is not None and summary.batches >= max_batches
+        if not stopped and not (stop is not None and stop()):
+            await self._maybe_maintain(outbox, summary)
         backlog = await anyio.to_thread.run_sync(outbox.backlog)
         summary.backlog, summary.oldest_pending, summary.next_retry_at = backlog
         return summary
+
+    async def _pass(
+        self, outbox: Outbox, max_batches: int | None, stop: Callable[[], bool] | None
+    ) -> bool:
+        """One pipelined pass; True if it held records back and may run again."""
+        summary = self.summary
+        held: set[tuple[str, str]] = set()  # entities with a failed record: keep order
+        records = await anyio.to_thread.run_sync(self._claim, outbox, 0)
+        shipped: _Shipped | None = None
+        more = True
+        try:
+            while records:
+                batch = self._prepare(records, held)
+                more = max_batches is None or summary.batches + 1 < max_batches
+                more = more and not (stop is not None and stop())
+                after = records[-1].outbox_id
+                claimed: list[list[OutboxRecord]] = [[]]
+                async with _task_group() as tg:
+                    tg.start_soon(self._sqlite_side, outbox, shipped, more, after, claimed)
+                    shipped = None  # marked by the task above, even if the apply fails
+                    outcome, rejected = await self._apply_isolating(outbox.origin_id, batch.ready)
+                batch.failures += rejected
+                failed = {f.outbox_id for f in batch.failures}
+                held |= {(r.entity_type, r.entity_id) for r in records if r.outbox_id in failed}
+                shipped = _Shipped(batch, outcome)
+                records = claimed[0]
+        finally:
+            if shipped is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._mark(outbox, shipped)
+        return more and bool(held)
+
+    async def _sqlite_side(
+        self,
+        outbox: Outbox,
+        shipped: _Shipped | None,
+        claim_more: bool,
+        after: int,
+        claimed: list[list[OutboxRecord]],
+    ) -> None:
+        with anyio.CancelScope(shield=True):  # a batch PostgreSQL committed is always marked
+            if shipped is not None:
+                await self._mark(outbox, shipped)
+        if claim_more:
+            claimed[0] = await anyio.to_thread.run_sync(self._claim, outbox, after)
+
+    async def _maybe_maintain(self, outbox: Outbox, summary: SyncSummary) -> None:
+        """Nothing left to claim: prune and checkpoint, at most every MAINTENANCE_SECONDS,
+        then make sure nothing arrived meanwhile."""
+        if time.monotonic() - self._maintained_at >= MAINTENANCE_SECONDS:
+            await anyio.to_thread.run_sync(self._maintain, outbox)
+            self._maintained_at = time.monotonic()
+        summary.drained = True
 
     async def backlog(self) -> tuple[int, str | None, str | None]:
         """(pending records, oldest created_at, earliest retry time), read only."""
@@ -242,9 +322,11 @@ class WorkspaceSyncer:
             await anyio.to_thread.run_sync(lambda: outbox.claim(max_records=1, max_bytes=1))
         )
 
-    def _claim(self, outbox: Outbox) -> list[OutboxRecord]:
+    def _claim(self, outbox: Outbox, after: int) -> list[OutboxRecord]:
         return outbox.claim(
-            max_records=self.settings.batch_max_records, max_bytes=self.settings.batch_max_bytes
+            max_records=self.settings.batch_max_records,
+            max_bytes=self.settings.batch_max_bytes,
+            after=after,
         )
 
     def _maintain(self, outbox: Outbox) -> None:
@@ -252,37 +334,36 @@ class WorkspaceSyncer:
         outbox.prune(timedelta(days=self.settings.retention_days))
         outbox.checkpoint()
 
-    async def _ship(
-        self, outbox: Outbox, records: Sequence[OutboxRecord], summary: SyncSummary
-    ) -> None:
-        started = time.perf_counter()
-        prepared: list[PreparedRecord] = []
-        failures: list[Failure] = []
-        keys = {r.outbox_id: r.idempotency_key for r in records}
-        held: set[tuple[str, str]] = set()
+    def _prepare(self, records: Sequence[OutboxRecord], held: set[tuple[str, str]]) -> _Batch:
+        """Check each record; one that fails holds back the later records of its entity."""
+        batch = _Batch(records=records, started=time.perf_counter())
+        held = set(held)
         for record in records:
             entity = (record.entity_type, record.entity_id)
             if entity in held:
-                continue  # an earlier record of this entity failed: keep the order
+                continue  # stays pending: an earlier record of this entity failed
             try:
-                prepared.append(prepare(record, max_payload_bytes=self.settings.max_payload_bytes))
+                batch.ready.append(
+                    prepare(record, max_payload_bytes=self.settings.max_payload_bytes)
+                )
             except AcodeError as error:
-                failures.append(Failure(record.outbox_id, error.message))
+                batch.failures.append(Failure(record.outbox_id, error.message))
                 held.add(entity)
-        outcome, rejected = await self._apply_isolating(outbox.origin_id, prepared)
-        failures += rejected
-        done = [r.outbox_id for r in outcome.applied + outcome.duplicates]
-        done += [
-            r.outbox_id
-            for r in prepared
-            if r.idempotency_key in {c.incoming_key for c in outcome.conflicts}
-        ]
-        assert self.policy is not None
+        return batch
+
+    async def _mark(self, outbox: Outbox, shipped: _Shipped) -> None:
+        """After PostgreSQL committed: mark the batch in one SQLite transaction."""
+        batch, outcome = shipped.batch, shipped.outcome
+        done = [r.outbox_id for r in outcome.delivered]
         policy = self.policy
-        results = await anyio.to_thread.run_sync(lambda: outbox.mark(done, failures, policy))
+        assert policy is not None
+        results = await anyio.to_thread.run_sync(lambda: outbox.mark(done, batch.failures, policy))
         if self.fault_hook is not None:
             self.fault_hook("after_mark")
-        self._report(records, outcome, results, failures, keys, summary, started)
+        keys = {r.outbox_id: r.idempotency_key for r in batch.records}
+        self._report(
+            batch.records, outcome, results, batch.failures, keys, self.summary, batch.started
+        )
 
     def _report(
         self,

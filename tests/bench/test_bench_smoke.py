@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench.bench_store import main
+from tests.bench.bench_sync import main as sync_main
 
 FIGURE_LABELS = (
     "get Session by id",
@@ -40,3 +41,35 @@ def test_benchmark_prints_every_figure_line(
     plans = [line for line in lines if line.startswith("query plan of list_sessions: ")]
     assert plans
     assert list(tmp_path.iterdir()) == []  # the databases were removed
+
+
+SYNC_FIGURE_LABELS = (
+    "records",
+    "workspaces",
+    "records/s",
+    "batch apply p50 / p99",
+    "peak RSS",
+    "agent save p50 / p99 / max",
+    "  while its own workspace drained",
+    "naive relay records/s",
+)
+
+
+@pytest.mark.postgres
+def test_sync_benchmark_prints_every_figure_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--records", "300", "--workspaces", "3", "--dir", str(tmp_path)]
+    assert sync_main(argv) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("acode-sync sync benchmark: 300 records, 3 workspaces")
+    for prefix in ("seeded 300 records", "drained ", "CPU during", "verified: ", "naive relay: "):
+        assert any(line.startswith(prefix) for line in lines), prefix
+    for label in SYNC_FIGURE_LABELS:
+        matching = [line for line in lines if line.startswith(f"{label}  ")]
+        assert len(matching) == 1, label
+        assert re.match(re.escape(label) + r"\s{2,}\S", matching[0]), matching[0]
+    assert re.search(r"^records/s\s+[\d,]+\s+>= [\d,]+ .*: (met|MISSED)$", "\n".join(lines), re.M)
+    assert re.search(r"^peak RSS\s+[\d.]+ MB", "\n".join(lines), re.M)
+    assert list(tmp_path.iterdir()) == []  # the workspaces were removed

@@ -75,8 +75,6 @@ judged AS (
            c.updated_at AS current_updated_at,
            c.origin_id AS current_origin,
            c.idempotency_key AS current_key,
-           (to_jsonb(c) - '{extra,origin_id,idempotency_key,synced_at}'::text[]) || c.extra
-               AS current_version,
            c.<id_column> IS NULL
                OR (n.version, n.origin_id, n.idempotency_key)
                   > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
@@ -99,9 +97,12 @@ recorded AS (
         current_origin, current_updated_at, current_version, winner)
     SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id),
            d.idempotency_key, d.digest, d.origin_id, d.version, d.base, d.p,
-           d.current_key, d.current_origin, d.current_updated_at, d.current_version,
+           d.current_key, d.current_origin, d.current_updated_at,
+           (to_jsonb(c) - '{extra,origin_id,idempotency_key,synced_at}'::text[]) || c.extra,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
     FROM decided AS d
+    -- The statement's snapshot: the version held before this statement's upsert.
+    JOIN acode.<table> AS c ON c.<id_column> = d.entity_id
     WHERE d.in_conflict
     ON CONFLICT (incoming_key, incoming_digest) DO NOTHING
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,

@@ -142,13 +142,15 @@ FROM outbox;
 -- name: oldest_pending
 SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY outbox_id LIMIT 1;
 
--- Oldest first (AC-038). A record waits while an earlier record of the same entity is
--- waiting out a backoff (X-004); records of other entities go on.
+-- Oldest first (AC-038), after the last record the drain has already claimed. A record
+-- waits while an earlier record of the same entity is waiting out a backoff (X-004);
+-- records of other entities go on.
 -- name: claim_pending
 SELECT outbox_id, idempotency_key, entity_type, entity_id, session_id, payload,
        base_updated_at, created_at, attempts
 FROM outbox AS o
 WHERE o.state = 'pending'
+  AND o.outbox_id > :after
   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= :now)
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS w
