@@ -23,6 +23,7 @@ from acode_sync.sql import queries
 from acode_sync.workspace import (
     DIALECT,
     OpenOptions,
+    Synchronous,
     database_path,
     open_workspace,
     origin_id,
@@ -67,9 +68,12 @@ class Outbox:
     def __init__(self, workspace: Path, *, busy_timeout: float, clock: Clock = utc_now) -> None:
         self.path = database_path(workspace)
         self.clock = clock
-        self.conn = open_workspace(
-            workspace, OpenOptions(busy_timeout=busy_timeout), create=False, run_migrations=False
-        )
+        # synchronous=NORMAL: the syncer's own commits (marks) need not reach the disk at
+        # once: lost on a power cut, they are redone (the records are sent again and end as
+        # duplicates), and the agent's saves stay FULL. Its write lock is held that much
+        # shorter, so the agent's saves wait less.
+        options = OpenOptions(busy_timeout=busy_timeout, synchronous=Synchronous.NORMAL)
+        self.conn = open_workspace(workspace, options, create=False, run_migrations=False)
         try:
             self.origin_id = translated(self.path, self._check_schema)
         except BaseException:

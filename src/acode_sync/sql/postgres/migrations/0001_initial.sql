@@ -113,7 +113,6 @@ CREATE TABLE applied_keys (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX applied_keys_applied_at ON applied_keys (applied_at);
-CREATE INDEX applied_keys_entity ON applied_keys (entity_type, entity_id);
 
 -- Both versions of every conflict, for audit (AC-052). A change whose key collided with
 -- another change's key is recorded here too, which also makes its resend a duplicate.
