@@ -294,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Run the chosen command; an ACODE-DB error becomes its message, a hint and an exit
+    status, never a traceback. Shared by `acode` and `acode-syncd`."""
+    args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
     except AcodeError as error:
@@ -303,3 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hint: {error.hint}", file=sys.stderr)
         return error.exit_code
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)

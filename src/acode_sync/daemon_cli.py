@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from acode_sync import __version__
+from acode_sync.cli import dispatch
 from acode_sync.config import Config, DaemonSettings, load_config
-from acode_sync.errors import AcodeError, ConfigError
+from acode_sync.errors import ConfigError
 from acode_sync.runtime import read_status, state_dir
 from acode_sync.secret import MASK, Secret
 
@@ -169,11 +170,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code: int = args.handler(args)
-    except AcodeError as error:
-        print(f"{error.code}: {error.message}", file=sys.stderr)
-        print(f"hint: {error.hint}", file=sys.stderr)
-        return error.exit_code
-    return code
+    return dispatch(build_parser(), argv)
