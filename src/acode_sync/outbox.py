@@ -33,6 +33,7 @@ from acode_sync.workspace import (
 )
 
 PRUNE_CHUNK: Final = 500
+SYNCER_CACHE_KIB: Final = -512  # negative: KiB (SQLite's default is 2 MiB per connection)
 _Q = queries(DIALECT)
 
 
@@ -74,6 +75,7 @@ class Outbox:
         # shorter, so the agent's saves wait less.
         options = OpenOptions(busy_timeout=busy_timeout, synchronous=Synchronous.NORMAL)
         self.conn = open_workspace(workspace, options, create=False, run_migrations=False)
+        self.conn.execute(f"PRAGMA cache_size = {SYNCER_CACHE_KIB}")  # reads once, in order
         try:
             self.origin_id = translated(self.path, self._check_schema)
         except BaseException:

@@ -71,15 +71,21 @@ WITH incoming AS (
 ),
 judged AS (
     SELECT n.*,
-           c.<id_column> IS NOT NULL AS has_current,
+           c.updated_at IS NOT NULL AS has_current,
            c.updated_at AS current_updated_at,
            c.origin_id AS current_origin,
            c.idempotency_key AS current_key,
-           c.<id_column> IS NULL
+           c.updated_at IS NULL
                OR (n.version, n.origin_id, n.idempotency_key)
                   > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
     FROM incoming AS n
-    LEFT JOIN acode.<table> AS c ON c.<id_column> = n.entity_id
+    -- One primary-key lookup per record, whatever the planner thinks of the batch size
+    -- (a hash join would scan the whole table).
+    LEFT JOIN LATERAL (
+        SELECT t.updated_at, t.origin_id, t.idempotency_key
+        FROM acode.<table> AS t
+        WHERE t.<id_column> = n.entity_id
+    ) AS c ON true
 ),
 decided AS (
     SELECT j.*,
@@ -97,12 +103,15 @@ recorded AS (
         current_origin, current_updated_at, current_version, winner)
     SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id),
            d.idempotency_key, d.digest, d.origin_id, d.version, d.base, d.p,
-           d.current_key, d.current_origin, d.current_updated_at,
-           (to_jsonb(c) - '{extra,origin_id,idempotency_key,synced_at}'::text[]) || c.extra,
+           d.current_key, d.current_origin, d.current_updated_at, c.version,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
     FROM decided AS d
     -- The statement's snapshot: the version held before this statement's upsert.
-    JOIN acode.<table> AS c ON c.<id_column> = d.entity_id
+    CROSS JOIN LATERAL (
+        SELECT (to_jsonb(t) - '{extra,origin_id,idempotency_key,synced_at}'::text[]) || t.extra
+        FROM acode.<table> AS t
+        WHERE t.<id_column> = d.entity_id
+    ) AS c(version)
     WHERE d.in_conflict
     ON CONFLICT (incoming_key, incoming_digest) DO NOTHING
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
