@@ -126,17 +126,19 @@ class Outbox:
         """Record a batch's outcome in one transaction, after PostgreSQL committed."""
 
         def _mark() -> list[FailureResult]:
-            results = []
-            with write_transaction(self.conn):
-                now = self.clock()
-                stamp = format_timestamp(now)
+            now = self.clock()
+            stamp = format_timestamp(now)
+            params = {"now": stamp, "ids": json.dumps(list(processed))}
+            if not failures:
+                # One statement is its own transaction: the write lock is held only while
+                # SQLite runs it, never across Python code waiting for the GIL.
                 if processed:
-                    self.conn.execute(
-                        _Q["mark_processed"], {"now": stamp, "ids": json.dumps(list(processed))}
-                    )
-                for failure in failures:
-                    results.append(self._fail(failure, now, stamp, policy))
-            return results
+                    self.conn.execute(_Q["mark_processed"], params)
+                return []
+            with write_transaction(self.conn):
+                if processed:
+                    self.conn.execute(_Q["mark_processed"], params)
+                return [self._fail(failure, now, stamp, policy) for failure in failures]
 
         return translated(self.path, _mark)
 

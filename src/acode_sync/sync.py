@@ -53,6 +53,7 @@ LOCK_POLL_SECONDS: Final = 0.2
 SUSPECT_STRIKES: Final = 3
 # Pruning and WAL checkpoints run when a drain finds nothing left, at most this often.
 MAINTENANCE_SECONDS: Final = 30.0
+CHECKPOINT_EVERY_BATCHES: Final = 20
 
 
 def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
@@ -268,7 +269,9 @@ class WorkspaceSyncer:
         try:
             while records:
                 batch = self._prepare(records, held)
-                more = max_batches is None or summary.batches + 1 < max_batches
+                # Batches claimed so far: those marked, the one still to mark, this one.
+                claimed_so_far = summary.batches + (shipped is not None) + 1
+                more = max_batches is None or claimed_so_far < max_batches
                 more = more and not (stop is not None and stop())
                 after = records[-1].outbox_id
                 claimed: list[list[OutboxRecord]] = [[]]
@@ -298,6 +301,10 @@ class WorkspaceSyncer:
         with anyio.CancelScope(shield=True):  # a batch PostgreSQL committed is always marked
             if shipped is not None:
                 await self._mark(outbox, shipped)
+                if self.summary.batches % CHECKPOINT_EVERY_BATCHES == 0:
+                    # A long drain checkpoints as it goes, so the agent's own automatic
+                    # checkpoint (a slow save) stays rare.
+                    await anyio.to_thread.run_sync(outbox.checkpoint)
         if claim_more:
             claimed[0] = await anyio.to_thread.run_sync(self._claim, outbox, after)
 

@@ -554,3 +554,15 @@ async def test_sync_of_a_directory_without_a_workspace(
     with pytest.raises(WorkspaceOpenError, match="no workspace database"):
         await syncer(tmp_path, target).drain()
     assert not (tmp_path / ".agent").exists()
+
+
+async def test_max_batches_ships_exactly_that_many(workspace: Path, target: PostgresTarget) -> None:
+    db = WorkspaceDatabase(workspace)
+    for _ in range(10):
+        db.save(Session())
+    db.close()
+    first = await syncer(workspace, target, batch_max_records=2).drain(max_batches=3)
+    assert (first.batches, first.applied, first.drained) == (3, 6, False)
+    assert [s for s, _ in outbox_states(workspace)].count("processed") == 6
+    rest = await syncer(workspace, target, batch_max_records=2).drain()
+    assert (rest.batches, rest.applied, rest.drained) == (2, 4, True)
