@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WORKSPACE ?= .
+# The PostgreSQL `make run` ships to: the local server's `postgres` database by default.
+ACODE_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 
 .PHONY: run test lint bench deb clean
 
@@ -12,10 +14,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Create (or upgrade) the workspace database of $(WORKSPACE) and show its status.
+# Create (or upgrade) the workspace database of $(WORKSPACE), show it, then run the daemon
+# in the foreground on that workspace (no config file: it syncs the current directory's
+# workspace). Ctrl-C stops it after in-flight batches commit.
 run: $(BIN)/.installed
 	$(BIN)/acode db migrate --workspace $(WORKSPACE)
 	$(BIN)/acode db status --workspace $(WORKSPACE)
+	cd $(WORKSPACE) && ACODE_POSTGRES_URL=$(ACODE_POSTGRES_URL) $(abspath $(BIN))/acode-syncd run
 
 test: $(BIN)/.installed
 	$(BIN)/coverage erase
