@@ -12,7 +12,7 @@ import structlog
 from acode_sync.store import WorkspaceStore
 from acode_sync.workspace import OpenOptions
 
-pytest_plugins = ["tests.pg"]
+pytest_plugins = ["tests.pg", "tests.reliability.plugin"]
 
 
 @pytest.fixture(autouse=True)
