@@ -31,11 +31,13 @@ SELECT set_config('search_path', 'acode', true);
 -- name: migration_lock
 SELECT pg_advisory_xact_lock($1, $2);
 
--- The first statement of a batch: its statement timeout (per transaction, so it also holds
--- behind a transaction-pooling PgBouncer), then the batch's session locks, taken in
--- ascending order so that concurrent batches cannot deadlock.
+-- The first statement of a batch: its statement timeout and custom plans (a generic plan
+-- made while the tables were small would stay cached as they grow), per transaction so
+-- they also hold behind a transaction-pooling PgBouncer; then the batch's session locks,
+-- taken in ascending order so that concurrent batches cannot deadlock.
 -- name: lock_entities
 SELECT (SELECT set_config('statement_timeout', $3, true)),
+       (SELECT set_config('plan_cache_mode', 'force_custom_plan', true)),
        count(pg_advisory_xact_lock($1, k))
 FROM unnest($2::int[]) AS k;
 
