@@ -87,12 +87,13 @@ def start_daemon(root: Path, url: str, workdir: Path) -> subprocess.Popen[bytes]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify))
     env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
-    daemon = subprocess.Popen(
-        [Path(sys.executable).parent / "acode-syncd", "run", "--config", str(config)],
-        env=env,
-        stdout=(workdir / "daemon.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with (workdir / "daemon.log").open("ab") as log:  # the child keeps its own descriptor
+        daemon = subprocess.Popen(
+            [Path(sys.executable).parent / "acode-syncd", "run", "--config", str(config)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     listener.settimeout(120)
     try:
         while b"READY=1" not in listener.recv(4096):
@@ -231,13 +232,19 @@ def idle(count: int, seconds: float, workdir: Path) -> None:
         drop_database(name)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=20.0)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.bench_daemon", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--rate", type=int, default=1000, help="records/s offered")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long to offer them")
     parser.add_argument("--idle-workspaces", type=int, default=1000)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="acode-bench-daemon-") as tmp:
         print(f"acode-syncd benchmark, Python {sys.version.split()[0]}")
         latency(args.rate, args.seconds, Path(tmp))

@@ -73,3 +73,19 @@ def test_sync_benchmark_prints_every_figure_line(
     assert re.search(r"^records/s\s+[\d,]+\s+>= [\d,]+ .*: (met|MISSED)$", "\n".join(lines), re.M)
     assert re.search(r"^peak RSS\s+[\d.]+ MB", "\n".join(lines), re.M)
     assert list(tmp_path.iterdir()) == []  # the workspaces were removed
+
+
+@pytest.mark.postgres
+@pytest.mark.processes
+def test_daemon_benchmark_prints_every_figure_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench.bench_daemon import main as daemon_main
+
+    daemon_main(["--rate", "50", "--seconds", "2", "--idle-workspaces", "3", "--idle-seconds", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"commit -> visible in PostgreSQL, \d+ records at 50/s .*\(0 not seen\)", out)
+    for label in ("p50", "p99", "max"):
+        assert re.search(rf"^  {label} +[\d.]+ ms", out, re.M), label
+    assert re.search(r"^idle, 3 workspaces watched", out, re.M)
+    assert re.search(r"^  CPU +[\d.]+ % of one core", out, re.M)
+    assert re.search(r"^  RSS +[\d.]+ MB", out, re.M)
+    assert re.search(r"^  open files \d+$", out, re.M)
