@@ -108,7 +108,8 @@ class Outbox:
             size = 0
             for row in rows:
                 record = OutboxRecord(*row)
-                size += len(record.payload.encode(errors="replace"))
+                payload = record.payload
+                size += len(payload) if payload.isascii() else len(payload.encode(errors="replace"))
                 if batch and size > max_bytes:
                     break
                 batch.append(record)

@@ -292,9 +292,8 @@ class PostgresTarget:
     async def _apply_in_transaction(
         self, conn: asyncpg.Connection, origin_id: str, records: Sequence[PreparedRecord]
     ) -> BatchOutcome:
-        locks = sorted(
-            {lock_key(r.session_id or f"{r.entity_type}:{r.entity_id}") for r in records}
-        )
+        sessions = {r.session_id or f"{r.entity_type}:{r.entity_id}" for r in records}
+        locks = sorted({lock_key(session) for session in sessions})
         timeout_ms = str(int(self.settings.statement_timeout * 1000))
         await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, locks, timeout_ms)
         new_keys = {

@@ -112,7 +112,8 @@ CREATE TABLE applied_keys (
     origin_id text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX applied_keys_applied_at ON applied_keys (applied_at);
+-- Keys arrive in time order: a BRIN index serves pruning by age at almost no cost per key.
+CREATE INDEX applied_keys_applied_at ON applied_keys USING brin (applied_at);
 
 -- Both versions of every conflict, for audit (AC-052). A change whose key collided with
 -- another change's key is recorded here too, which also makes its resend a duplicate.
