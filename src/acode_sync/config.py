@@ -112,6 +112,9 @@ class DaemonSettings:
     sweep_seconds: float = 300.0
     drain_timeout_seconds: float = 20.0
     batches_per_turn: int = 10
+    # Workspaces shipping batches at once (also bounded by postgres.pool_max). More than
+    # about twice the cores only adds memory and contention.
+    max_concurrent_syncs: int = 4
     broken_retry_seconds: float = 30.0
     log_level: str = "info"
     log_format: str = "auto"

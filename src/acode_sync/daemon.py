@@ -40,6 +40,11 @@ PRUNE_SECONDS: Final = 3600.0
 KEY_RETENTION_FACTOR: Final = 2
 
 
+def concurrent_syncs(config: Config) -> int:
+    """How many workspaces ship batches at once: never more than the pool has connections."""
+    return min(config.postgres.pool_max, config.daemon.max_concurrent_syncs)
+
+
 def configure_daemon_logging(config: Config) -> None:
     password = config.postgres.resolved_password()
     log_format = config.daemon.log_format
@@ -85,7 +90,7 @@ class Daemon:
             config=config,
             target=target,
             metrics=self.metrics,
-            limiter=anyio.CapacityLimiter(config.postgres.pool_max),
+            limiter=anyio.CapacityLimiter(concurrent_syncs(config)),
             on_postgres=self._on_postgres,
             watchdog=self.heartbeat,
         )
@@ -218,7 +223,7 @@ class Daemon:
             retired, target = target, PostgresTarget(new.postgres)
             assert self._services is not None
             self._services.start_soon(retired.close)  # after its in-flight batches
-        self.shared.limiter.total_tokens = new.postgres.pool_max
+        self.shared.limiter.total_tokens = concurrent_syncs(new)
         self.shared = replace(self.shared, config=new, target=target)
         for worker in self.workers.values():
             worker.update(self.shared)

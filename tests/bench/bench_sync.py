@@ -51,7 +51,7 @@ import anyio.to_thread
 import asyncpg
 import structlog
 
-from acode_sync.config import PostgresSettings, SyncSettings
+from acode_sync.config import DaemonSettings, PostgresSettings, SyncSettings
 from acode_sync.domain import (
     Artifact,
     Entity,
@@ -83,6 +83,7 @@ AGENT_SAVE_TARGET_MS: Final = 5.0
 AGENT_INTERVAL: Final = 0.005
 AGENT_WARMUP_SAVES: Final = 5
 NAIVE_MAX_RECORDS: Final = 20_000
+DAEMON_CONCURRENCY: Final = DaemonSettings().max_concurrent_syncs
 POOL_MAX: Final = 10
 PLAN_CACHE_MODES: Final = ("auto", "force_custom_plan", "force_generic_plan")
 UPDATE_FRACTION: Final = 0.10
@@ -819,7 +820,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency",
         type=int,
         default=None,
-        help=f"workspaces drained at once (default: min(workspaces, {POOL_MAX}), the pool size)",
+        help="workspaces drained at once (default: as the daemon, min(workspaces, "
+        f"{DAEMON_CONCURRENCY}))",
     )
     parser.add_argument("--batch", type=int, default=1000, help="sync.batch_max_records")
     parser.add_argument(
@@ -845,7 +847,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.workspaces < 1 or args.records < args.workspaces or args.batch < 1:
         parser.error("need --workspaces >= 1, --records >= --workspaces and --batch >= 1")
     if args.concurrency is None:
-        args.concurrency = min(args.workspaces, POOL_MAX)
+        args.concurrency = min(args.workspaces, DAEMON_CONCURRENCY)
     if args.naive_records is None:
         args.naive_records = min(args.records, NAIVE_MAX_RECORDS)
     if args.concurrency < 1 or args.naive_records < 1:
