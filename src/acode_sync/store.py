@@ -22,7 +22,6 @@ import anyio.to_thread
 
 from acode_sync import workspace
 from acode_sync.domain import (
-    ENTITY_CLASSES,
     E,
     Entity,
     Session,
@@ -275,6 +274,3 @@ class WorkspaceStore:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-__all__ = ["ENTITY_CLASSES", "Page", "WorkspaceDatabase", "WorkspaceStore"]

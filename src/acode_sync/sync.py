@@ -87,6 +87,14 @@ def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
     )
 
 
+def retry_policy(settings: SyncSettings) -> RecordRetryPolicy:
+    return RecordRetryPolicy(
+        base_seconds=settings.retry_base_seconds,
+        cap_seconds=settings.retry_cap_seconds,
+        max_attempts=settings.max_attempts,
+    )
+
+
 @dataclass(slots=True)
 class SyncSummary:
     applied: int = 0
@@ -175,16 +183,16 @@ class WorkspaceSyncer:
 
     def __post_init__(self) -> None:
         if self.policy is None:
-            self.policy = RecordRetryPolicy(
-                base_seconds=self.settings.retry_base_seconds,
-                cap_seconds=self.settings.retry_cap_seconds,
-                max_attempts=self.settings.max_attempts,
-            )
+            self.policy = retry_policy(self.settings)
         self.log = get_logger(workspace=str(self.workspace))
         self._strikes: dict[int, int] = {}
         self._open: Outbox | None = None
         self.summary = SyncSummary()  # the current (or last) drain's, even if it failed
         self._maintained_at = -math.inf
+
+    def configure(self, target: PostgresTarget, settings: SyncSettings) -> None:
+        """New settings (a reload): the next batch uses them."""
+        self.target, self.settings, self.policy = target, settings, retry_policy(settings)
 
     async def drain(
         self,
@@ -309,8 +317,7 @@ class WorkspaceSyncer:
             claimed[0] = await anyio.to_thread.run_sync(self._claim, outbox, after)
 
     async def _maybe_maintain(self, outbox: Outbox, summary: SyncSummary) -> None:
-        """Nothing left to claim: prune and checkpoint, at most every MAINTENANCE_SECONDS,
-        then make sure nothing arrived meanwhile."""
+        """Nothing left to claim: prune and checkpoint, at most every MAINTENANCE_SECONDS."""
         if time.monotonic() - self._maintained_at >= MAINTENANCE_SECONDS:
             await anyio.to_thread.run_sync(self._maintain, outbox)
             self._maintained_at = time.monotonic()

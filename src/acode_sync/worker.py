@@ -30,7 +30,7 @@ from acode_sync.errors import (
 from acode_sync.log import get_logger
 from acode_sync.metrics import Metrics
 from acode_sync.postgres import PostgresTarget
-from acode_sync.retry import OutageBackoff, RecordRetryPolicy
+from acode_sync.retry import OutageBackoff
 from acode_sync.sync import SyncSummary, WorkspaceSyncer
 
 
@@ -76,13 +76,9 @@ class WorkspaceWorker:
         self.workspace = workspace
         self.shared = shared
         self.log = get_logger(workspace=str(workspace))
-        self.syncer = WorkspaceSyncer(
-            workspace=workspace, target=shared.target, settings=shared.config.sync
-        )
-        self.outage = OutageBackoff(
-            base_seconds=shared.config.sync.outage_base_seconds,
-            cap_seconds=shared.config.sync.outage_cap_seconds,
-        )
+        self.syncer = WorkspaceSyncer(workspace=workspace, target=shared.target)
+        self.outage = OutageBackoff()
+        self.update(shared)
         self.backlog = 0
         self.oldest_pending: float | None = None  # unix time of the oldest pending record
         self.last_sync: float | None = None
@@ -112,13 +108,7 @@ class WorkspaceWorker:
     def update(self, shared: Shared) -> None:
         self.shared = shared
         sync = shared.config.sync
-        self.syncer.target = shared.target
-        self.syncer.settings = sync
-        self.syncer.policy = RecordRetryPolicy(
-            base_seconds=sync.retry_base_seconds,
-            cap_seconds=sync.retry_cap_seconds,
-            max_attempts=sync.max_attempts,
-        )
+        self.syncer.configure(shared.target, sync)
         self.outage.base_seconds = sync.outage_base_seconds
         self.outage.cap_seconds = sync.outage_cap_seconds
 
