@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import anyio
 import asyncpg
@@ -65,9 +65,9 @@ class RecordFailure(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedRecord:
-    """An outbox record checked and normalised for shipping."""
+class PreparedRecord(NamedTuple):
+    """An outbox record checked and normalised for shipping (a tuple: a batch makes a
+    thousand of them, and a frozen dataclass costs several times more to build)."""
 
     outbox_id: int
     idempotency_key: str  # canonical timestamp
@@ -296,21 +296,19 @@ class PostgresTarget:
         locks = sorted({lock_key(session) for session in sessions})
         timeout_ms = str(int(self.settings.statement_timeout * 1000))
         await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, locks, timeout_ms)
-        new_keys = {
+        held_before = {
             row[0]
             for row in await conn.fetch(
                 _Q["record_keys"],
                 [r.idempotency_key for r in records],
                 [r.digest for r in records],
-                [r.entity_type for r in records],
-                [r.entity_id for r in records],
                 origin_id,
             )
         }
         outcome = BatchOutcome()
-        fresh = [r for r in records if r.idempotency_key in new_keys]
-        known = [r for r in records if r.idempotency_key not in new_keys]
-        if known:
+        fresh: Sequence[PreparedRecord] = records
+        if held_before:
+            known = [r for r in records if r.idempotency_key in held_before]
             delivered = {
                 row[0]
                 for row in await conn.fetch(
@@ -322,8 +320,7 @@ class PostgresTarget:
             outcome.duplicates = [r for r in known if r.idempotency_key in delivered]
             # Same key, other payload: another origin's change in the same microsecond.
             # It goes through last-write-wins, which records it as a conflict.
-            ship = new_keys | {r.idempotency_key for r in known} - delivered
-            fresh = [r for r in records if r.idempotency_key in ship]
+            fresh = [r for r in records if r.idempotency_key not in delivered]
         for batch_round in rounds(fresh):
             by_type: dict[str, list[PreparedRecord]] = {}
             for record in batch_round:
@@ -332,6 +329,9 @@ class PostgresTarget:
                 outcome.conflicts += await self._apply_round(
                     conn, origin_id, entity_type, by_type[entity_type]
                 )
+        if not outcome.conflicts:
+            outcome.applied = list(fresh)
+            return outcome
         conflicted = {c.incoming_key for c in outcome.conflicts}
         outcome.applied = [r for r in fresh if r.idempotency_key not in conflicted]
         outcome.conflicted = [r for r in fresh if r.idempotency_key in conflicted]

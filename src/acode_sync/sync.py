@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -134,6 +135,10 @@ class _Batch:
     started: float
     ready: list[PreparedRecord] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+
+    def hold_back(self, held: AbstractSet[tuple[str, str]]) -> None:
+        """Leave pending the records of entities that have an earlier failed record."""
+        self.ready = [r for r in self.ready if (r.entity_type, r.entity_id) not in held]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,27 +276,31 @@ class WorkspaceSyncer:
         """One pipelined pass; True if it held records back and may run again."""
         summary = self.summary
         held: set[tuple[str, str]] = set()  # entities with a failed record: keep order
-        records = await anyio.to_thread.run_sync(self._claim, outbox, 0)
+        batch = await anyio.to_thread.run_sync(self._claim_batch, outbox, 0, held)
         shipped: _Shipped | None = None
         more = True
         try:
-            while records:
-                batch = self._prepare(records, held)
+            while batch.records:
                 # Batches claimed so far: those marked, the one still to mark, this one.
                 claimed_so_far = summary.batches + (shipped is not None) + 1
                 more = max_batches is None or claimed_so_far < max_batches
                 more = more and not (stop is not None and stop())
-                after = records[-1].outbox_id
-                claimed: list[list[OutboxRecord]] = [[]]
+                after = batch.records[-1].outbox_id
+                claimed: list[_Batch] = [_Batch(records=(), started=0.0)]
                 async with _task_group() as tg:
-                    tg.start_soon(self._sqlite_side, outbox, shipped, more, after, claimed)
+                    tg.start_soon(self._sqlite_side, outbox, shipped, more, after, held, claimed)
                     shipped = None  # marked by the task above, even if the apply fails
                     outcome, rejected = await self._apply_isolating(outbox.origin_id, batch.ready)
                 batch.failures += rejected
-                failed = {f.outbox_id for f in batch.failures}
-                held |= {(r.entity_type, r.entity_id) for r in records if r.outbox_id in failed}
+                if batch.failures:
+                    failed = {f.outbox_id for f in batch.failures}
+                    held |= {
+                        (r.entity_type, r.entity_id) for r in batch.records if r.outbox_id in failed
+                    }
+                    # The next batch was prepared before these failures were known.
+                    claimed[0].hold_back(held)
                 shipped = _Shipped(batch, outcome)
-                records = claimed[0]
+                batch = claimed[0]
         finally:
             if shipped is not None:
                 with anyio.CancelScope(shield=True):
@@ -304,7 +313,8 @@ class WorkspaceSyncer:
         shipped: _Shipped | None,
         claim_more: bool,
         after: int,
-        claimed: list[list[OutboxRecord]],
+        held: set[tuple[str, str]],
+        claimed: list[_Batch],
     ) -> None:
         with anyio.CancelScope(shield=True):  # a batch PostgreSQL committed is always marked
             if shipped is not None:
@@ -314,7 +324,9 @@ class WorkspaceSyncer:
                     # checkpoint (a slow save) stays rare.
                     await anyio.to_thread.run_sync(outbox.checkpoint)
         if claim_more:
-            claimed[0] = await anyio.to_thread.run_sync(self._claim, outbox, after)
+            claimed[0] = await anyio.to_thread.run_sync(
+                self._claim_batch, outbox, after, frozenset(held)
+            )
 
     async def _maybe_maintain(self, outbox: Outbox, summary: SyncSummary) -> None:
         """Nothing left to claim: prune and checkpoint, at most every MAINTENANCE_SECONDS."""
@@ -343,12 +355,21 @@ class WorkspaceSyncer:
             after=after,
         )
 
+    def _claim_batch(
+        self, outbox: Outbox, after: int, held: AbstractSet[tuple[str, str]]
+    ) -> _Batch:
+        """Claim and prepare the next batch, in a worker thread, while PostgreSQL applies
+        the one before."""
+        return self._prepare(self._claim(outbox, after), held)
+
     def _maintain(self, outbox: Outbox) -> None:
         """Off the agent's save path: prune old processed records, checkpoint the WAL."""
         outbox.prune(timedelta(days=self.settings.retention_days))
         outbox.checkpoint()
 
-    def _prepare(self, records: Sequence[OutboxRecord], held: set[tuple[str, str]]) -> _Batch:
+    def _prepare(
+        self, records: Sequence[OutboxRecord], held: AbstractSet[tuple[str, str]]
+    ) -> _Batch:
         """Check each record; one that fails holds back the later records of its entity."""
         batch = _Batch(records=records, started=time.perf_counter())
         held = set(held)
@@ -374,10 +395,7 @@ class WorkspaceSyncer:
         results = await anyio.to_thread.run_sync(lambda: outbox.mark(done, batch.failures, policy))
         if self.fault_hook is not None:
             self.fault_hook("after_mark")
-        keys = {r.outbox_id: r.idempotency_key for r in batch.records}
-        self._report(
-            batch.records, outcome, results, batch.failures, keys, self.summary, batch.started
-        )
+        self._report(batch.records, outcome, results, batch.failures, self.summary, batch.started)
 
     def _report(
         self,
@@ -385,11 +403,11 @@ class WorkspaceSyncer:
         outcome: BatchOutcome,
         results: Sequence[Any],
         failures: Sequence[Failure],
-        keys: dict[int, str],
         summary: SyncSummary,
         started: float,
     ) -> None:
         errors = {f.outbox_id: f.error for f in failures}
+        keys = {r.outbox_id: r.idempotency_key for r in records} if results else {}
         for record in outcome.applied:
             self.log.debug("applied", idempotency_key=record.idempotency_key)
         for record in outcome.duplicates:

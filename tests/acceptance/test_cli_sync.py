@@ -8,6 +8,7 @@ import pytest
 
 from acode_sync.cli import main
 from acode_sync.domain import Session
+from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock
 from acode_sync.workspace import database_path
@@ -137,5 +138,8 @@ def test_sync_with_postgres_down_exits_with_005(
 
 
 def test_migrate_postgres(env: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(capsys, "db", "migrate", "--postgres")[1] == "PostgreSQL schema version 0 -> 1\n"
-    assert cli(capsys, "db", "migrate", "--postgres")[1] == "PostgreSQL schema version 1 -> 1\n"
+    latest = latest_version(load_migrations("postgres"))
+    first = cli(capsys, "db", "migrate", "--postgres")[1]
+    assert first == f"PostgreSQL schema version 0 -> {latest}\n"
+    again = cli(capsys, "db", "migrate", "--postgres")[1]
+    assert again == f"PostgreSQL schema version {latest} -> {latest}\n"

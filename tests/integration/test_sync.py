@@ -22,13 +22,15 @@ from acode_sync.errors import (
     SchemaMismatchError,
     WorkspaceOpenError,
 )
-from acode_sync.migrations import load_migrations, parse_migrations
+from acode_sync.migrations import latest_version, load_migrations, parse_migrations
 from acode_sync.outbox import OutboxRecord
 from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock, WorkspaceSyncer, prepare
 from acode_sync.workspace import database_path
 from tests.pg import create_database_async, database_url, drop_database_async
+
+PG_LATEST = latest_version(load_migrations("postgres"))
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -375,13 +377,14 @@ async def test_postgres_migrations_are_idempotent_and_locked(pg_url: str) -> Non
         async with anyio.create_task_group() as tg:
             for t in targets:
                 tg.start_soon(migrate, t)
-        assert sorted(results) == [(0, 1), (1, 1), (1, 1)]
-        assert await targets[0].ensure_schema() == (1, 1)
+        latest = PG_LATEST
+        assert sorted(results) == [(0, latest), (latest, latest), (latest, latest)]
+        assert await targets[0].ensure_schema() == (latest, latest)
     finally:
         for t in targets:
             await t.close()
-    rows = await fetch(pg_url, "SELECT version FROM schema_migrations")
-    assert [r[0] for r in rows] == [1]
+    rows = await fetch(pg_url, "SELECT version FROM schema_migrations ORDER BY version")
+    assert [r[0] for r in rows] == list(range(1, PG_LATEST + 1))
 
 
 async def test_auto_migrate_off_reports_a_missing_schema(pg_url: str) -> None:
@@ -405,7 +408,7 @@ async def test_failed_postgres_migration_rolls_back(pg_url: str) -> None:
     try:
         with pytest.raises(MigrationError, match=r"migration 2 \(bad\) failed"):
             await target.ensure_schema(broken)
-        assert await target.ensure_schema() == (0, 1)
+        assert await target.ensure_schema() == (0, PG_LATEST)
         with pytest.raises(SchemaMismatchError, match="newer"):
             await target.ensure_schema(())
     finally:
@@ -525,8 +528,8 @@ async def test_applied_keys_are_pruned_by_age(
 async def test_explicit_migration_runs_even_with_auto_migrate_off(pg_url: str) -> None:
     target = PostgresTarget(PostgresSettings(dsn=pg_url, auto_migrate=False))
     try:
-        assert await target.ensure_schema(explicit=True) == (0, 1)
-        assert await target.ensure_schema() == (1, 1)
+        assert await target.ensure_schema(explicit=True) == (0, PG_LATEST)
+        assert await target.ensure_schema() == (PG_LATEST, PG_LATEST)
     finally:
         await target.close()
 
@@ -539,10 +542,12 @@ async def test_a_newer_postgres_schema_is_an_outage_not_a_broken_workspace(
         await target.ensure_schema()
         conn = await asyncpg.connect(pg_url)
         await conn.execute(
-            "INSERT INTO acode.schema_migrations (version, name, checksum) VALUES (2, 'x', 'y')"
+            "INSERT INTO acode.schema_migrations (version, name, checksum) VALUES ($1, 'x', 'y')",
+            PG_LATEST + 1,
         )
         await conn.close()
-        with pytest.raises(PostgresSchemaMismatchError, match="PostgreSQL: schema version 2"):
+        newer = f"PostgreSQL: schema version {PG_LATEST + 1}"
+        with pytest.raises(PostgresSchemaMismatchError, match=newer):
             await target.ensure_schema()
     finally:
         await target.close()
