@@ -132,6 +132,60 @@ def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
     return result
 
 
+# One apply statement's array arguments: keys, entity ids, session ids, payloads, versions,
+# base versions, digests.
+Columns = tuple[
+    list[str], list[str], list[str | None], list[str], list[str], list[str | None], list[bytes]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """A batch's statement arguments, built before it is applied (in a worker thread,
+    while PostgreSQL applies the batch before it)."""
+
+    records: Sequence[PreparedRecord]
+    locks: list[int]
+    keys: list[str]
+    digests: list[bytes]
+    # Per round, per entity type in a fixed order: the apply statement's columns.
+    rounds: list[list[tuple[str, Columns]]]
+
+
+def _columns(records: list[PreparedRecord]) -> Columns:
+    records.sort(key=lambda r: r.entity_id)  # a fixed row lock order
+    return (
+        [r.idempotency_key for r in records],
+        [r.entity_id for r in records],
+        [r.session_id for r in records],
+        [r.payload for r in records],
+        [r.version for r in records],
+        [r.base_updated_at for r in records],
+        [r.digest for r in records],
+    )
+
+
+def _apply_rounds(records: Sequence[PreparedRecord]) -> list[list[tuple[str, Columns]]]:
+    planned = []
+    for batch_round in rounds(records):
+        by_type: dict[str, list[PreparedRecord]] = {}
+        for record in batch_round:
+            by_type.setdefault(record.entity_type, []).append(record)
+        planned.append([(t, _columns(by_type[t])) for t in sorted(by_type)])
+    return planned
+
+
+def plan_batch(records: Sequence[PreparedRecord]) -> BatchPlan:
+    sessions = {r.session_id or f"{r.entity_type}:{r.entity_id}" for r in records}
+    return BatchPlan(
+        records=records,
+        locks=sorted({lock_key(session) for session in sessions}),
+        keys=[r.idempotency_key for r in records],
+        digests=[r.digest for r in records],
+        rounds=_apply_rounds(records),
+    )
+
+
 def _sqlstate(error: BaseException) -> str:
     return str(getattr(error, "sqlstate", "") or "")
 
@@ -268,11 +322,7 @@ class PostgresTarget:
             ) from None
 
     async def apply(
-        self,
-        origin_id: str,
-        records: Sequence[PreparedRecord],
-        *,
-        fault_hook: FaultHook | None = None,
+        self, origin_id: str, plan: BatchPlan, *, fault_hook: FaultHook | None = None
     ) -> BatchOutcome:
         """Apply one batch in one transaction: record the keys, then the entities."""
         if not self._schema_ready:
@@ -282,7 +332,7 @@ class PostgresTarget:
         with self._classified("applying a batch"), anyio.fail_after(timeout * 2):
             async with pool.acquire() as conn:
                 async with conn.transaction():
-                    outcome = await self._apply_in_transaction(conn, origin_id, records)
+                    outcome = await self._apply_in_transaction(conn, origin_id, plan)
                     if fault_hook is not None:
                         fault_hook("before_commit")
                 if fault_hook is not None:
@@ -290,25 +340,16 @@ class PostgresTarget:
         return outcome
 
     async def _apply_in_transaction(
-        self, conn: asyncpg.Connection, origin_id: str, records: Sequence[PreparedRecord]
+        self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan
     ) -> BatchOutcome:
-        sessions = {r.session_id or f"{r.entity_type}:{r.entity_id}" for r in records}
-        locks = sorted({lock_key(session) for session in sessions})
         timeout_ms = str(int(self.settings.statement_timeout * 1000))
-        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, locks, timeout_ms)
-        held_before = {
-            row[0]
-            for row in await conn.fetch(
-                _Q["record_keys"],
-                [r.idempotency_key for r in records],
-                [r.digest for r in records],
-                origin_id,
-            )
-        }
+        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, plan.locks, timeout_ms)
+        rows = await conn.fetch(_Q["record_keys"], plan.keys, plan.digests, origin_id)
+        held_before = {row[0] for row in rows}
         outcome = BatchOutcome()
-        fresh: Sequence[PreparedRecord] = records
+        fresh, planned = plan.records, plan.rounds
         if held_before:
-            known = [r for r in records if r.idempotency_key in held_before]
+            known = [r for r in fresh if r.idempotency_key in held_before]
             delivered = {
                 row[0]
                 for row in await conn.fetch(
@@ -320,15 +361,12 @@ class PostgresTarget:
             outcome.duplicates = [r for r in known if r.idempotency_key in delivered]
             # Same key, other payload: another origin's change in the same microsecond.
             # It goes through last-write-wins, which records it as a conflict.
-            fresh = [r for r in records if r.idempotency_key not in delivered]
-        for batch_round in rounds(fresh):
-            by_type: dict[str, list[PreparedRecord]] = {}
-            for record in batch_round:
-                by_type.setdefault(record.entity_type, []).append(record)
-            for entity_type in sorted(by_type):
-                outcome.conflicts += await self._apply_round(
-                    conn, origin_id, entity_type, by_type[entity_type]
-                )
+            fresh = [r for r in fresh if r.idempotency_key not in delivered]
+            planned = _apply_rounds(fresh)
+        for batch_round in planned:
+            for entity_type, columns in batch_round:
+                rows = await conn.fetch(TABLES[entity_type].apply_sql, *columns, origin_id)
+                outcome.conflicts += [Conflict(**dict(row)) for row in rows]
         if not outcome.conflicts:
             outcome.applied = list(fresh)
             return outcome
@@ -336,27 +374,6 @@ class PostgresTarget:
         outcome.applied = [r for r in fresh if r.idempotency_key not in conflicted]
         outcome.conflicted = [r for r in fresh if r.idempotency_key in conflicted]
         return outcome
-
-    async def _apply_round(
-        self,
-        conn: asyncpg.Connection,
-        origin_id: str,
-        entity_type: str,
-        records: list[PreparedRecord],
-    ) -> list[Conflict]:
-        records = sorted(records, key=lambda r: r.entity_id)  # a fixed lock order
-        rows = await conn.fetch(
-            TABLES[entity_type].apply_sql,
-            [r.idempotency_key for r in records],
-            [r.entity_id for r in records],
-            [r.session_id for r in records],
-            [r.payload for r in records],
-            [r.version for r in records],
-            [r.base_updated_at for r in records],
-            [r.digest for r in records],
-            origin_id,
-        )
-        return [Conflict(**dict(row)) for row in rows]
 
     async def list_conflicts(self, session_id: str | None, limit: int) -> list[dict[str, Any]]:
         pool = await self._get_pool()

@@ -39,10 +39,12 @@ from acode_sync.outbox import Failure, Outbox, OutboxRecord
 from acode_sync.pg_tables import TABLES
 from acode_sync.postgres import (
     BatchOutcome,
+    BatchPlan,
     FaultHook,
     PostgresTarget,
     PreparedRecord,
     RecordFailure,
+    plan_batch,
 )
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.workspace import AGENT_DIR, FILE_MODE, database_path, translated
@@ -135,10 +137,12 @@ class _Batch:
     started: float
     ready: list[PreparedRecord] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    plan: BatchPlan | None = None  # built with `ready`, in the worker thread
 
     def hold_back(self, held: AbstractSet[tuple[str, str]]) -> None:
         """Leave pending the records of entities that have an earlier failed record."""
         self.ready = [r for r in self.ready if (r.entity_type, r.entity_id) not in held]
+        self.plan = plan_batch(self.ready)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +294,9 @@ class WorkspaceSyncer:
                 async with _task_group() as tg:
                     tg.start_soon(self._sqlite_side, outbox, shipped, more, after, held, claimed)
                     shipped = None  # marked by the task above, even if the apply fails
-                    outcome, rejected = await self._apply_isolating(outbox.origin_id, batch.ready)
+                    outcome, rejected = await self._apply_isolating(
+                        outbox.origin_id, batch.ready, plan=batch.plan
+                    )
                 batch.failures += rejected
                 if batch.failures:
                     failed = {f.outbox_id for f in batch.failures}
@@ -384,6 +390,7 @@ class WorkspaceSyncer:
             except AcodeError as error:
                 batch.failures.append(Failure(record.outbox_id, error.message))
                 held.add(entity)
+        batch.plan = plan_batch(batch.ready)
         return batch
 
     async def _mark(self, outbox: Outbox, shipped: _Shipped) -> None:
@@ -474,14 +481,20 @@ class WorkspaceSyncer:
         return True
 
     async def _apply_isolating(
-        self, origin_id: str, records: Sequence[PreparedRecord], *, suspect: bool = False
+        self,
+        origin_id: str,
+        records: Sequence[PreparedRecord],
+        *,
+        plan: BatchPlan | None = None,
+        suspect: bool = False,
     ) -> tuple[BatchOutcome, list[Failure]]:
         """Apply, bisecting on a refused batch until each bad record stands alone:
         O(log n) extra transactions per bad record; the good ones commit."""
         if not records:
             return BatchOutcome(), []
         try:
-            outcome = await self.target.apply(origin_id, records, fault_hook=self.fault_hook)
+            plan = plan_batch(records) if plan is None else plan
+            outcome = await self.target.apply(origin_id, plan, fault_hook=self.fault_hook)
         except RecordFailure as error:
             reason = error.reason
         except PostgresUnavailableError as error:
