@@ -2,7 +2,8 @@
 
 Synchronous; runs in a worker thread. Reads are single statements in autocommit mode,
 so no read transaction stays open between batches (it would hold back WAL checkpoints
-and grow the agent's -wal file).
+and grow the agent's -wal file). Writes go to `outbox_sync`, the narrow sync-state rows,
+never to `outbox_records`, so a mark does not rewrite the pages holding the payloads.
 """
 
 from __future__ import annotations
@@ -147,9 +148,7 @@ class Outbox:
         self, failure: Failure, now: datetime, stamp: str, policy: RecordRetryPolicy
     ) -> FailureResult:
         attempts = 1 + int(
-            self.conn.execute(
-                "SELECT attempts FROM outbox WHERE outbox_id = ?", (failure.outbox_id,)
-            ).fetchone()[0]
+            self.conn.execute(_Q["record_attempts"], (failure.outbox_id,)).fetchone()[0]
         )
         next_attempt = format_timestamp(policy.next_attempt(now, attempts))
         row = self.conn.execute(
@@ -159,6 +158,7 @@ class Outbox:
                 "error": failure.error,
                 "max_attempts": policy.max_attempts,
                 "next_attempt_at": next_attempt,
+                "now": stamp,
             },
         ).fetchone()
         self.conn.execute(_Q["record_error"], (failure.outbox_id, attempts, failure.error, stamp))
@@ -208,7 +208,8 @@ def list_records(
 
 def replay(conn: sqlite3.Connection, ids: Sequence[int] | None) -> int:
     """Dead records back to pending: attempts and next attempt reset, errors kept."""
+    now = format_timestamp(utc_now())
     with write_transaction(conn):
         if ids is None:
-            return conn.execute(_Q["replay_all"]).rowcount
-        return conn.execute(_Q["replay"], {"ids": json.dumps(list(ids))}).rowcount
+            return conn.execute(_Q["replay_all"], {"now": now}).rowcount
+        return conn.execute(_Q["replay"], {"ids": json.dumps(list(ids)), "now": now}).rowcount

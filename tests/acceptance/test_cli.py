@@ -11,8 +11,11 @@ import pytest
 from acode_sync import __version__
 from acode_sync.cli import main
 from acode_sync.domain import Session
+from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.store import WorkspaceDatabase
-from acode_sync.workspace import database_path
+from acode_sync.workspace import DIALECT, database_path
+
+LATEST = latest_version(load_migrations(DIALECT))
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -26,13 +29,15 @@ def test_migrate_creates_then_reports_no_change(
 ) -> None:
     assert run_cli(capsys, "db", "migrate", "--workspace", str(workspace)) == (
         0,
-        "schema version 0 -> 1\n",
+        f"schema version 0 -> {LATEST}\n",
         "",
     )
     assert run_cli(capsys, "db", "migrate", "--workspace", str(workspace))[1] == (
-        "schema version 1 -> 1\n"
+        f"schema version {LATEST} -> {LATEST}\n"
     )
-    assert run_cli(capsys, "db", "schema", "version", "--workspace", str(workspace))[1] == "1\n"
+    assert run_cli(capsys, "db", "schema", "version", "--workspace", str(workspace))[1] == (
+        f"{LATEST}\n"
+    )
 
 
 def test_status_reports_counts_and_backlog(
@@ -49,7 +54,7 @@ def test_status_reports_counts_and_backlog(
     code, out, _ = run_cli(capsys, "db", "status", "--workspace", str(workspace), "--json")
     status = json.loads(out)
     assert code == 0
-    assert status["schema_version"] == status["latest_schema_version"] == 1
+    assert status["schema_version"] == status["latest_schema_version"] == LATEST
     assert status["journal_mode"] == "wal"
     assert status["file_mode"] == "0600"
     assert status["rows"]["sessions"] == 1
@@ -115,7 +120,7 @@ def test_console_scripts_run_as_processes(workspace: Path) -> None:
         text=True,
         check=False,
     )
-    assert (done.returncode, done.stdout) == (0, "schema version 0 -> 1\n")
+    assert (done.returncode, done.stdout) == (0, f"schema version 0 -> {LATEST}\n")
     assert database_path(workspace).exists()
 
     garbage = workspace / "other" / ".agent"

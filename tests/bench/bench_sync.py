@@ -532,8 +532,8 @@ async def backend_cpu(dsn: str) -> dict[int, float]:
 # --------------------------------------------------------------------------- the baseline
 
 _NAIVE_KEY = (
-    "INSERT INTO applied_keys (idempotency_key, payload_digest, entity_type, entity_id, "
-    "origin_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING"
+    "INSERT INTO applied_keys (idempotency_key, payload_digest, origin_id) "
+    "VALUES ($1, $2, $3) ON CONFLICT (idempotency_key) DO NOTHING"
 )
 
 
@@ -593,12 +593,12 @@ async def naive_relay(dsn: str, workspaces: Sequence[Path], concurrency: int) ->
                     (format_timestamp(utc_now()), outbox_id),
                 )
 
-            for outbox_id, key, entity_type, entity_id, payload in pending:
+            for outbox_id, key, entity_type, _entity_id, payload in pending:
                 spec = TABLES[entity_type]
                 digest = hashlib.sha256(payload.encode()).digest()
                 arguments = naive_arguments(spec, json.loads(payload))
                 async with pg.transaction():
-                    await pg.execute(_NAIVE_KEY, key, digest, entity_type, entity_id, origin)
+                    await pg.execute(_NAIVE_KEY, key, digest, origin)
                     await pg.execute(statements[entity_type], *arguments, origin, key)
                 await anyio.to_thread.run_sync(mark, outbox_id)
                 relayed += 1
@@ -664,7 +664,8 @@ async def verify(
         keys = int(await conn.fetchval("SELECT count(*) FROM acode.applied_keys"))
         agent_keys = int(
             await conn.fetchval(
-                "SELECT count(*) FROM acode.applied_keys WHERE entity_id = $1", agent_session
+                "SELECT count(*) FROM acode.applied_keys WHERE starts_with(idempotency_key, $1)",
+                f"Session:{agent_session}:",
             )
         )
         conflicts = int(await conn.fetchval("SELECT count(*) FROM acode.conflicts"))

@@ -67,19 +67,16 @@ def test_a_plain_sqlite3_writer_enqueues_with_the_documented_insert(workspace: P
             " VALUES (?, ?, ?, ?, ?, ?)",
             (session_id, "CREATED", row["title"], json.dumps(row["metadata"]), stamp, stamp),
         )
-        cursor = conn.execute(
-            contract_insert(),
-            (
-                idempotency_key("Session", session_id, stamp),
-                "Session",
-                session_id,
-                session_id,
-                json.dumps(row),
-                stamp,
-            ),
+        key = idempotency_key("Session", session_id, stamp)
+        conn.execute(
+            contract_insert(), (key, "Session", session_id, session_id, json.dumps(row), stamp)
         )
         conn.execute("COMMIT")
-        outbox_id = cursor.lastrowid
+        # As documented: the new outbox_id is read back by the key (`outbox` is a view, so
+        # last_insert_rowid() does not report it).
+        (outbox_id,) = conn.execute(
+            "SELECT outbox_id FROM outbox WHERE idempotency_key = ?", (key,)
+        ).fetchone()
         record = conn.execute(
             "SELECT state, attempts, processed_at, base_updated_at, next_attempt_at,"
             " last_error, payload FROM outbox WHERE outbox_id = ?",

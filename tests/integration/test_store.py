@@ -222,11 +222,11 @@ def test_migrations_run_once_and_are_recorded(raw: sqlite3.Connection) -> None:
     rows = raw.execute(
         "SELECT version, name, checksum, created_at FROM schema_migrations"
     ).fetchall()
-    assert [(v, n) for v, n, _, _ in rows] == [(1, "initial")]
+    assert [(v, n) for v, n, _, _ in rows] == [(1, "initial"), (2, "outbox_sync_state")]
     schema_before = raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
-    assert migrate(raw) == (1, 1)
+    assert migrate(raw) == (2, 2)
     assert raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
-    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
+    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
 
 
 def test_every_table_is_strict_with_created_and_updated_at(raw: sqlite3.Connection) -> None:
@@ -243,9 +243,15 @@ def test_every_table_is_strict_with_created_and_updated_at(raw: sqlite3.Connecti
         "steps",
         "tool_calls",
         "artifacts",
-        "outbox",
+        "outbox_records",
+        "outbox_sync",
+        "outbox_errors",
         "schema_migrations",
     }
+    # `outbox` is a view over outbox_records and outbox_sync: a view is not STRICT.
+    assert raw.execute("SELECT type FROM sqlite_master WHERE name = 'outbox'").fetchone() == (
+        "view",
+    )
     for table in tables:
         strict = raw.execute("SELECT strict FROM pragma_table_list WHERE name = ?", (table,))
         assert strict.fetchone() == (1,), table
@@ -282,7 +288,7 @@ def test_acceptance_columns_exist(raw: sqlite3.Connection) -> None:
         found = {row[1] for row in raw.execute(f"PRAGMA table_info({table})")}
         assert columns <= found, (table, columns - found)
     key_index = raw.execute(
-        "SELECT 1 FROM pragma_index_list('outbox') WHERE [unique] = 1 AND origin = 'u'"
+        "SELECT 1 FROM pragma_index_list('outbox_records') WHERE [unique] = 1 AND origin = 'u'"
     ).fetchone()
     assert key_index is not None, "idempotency_key must be UNIQUE"
 

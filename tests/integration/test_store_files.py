@@ -241,10 +241,13 @@ async def test_every_table_is_strict(store: WorkspaceStore) -> None:
     # sqlite_sequence (AUTOINCREMENT's bookkeeping) and sqlite_schema belong to SQLite,
     # which creates them itself and never as STRICT tables.
     ours = {name: strict for name, strict in tables.items() if not name.startswith("sqlite_")}
-    assert {"schema_migrations", "workspace_meta", "outbox", *ENTITY_TABLES} <= ours.keys()
+    outbox_tables = {"outbox_records", "outbox_sync", "outbox_errors"}
+    assert {"schema_migrations", "workspace_meta", *outbox_tables, *ENTITY_TABLES} <= ours.keys()
     assert {name for name, strict in ours.items() if strict != 1} == set()
     in_master = {n for n in table_names(store.path) if not n.startswith("sqlite_")}
     assert in_master == ours.keys()
+    # The one view, over outbox_records and outbox_sync (a view has no STRICT).
+    assert query(store.path, "SELECT name FROM sqlite_master WHERE type = 'view'") == [("outbox",)]
 
 
 def _orphan_step(session_id: str) -> Entity:
@@ -615,9 +618,14 @@ async def test_a_schema_this_program_does_not_own_is_refused_and_not_modified(
 BAD_MIGRATION = "CREATE TABLE t (x INT) STRICT; INSERT INTO nope VALUES (1);"
 
 
-def migrations_with_a_bad_second() -> tuple[Migration, ...]:
-    initial = load_migrations(DIALECT)[0]
-    return parse_migrations([("0001_initial.sql", initial.sql), ("0002_bad.sql", BAD_MIGRATION)])
+SHIPPED = load_migrations(DIALECT)
+LATEST = SHIPPED[-1].version
+
+
+def migrations_with_a_bad_last() -> tuple[Migration, ...]:
+    """The shipped migrations, then a failing one."""
+    files = [(f"{m.version:04d}_{m.name}.sql", m.sql) for m in SHIPPED]
+    return parse_migrations([*files, (f"{LATEST + 1:04d}_bad.sql", BAD_MIGRATION)])
 
 
 def dump(conn: sqlite3.Connection) -> list[str]:
@@ -631,15 +639,15 @@ async def test_a_failing_migration_leaves_the_database_exactly_as_it_was(
     path = await make_workspace(workspace, "kept")
     conn = open_workspace(workspace)
     try:
-        assert schema_version(conn) == 1
+        assert schema_version(conn) == LATEST
         before = dump(conn)
         cookie = conn.execute("PRAGMA schema_version").fetchone()
         with pytest.raises(MigrationError) as info:
-            migrate(conn, available=migrations_with_a_bad_second())
+            migrate(conn, available=migrations_with_a_bad_last())
         assert info.value.code == "ACODE-DB-002"
-        assert "migration 2 (bad)" in info.value.message
+        assert f"migration {LATEST + 1} (bad)" in info.value.message
         assert not conn.in_transaction
-        assert schema_version(conn) == 1
+        assert schema_version(conn) == LATEST
         assert "t" not in table_names(path)
         assert conn.execute("PRAGMA schema_version").fetchone() == cookie
         assert dump(conn) == before
@@ -654,7 +662,7 @@ def test_a_failing_first_migration_batch_leaves_an_empty_database(workspace: Pat
     conn = open_workspace(workspace, run_migrations=False)
     try:
         with pytest.raises(MigrationError) as info:
-            migrate(conn, available=migrations_with_a_bad_second())
+            migrate(conn, available=migrations_with_a_bad_last())
         assert info.value.code == "ACODE-DB-002"
         assert not conn.in_transaction
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
@@ -663,7 +671,7 @@ def test_a_failing_first_migration_batch_leaves_an_empty_database(workspace: Pat
         conn.close()
     db = WorkspaceDatabase(workspace)  # the shipped migrations still apply cleanly
     try:
-        assert schema_version(db.conn) == 1
+        assert schema_version(db.conn) == LATEST
         assert "t" not in table_names(db.path)
     finally:
         db.close()

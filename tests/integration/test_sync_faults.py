@@ -194,22 +194,19 @@ def error_attempts(workspace: Path, outbox_id: int) -> list[int]:
 def insert_raw(
     workspace: Path, entity_type: str, entity_id: str, session_id: str, stamp: str, payload: str
 ) -> int:
-    """Enqueue a record the way any sqlite3 writer may: the six contract columns."""
+    """Enqueue a record the way any sqlite3 writer may: the six contract columns. The new
+    outbox_id is read back by its key (`outbox` is a view: no last_insert_rowid)."""
+    key = f"{entity_type}:{entity_id}:{stamp}"
     with sqlite(workspace) as conn:
-        cursor = conn.execute(
+        conn.execute(
             "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload,"
             " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                f"{entity_type}:{entity_id}:{stamp}",
-                entity_type,
-                entity_id,
-                session_id,
-                payload,
-                stamp,
-            ),
+            (key, entity_type, entity_id, session_id, payload, stamp),
         )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        (outbox_id,) = conn.execute(
+            "SELECT outbox_id FROM outbox WHERE idempotency_key = ?", (key,)
+        ).fetchone()
+    return int(outbox_id)
 
 
 def write_records(workspace: Path, count: int = 50) -> list[str]:

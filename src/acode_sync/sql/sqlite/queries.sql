@@ -130,47 +130,59 @@ UNION ALL SELECT 'session_tasks', count(*) FROM session_tasks
 UNION ALL SELECT 'steps', count(*) FROM steps
 UNION ALL SELECT 'tool_calls', count(*) FROM tool_calls
 UNION ALL SELECT 'artifacts', count(*) FROM artifacts
-UNION ALL SELECT 'outbox', count(*) FROM outbox;
+UNION ALL SELECT 'outbox', count(*) FROM outbox_sync;
 
+-- The syncer reads and writes the sync state in outbox_sync (narrow rows), never rewriting
+-- outbox_records; the `outbox` view is for writers and people.
+
+-- Each count reads its state's partial index.
 -- name: outbox_counts
 SELECT
-    count(*) FILTER (WHERE state = 'pending'),
-    count(*) FILTER (WHERE state = 'dead'),
-    count(*) FILTER (WHERE state = 'processed')
-FROM outbox;
+    (SELECT count(*) FROM outbox_sync WHERE state = 'pending'),
+    (SELECT count(*) FROM outbox_sync WHERE state = 'dead'),
+    (SELECT count(*) FROM outbox_sync WHERE state = 'processed');
 
 -- name: oldest_pending
-SELECT created_at FROM outbox WHERE state = 'pending' ORDER BY outbox_id LIMIT 1;
+SELECT created_at FROM outbox_sync WHERE state = 'pending' ORDER BY outbox_id LIMIT 1;
 
 -- Oldest first (AC-038), after the last record the drain has already claimed. A record
 -- waits while an earlier record of the same entity is waiting out a backoff (X-004);
--- records of other entities go on.
+-- records of other entities go on. The waiting records are few: their entities, with the
+-- smallest waiting id of each, are gathered once, not probed for every pending row.
 -- name: claim_pending
-SELECT outbox_id, idempotency_key, entity_type, entity_id, session_id, payload,
-       base_updated_at, created_at, attempts
-FROM outbox AS o
-WHERE o.state = 'pending'
-  AND o.outbox_id > :after
-  AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= :now)
+WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
+    SELECT r.entity_type, r.entity_id, min(w.outbox_id)
+    FROM outbox_sync AS w JOIN outbox_records AS r ON r.outbox_id = w.outbox_id
+    WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
+    GROUP BY r.entity_type, r.entity_id)
+SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, r.payload,
+       r.base_updated_at, r.created_at, s.attempts
+FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
+WHERE s.state = 'pending'
+  AND s.outbox_id > :after
+  AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= :now)
   AND NOT EXISTS (
-      SELECT 1 FROM outbox AS w
-      WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL
-        AND w.next_attempt_at > :now
-        AND w.entity_type = o.entity_type AND w.entity_id = o.entity_id
-        AND w.outbox_id < o.outbox_id)
-ORDER BY o.outbox_id
+      SELECT 1 FROM waiting AS w
+      WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
+        AND w.first_id < r.outbox_id)
+ORDER BY s.outbox_id
 LIMIT :limit;
 
 -- name: mark_processed
-UPDATE outbox SET state = 'processed', processed_at = :now, next_attempt_at = NULL
+UPDATE outbox_sync
+SET state = 'processed', processed_at = :now, next_attempt_at = NULL, updated_at = :now
 WHERE outbox_id IN (SELECT value FROM json_each(:ids)) AND state = 'pending';
 
+-- name: record_attempts
+SELECT attempts FROM outbox_sync WHERE outbox_id = ?;
+
 -- name: mark_failed
-UPDATE outbox
+UPDATE outbox_sync
 SET attempts = attempts + 1,
     last_error = :error,
     state = CASE WHEN attempts + 1 >= :max_attempts THEN 'dead' ELSE 'pending' END,
-    next_attempt_at = CASE WHEN attempts + 1 >= :max_attempts THEN NULL ELSE :next_attempt_at END
+    next_attempt_at = CASE WHEN attempts + 1 >= :max_attempts THEN NULL ELSE :next_attempt_at END,
+    updated_at = :now
 WHERE outbox_id = :outbox_id AND state = 'pending'
 RETURNING attempts, state;
 
@@ -178,26 +190,35 @@ RETURNING attempts, state;
 INSERT INTO outbox_errors (outbox_id, attempt, error, created_at) VALUES (?, ?, ?, ?);
 
 -- name: replay
-UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL
+UPDATE outbox_sync SET state = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = :now
 WHERE state = 'dead' AND outbox_id IN (SELECT value FROM json_each(:ids));
 
 -- name: replay_all
-UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = NULL WHERE state = 'dead';
+UPDATE outbox_sync SET state = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = :now
+WHERE state = 'dead';
 
+-- Two walks of the partial indexes, merged in outbox_id order: processed rows are not read.
 -- name: list_outbox
-SELECT outbox_id, idempotency_key, entity_type, entity_id, session_id, state, attempts,
-       created_at, processed_at, next_attempt_at, last_error
-FROM outbox
-WHERE state IN (SELECT value FROM json_each(:states))
-ORDER BY outbox_id
+SELECT s.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, s.state,
+       s.attempts, s.created_at, s.processed_at, s.next_attempt_at, s.last_error
+FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
+WHERE s.state = 'pending' AND 'pending' IN (SELECT value FROM json_each(:states))
+UNION ALL
+SELECT s.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, s.state,
+       s.attempts, s.created_at, s.processed_at, s.next_attempt_at, s.last_error
+FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
+WHERE s.state = 'dead' AND 'dead' IN (SELECT value FROM json_each(:states))
+ORDER BY 1
 LIMIT :limit;
 
 -- name: backlog
-SELECT count(*), min(created_at), min(next_attempt_at) FROM outbox WHERE state = 'pending';
+SELECT count(*), min(created_at), min(next_attempt_at) FROM outbox_sync WHERE state = 'pending';
 
+-- Deleting a record deletes its sync row and its errors (ON DELETE CASCADE: the syncer's
+-- connection has foreign keys on).
 -- name: prune_processed
-DELETE FROM outbox WHERE outbox_id IN (
-    SELECT outbox_id FROM outbox
+DELETE FROM outbox_records WHERE outbox_id IN (
+    SELECT outbox_id FROM outbox_sync
     WHERE state = 'processed' AND processed_at < :before
     ORDER BY processed_at
     LIMIT :limit);

@@ -6,8 +6,8 @@
 ALTER TABLE applied_keys ALTER COLUMN idempotency_key TYPE text COLLATE "C";
 
 -- The key names its entity (EntityType:entity_id:timestamp): a key need not carry them
--- again. Keys of one entity: WHERE idempotency_key LIKE 'Session:sess_x:%' (the C
--- collation lets that prefix use the unique index).
+-- again. Keys of one entity: WHERE starts_with(idempotency_key, 'Session:sess_x:') (the
+-- C collation lets that prefix search use the unique index).
 ALTER TABLE applied_keys DROP COLUMN entity_type, DROP COLUMN entity_id;
 
 ALTER TABLE sessions ALTER COLUMN session_id TYPE text COLLATE "C";

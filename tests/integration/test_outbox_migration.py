@@ -1,0 +1,528 @@
+"""Migration 0002: the outbox split into outbox_records (written once) and outbox_sync (the
+syncer's narrow rows), with `outbox` a view over both. Real SQLite files, no mocks."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import struct
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from acode_sync.config import PostgresSettings, SyncSettings
+from acode_sync.domain import Session, format_timestamp
+from acode_sync.errors import RecordRejectedError
+from acode_sync.migrations import load_migrations
+from acode_sync.outbox import Failure, Outbox
+from acode_sync.postgres import PostgresTarget
+from acode_sync.retry import RecordRetryPolicy
+from acode_sync.sql import queries
+from acode_sync.store import WorkspaceDatabase
+from acode_sync.sync import WorkspaceSyncer
+from acode_sync.workspace import (
+    DIALECT,
+    OpenOptions,
+    database_path,
+    migrate,
+    open_workspace,
+    schema_version,
+)
+
+SHIPPED: Final = load_migrations(DIALECT)
+LATEST: Final = SHIPPED[-1].version
+_Q: Final = queries(DIALECT)
+FAR_FUTURE: Final = "2099-01-01T00:00:00.000000Z"
+PROCESSED_AT: Final = "2025-01-15T10:30:01.000000Z"  # long past any retention
+T0: Final = "2026-01-15T10:30:00.000000Z"
+CONTRACT_INSERT: Final = (
+    "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload,"
+    " created_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+# The pages of the records: their table and its two indexes.
+RECORD_BTREES: Final = ("outbox_records", "sqlite_autoindex_outbox_records_1", "outbox_by_entity")
+
+
+def connect(workspace: Path) -> closing[sqlite3.Connection]:
+    conn = sqlite3.connect(database_path(workspace), isolation_level=None, timeout=5.0)
+    conn.execute("PRAGMA foreign_keys = ON")
+    return closing(conn)
+
+
+def session_payload(session_id: str, stamp: str, **fields: Any) -> str:
+    row = {
+        "session_id": session_id,
+        "state": "CREATED",
+        "title": None,
+        "metadata": None,
+        "created_at": stamp,
+        "updated_at": stamp,
+        **fields,
+    }
+    return json.dumps(row)
+
+
+def enqueue(conn: sqlite3.Connection, session_id: str, stamp: str, **fields: Any) -> int:
+    """The documented plain INSERT of a Session record; its id read back by key."""
+    key = f"Session:{session_id}:{stamp}"
+    payload = session_payload(session_id, stamp, **fields)
+    conn.execute(CONTRACT_INSERT, (key, "Session", session_id, session_id, payload, stamp))
+    (outbox_id,) = conn.execute(
+        "SELECT outbox_id FROM outbox WHERE idempotency_key = ?", (key,)
+    ).fetchone()
+    return int(outbox_id)
+
+
+def version_1_workspace(workspace: Path) -> sqlite3.Connection:
+    """A workspace database as the program of schema version 1 made it."""
+    conn = open_workspace(workspace, run_migrations=False)
+    assert conn.execute("PRAGMA journal_mode = WAL").fetchone() == ("wal",)
+    assert migrate(conn, available=SHIPPED[:1]) == (0, 1)
+    assert conn.execute("SELECT type FROM sqlite_master WHERE name = 'outbox'").fetchone() == (
+        "table",
+    )
+    return conn
+
+
+def add_error(conn: sqlite3.Connection, outbox_id: int, attempt: int) -> None:
+    conn.execute(
+        "INSERT INTO outbox_errors (outbox_id, attempt, error, created_at) VALUES (?, ?, ?, ?)",
+        (outbox_id, attempt, f"error {attempt} of {outbox_id}", T0),
+    )
+
+
+def snapshot(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+    records = conn.execute("SELECT * FROM outbox ORDER BY outbox_id").fetchall()
+    errors = conn.execute("SELECT * FROM outbox_errors ORDER BY error_id").fetchall()
+    return records, errors
+
+
+def sequence(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    return conn.execute("SELECT name, seq FROM sqlite_sequence ORDER BY name").fetchall()
+
+
+@pytest.fixture
+def old_workspace(workspace: Path) -> dict[str, int]:
+    """Schema version 1 holding one record in each state, errors, and a deleted last id.
+
+    Returns the record ids by name; the counter of ids stands at `deleted`."""
+    conn = version_1_workspace(workspace)
+    ids: dict[str, int] = {}
+    try:
+        ids["processed"] = enqueue(conn, "sess_processed", T0)
+        conn.execute(
+            "UPDATE outbox SET state = 'processed', processed_at = ? WHERE outbox_id = ?",
+            (PROCESSED_AT, ids["processed"]),
+        )
+        ids["dead"] = enqueue(conn, "sess_dead", T0)
+        for attempt in range(1, 11):
+            add_error(conn, ids["dead"], attempt)
+        conn.execute(
+            "UPDATE outbox SET state = 'dead', attempts = 10, last_error = 'error 10'"
+            " WHERE outbox_id = ?",
+            (ids["dead"],),
+        )
+        ids["retrying"] = enqueue(conn, "sess_retrying", T0)
+        add_error(conn, ids["retrying"], 1)
+        add_error(conn, ids["retrying"], 2)
+        conn.execute(
+            "UPDATE outbox SET attempts = 2, next_attempt_at = ?, last_error = 'error 2'"
+            " WHERE outbox_id = ?",
+            (FAR_FUTURE, ids["retrying"]),
+        )
+        # A later version of the retrying entity: held back behind it (X-004).
+        ids["behind"] = enqueue(conn, "sess_retrying", "2026-01-15T10:30:05.000000Z")
+        ids["pending"] = enqueue(conn, "sess_pending", T0, title="pending at the upgrade")
+        deleted = enqueue(conn, "sess_deleted", T0)
+        add_error(conn, deleted, 1)
+        conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (deleted,))  # cascades (FK on)
+        ids["deleted"] = deleted
+        assert sequence(conn) == [("outbox", deleted)]
+    finally:
+        conn.close()
+    return ids
+
+
+def test_an_old_outbox_is_carried_over_whole(
+    workspace: Path, old_workspace: dict[str, int]
+) -> None:
+    with connect(workspace) as conn:
+        before = snapshot(conn)
+    assert len(before[0]) == 5
+    assert len(before[1]) == 12
+
+    db = WorkspaceDatabase(workspace)  # migrates
+    try:
+        assert schema_version(db.conn) == LATEST
+        assert snapshot(db.conn) == before  # every column, the same order, the same values
+        states = {
+            row[0]: row[1:]
+            for row in db.conn.execute(
+                "SELECT outbox_id, state, attempts, processed_at, next_attempt_at, last_error"
+                " FROM outbox_sync"
+            )
+        }
+        assert states[old_workspace["processed"]] == (
+            "processed",
+            0,
+            PROCESSED_AT,
+            None,
+            None,
+        )
+        assert states[old_workspace["dead"]] == ("dead", 10, None, None, "error 10")
+        assert states[old_workspace["retrying"]] == ("pending", 2, None, FAR_FUTURE, "error 2")
+        assert states[old_workspace["pending"]] == ("pending", 0, None, None, None)
+        assert db.conn.execute(
+            "SELECT count(*) FROM outbox_sync AS s JOIN outbox_records AS r USING (outbox_id)"
+            " WHERE s.created_at = r.created_at"
+        ).fetchone() == (5,)
+        assert db.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert db.conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        # The errors now hang off outbox_records, and still go with their record.
+        fk = db.conn.execute(
+            "SELECT [table], on_delete FROM pragma_foreign_key_list('outbox_errors')"
+        )
+        assert fk.fetchall() == [("outbox_records", "CASCADE")]
+        # The id counter came over as it was, above the largest id left.
+        assert sequence(db.conn) == [("outbox_records", old_workspace["deleted"])]
+        saved = db.save(Session(title="after the upgrade"))
+        (new_id,) = db.conn.execute(
+            "SELECT outbox_id FROM outbox WHERE entity_id = ?", (saved.session_id,)
+        ).fetchone()
+        assert new_id == old_workspace["deleted"] + 1
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("records", [0, 3], ids=["never-used", "all-pruned"])
+def test_an_empty_old_outbox_keeps_its_id_counter(workspace: Path, records: int) -> None:
+    conn = version_1_workspace(workspace)
+    try:
+        for i in range(records):
+            enqueue(conn, f"sess_{i}", T0)
+        conn.execute("DELETE FROM outbox")
+    finally:
+        conn.close()
+    db = WorkspaceDatabase(workspace)
+    try:
+        # No counter row and a row at 0 mean the same: no id was ever given.
+        assert [(n, s) for n, s in sequence(db.conn) if s] == (
+            [("outbox_records", records)] if records else []
+        )
+        assert "outbox" not in dict(sequence(db.conn))
+        db.save(Session())
+        assert db.conn.execute("SELECT outbox_id FROM outbox").fetchall() == [(records + 1,)]
+    finally:
+        db.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.postgres
+async def test_records_sync_after_the_upgrade(
+    workspace: Path, old_workspace: dict[str, int], pg_url: str
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    try:
+        saved = db.save(Session(title="after the upgrade"))
+    finally:
+        db.close()
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, connect_timeout=5, statement_timeout=10))
+    try:
+        summary = await WorkspaceSyncer(
+            workspace=workspace, target=target, settings=SyncSettings()
+        ).drain()
+    finally:
+        await target.close()
+    assert summary.applied == 2  # the pending record and the new one
+    with connect(workspace) as conn:
+        rows = dict(
+            conn.execute("SELECT outbox_id, state || '/' || attempts FROM outbox").fetchall()
+        )
+        (new_id,) = conn.execute(
+            "SELECT outbox_id FROM outbox WHERE entity_id = ?", (saved.session_id,)
+        ).fetchone()
+    assert rows == {
+        # old_workspace["processed"]: pruned by the drain's maintenance (long processed)
+        old_workspace["dead"]: "dead/10",
+        old_workspace["retrying"]: "pending/2",  # waits out its backoff
+        old_workspace["behind"]: "pending/0",  # held back behind it
+        old_workspace["pending"]: "processed/0",
+        new_id: "processed/0",
+    }
+
+
+# --- the marks write only narrow rows --------------------------------------------------
+
+
+def fill_outbox(workspace: Path, count: int) -> list[int]:
+    """`count` pending records with ~1 KB payloads, queued in one transaction."""
+    db = WorkspaceDatabase(workspace)
+    try:
+        db.conn.execute("BEGIN IMMEDIATE")
+        for i in range(count):
+            payload = session_payload(f"sess_{i:06d}", T0, title="x" * 900)
+            db.conn.execute(
+                _Q["insert_outbox"],
+                (f"Session:sess_{i:06d}:{T0}", "Session", f"sess_{i:06d}", None, payload, None, T0),
+            )
+        db.conn.execute("COMMIT")
+        return [int(i) for (i,) in db.conn.execute("SELECT outbox_id FROM outbox_sync")]
+    finally:
+        db.close()
+
+
+@contextmanager
+def empty_wal(workspace: Path) -> Iterator[Path]:
+    """The -wal file, checkpointed to empty. It stays on disk while this connection is open
+    (the last connection to close would checkpoint and delete it)."""
+    with connect(workspace) as keeper:
+        keeper.execute("SELECT count(*) FROM outbox_sync").fetchone()
+        assert keeper.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        wal = database_path(workspace).with_name("workspace.db-wal")
+        assert wal.stat().st_size == 0
+        yield wal
+
+
+def wal_pages(wal: Path) -> set[int]:
+    """The page numbers of every frame in a WAL file (checkpointed to empty beforehand)."""
+    data = wal.read_bytes()
+    if not data:
+        return set()
+    (page_size,) = struct.unpack(">I", data[8:12])
+    pages = set()
+    for offset in range(32, len(data) - 24 - page_size + 1, 24 + page_size):
+        (page,) = struct.unpack(">I", data[offset : offset + 4])
+        pages.add(page)
+    return pages
+
+
+def record_pages(workspace: Path) -> set[int]:
+    with connect(workspace) as conn:
+        try:
+            rows = conn.execute(
+                f"SELECT pageno FROM dbstat WHERE name IN {RECORD_BTREES!r}"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table")
+    return {int(page) for (page,) in rows}
+
+
+def test_marking_a_thousand_records_writes_no_record_page(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 1000)
+    records = record_pages(workspace)
+    assert len(records) > 250  # the payloads: ~1 MB of pages a mark must not rewrite
+    with empty_wal(workspace) as wal:
+        outbox = Outbox(workspace, busy_timeout=5.0)
+        try:
+            assert outbox.mark(ids, [], RecordRetryPolicy()) == []
+        finally:
+            outbox.close()
+        written = wal_pages(wal)
+        size = wal.stat().st_size
+    assert written
+    assert not written & records
+    # Before the split, this mark rewrote ~300 pages (1.4 MB of WAL).
+    assert size < 256 * 1024, size
+    with connect(workspace) as conn:
+        assert conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall() == [
+            ("processed", 1000)
+        ]
+        stamps = conn.execute("SELECT DISTINCT processed_at = updated_at FROM outbox_sync")
+        assert stamps.fetchall() == [(1,)]
+
+
+def test_failures_and_state_updates_write_no_record_page(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 300)
+    records = record_pages(workspace)
+    with empty_wal(workspace) as wal:
+        outbox = Outbox(workspace, busy_timeout=5.0)
+        try:
+            failures = [Failure(i, "refused") for i in ids[:100]]
+            results = outbox.mark(ids[100:200], failures, RecordRetryPolicy())
+            assert {(r.attempts, r.dead) for r in results} == {(1, False)}
+        finally:
+            outbox.close()
+        with connect(workspace) as conn:
+            conn.execute("UPDATE outbox SET state = 'dead' WHERE outbox_id > ?", (ids[199],))
+            assert conn.execute("SELECT count(*) FROM outbox_errors").fetchone() == (100,)
+        written = wal_pages(wal)
+    assert written
+    assert not written & records
+
+
+# --- the view: INSERT, UPDATE and DELETE as on the old table ---------------------------
+
+
+def test_the_plain_insert_takes_the_defaults_and_refuses_a_duplicate_key(
+    workspace: Path,
+) -> None:
+    WorkspaceDatabase(workspace).close()
+    with connect(workspace) as conn:
+        outbox_id = enqueue(conn, "sess_a", T0)
+        row = conn.execute(
+            "SELECT state, attempts, processed_at, next_attempt_at, last_error, updated_at,"
+            " base_updated_at FROM outbox WHERE outbox_id = ?",
+            (outbox_id,),
+        ).fetchone()
+        assert row == ("pending", 0, None, None, None, None, None)
+        assert conn.execute("SELECT created_at FROM outbox_sync").fetchall() == [(T0,)]
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE") as info:
+            enqueue(conn, "sess_a", T0)
+        assert info.value.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
+        assert conn.execute("SELECT count(*) FROM outbox_records").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM outbox_sync").fetchone() == (1,)
+        # The failed INSERT left nothing half-written: the next one gets the next id.
+        assert enqueue(conn, "sess_b", T0) == outbox_id + 1
+
+
+def test_the_store_refuses_a_save_whose_key_is_already_queued(workspace: Path) -> None:
+    now = datetime(2026, 1, 15, 10, 30, tzinfo=UTC)
+    db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now))
+    try:
+        session = db.save(Session(title="first"))
+        # Another writer queued the version the store's next save of it will get.
+        taken = format_timestamp(now + timedelta(microseconds=1))
+        with connect(workspace) as conn:
+            enqueue(conn, session.session_id, taken)
+        with pytest.raises(RecordRejectedError) as info:
+            db.save(Session(session_id=session.session_id, title="second"))
+        assert info.value.code == "ACODE-DB-006"
+        assert "UNIQUE" in info.value.message
+        stored = db.get(Session, session.session_id)
+        assert stored is not None
+        assert stored.title == "first"  # the entity row went back with its record
+    finally:
+        db.close()
+
+
+def test_updates_through_the_view_reach_the_right_table(workspace: Path) -> None:
+    WorkspaceDatabase(workspace).close()
+    with connect(workspace) as conn:
+        first = enqueue(conn, "sess_a", T0)
+        second = enqueue(conn, "sess_b", T0)
+        changes = conn.total_changes
+        conn.execute(
+            "UPDATE outbox SET state = 'dead', attempts = 3, last_error = 'e' WHERE outbox_id = ?",
+            (first,),
+        )
+        # Only the sync row changed: the record row was not rewritten.
+        assert conn.total_changes - changes == 1
+        assert conn.execute(
+            "SELECT state, attempts, last_error FROM outbox_sync WHERE outbox_id = ?", (first,)
+        ).fetchone() == ("dead", 3, "e")
+        changes = conn.total_changes
+        conn.execute("UPDATE outbox SET payload = '{}' WHERE outbox_id = ?", (second,))
+        assert conn.total_changes - changes == 1
+        assert conn.execute(
+            "SELECT payload FROM outbox_records WHERE outbox_id = ?", (second,)
+        ).fetchone() == ("{}",)
+        conn.execute("UPDATE outbox SET state = 'processed'")
+        assert conn.execute("SELECT DISTINCT state FROM outbox_sync").fetchall() == [("processed",)]
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE outbox SET state = 'lost'")
+        with pytest.raises(sqlite3.IntegrityError, match="outbox_id cannot change"):
+            conn.execute("UPDATE outbox SET outbox_id = 99 WHERE outbox_id = ?", (first,))
+
+
+@pytest.mark.parametrize("foreign_keys", ["ON", "OFF"])
+def test_deletes_through_the_view_take_the_sync_row_and_errors(
+    workspace: Path, foreign_keys: str
+) -> None:
+    WorkspaceDatabase(workspace).close()
+    with connect(workspace) as conn:
+        conn.execute(f"PRAGMA foreign_keys = {foreign_keys}")
+        kept = enqueue(conn, "sess_kept", T0)
+        gone = [enqueue(conn, f"sess_{i}", T0) for i in range(3)]
+        for outbox_id in [kept, *gone]:
+            add_error(conn, outbox_id, 1)
+        conn.execute("DELETE FROM outbox WHERE outbox_id <> ?", (kept,))
+        for table in ("outbox_records", "outbox_sync", "outbox_errors"):
+            assert conn.execute(f"SELECT outbox_id FROM {table}").fetchall() == [(kept,)], table
+        conn.execute("DELETE FROM outbox")
+        assert conn.execute("SELECT count(*) FROM outbox_errors").fetchone() == (0,)
+        assert enqueue(conn, "sess_next", T0) == gone[-1] + 1  # ids are never reused
+
+
+def test_prune_deletes_records_with_their_sync_rows_and_errors(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 1200)
+    with connect(workspace) as conn:
+        for outbox_id in ids[:10]:
+            add_error(conn, outbox_id, 1)
+    clock_now = datetime.now(UTC)
+    outbox = Outbox(workspace, busy_timeout=5.0, clock=lambda: clock_now)
+    try:
+        outbox.mark(ids[:1100], [], RecordRetryPolicy())
+        assert outbox.prune(timedelta(days=1)) == 0  # too recent
+        later = clock_now + timedelta(days=2)
+        outbox.clock = lambda: later
+        assert outbox.prune(timedelta(days=1)) == 1100  # in chunks of PRUNE_CHUNK
+        assert outbox.backlog()[0] == 100
+    finally:
+        outbox.close()
+    with connect(workspace) as conn:
+        for table in ("outbox_records", "outbox_sync"):
+            assert conn.execute(f"SELECT min(outbox_id), count(*) FROM {table}").fetchone() == (
+                ids[1100],
+                100,
+            )
+        assert conn.execute("SELECT count(*) FROM outbox_errors").fetchone() == (0,)
+
+
+# --- the syncer's queries read the narrow table's partial indexes ----------------------
+
+
+def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 2000)
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        outbox.mark(ids[:1900], [], RecordRetryPolicy())
+        outbox.mark([], [Failure(ids[1950], "refused")], RecordRetryPolicy())
+        params = {
+            "now": T0,
+            "after": 0,
+            "limit": 100,
+            "ids": "[1]",
+            "states": '["pending", "dead"]',
+            "before": T0,
+            "outbox_id": 1,
+            "error": "e",
+            "max_attempts": 10,
+            "next_attempt_at": T0,
+        }
+        for name in (
+            "claim_pending",
+            "mark_processed",
+            "mark_failed",
+            "record_attempts",
+            "replay",
+            "replay_all",
+            "list_outbox",
+            "backlog",
+            "outbox_counts",
+            "oldest_pending",
+            "prune_processed",
+        ):
+            sql = _Q[name]
+            args: Any = (1,) if "?" in sql else params
+            plan = [row[3] for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+            scans = [step for step in plan if step.startswith("SCAN") and " USING " not in step]
+            assert [s for s in scans if "json_each" not in s and "CONSTANT" not in s] == [], (
+                name,
+                plan,
+            )
+            assert not any("outbox_records" in step and "SCAN" in step for step in plan), plan
+        claim_plan = [
+            row[3]
+            for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {_Q['claim_pending']}", params)
+        ]
+        assert "SEARCH s USING INDEX outbox_pending (outbox_id>?)" in claim_plan
+        assert "SEARCH w USING INDEX outbox_waiting (next_attempt_at>?)" in claim_plan
+        # The claim itself: the 99 records left pending, not the one waiting out a backoff.
+        claimed = outbox.claim(max_records=1000, max_bytes=10**9)
+        assert [r.outbox_id for r in claimed] == [i for i in ids[1900:] if i != ids[1950]]
+    finally:
+        outbox.close()
