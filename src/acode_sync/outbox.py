@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from acode_sync.domain import Clock, format_timestamp, utc_now
 from acode_sync.errors import SchemaMismatchError
@@ -38,8 +38,9 @@ SYNCER_CACHE_KIB: Final = -512  # negative: KiB (SQLite's default is 2 MiB per c
 _Q = queries(DIALECT)
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRecord:
+class OutboxRecord(NamedTuple):
+    """A claimed record (a tuple: a claim makes a thousand of them)."""
+
     outbox_id: int
     idempotency_key: str
     entity_type: str
