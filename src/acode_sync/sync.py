@@ -83,7 +83,7 @@ def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
         entity_type=record.entity_type,
         entity_id=record.entity_id,
         session_id=record.session_id,
-        payload=record.payload,
+        payload=payload_bytes,
         version=version,
         base_updated_at=None if base is None else canonical_timestamp(base),
         digest=hashlib.sha256(payload_bytes).digest(),

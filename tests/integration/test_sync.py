@@ -571,3 +571,40 @@ async def test_max_batches_ships_exactly_that_many(workspace: Path, target: Post
     assert [s for s, _ in outbox_states(workspace)].count("processed") == 6
     rest = await syncer(workspace, target, batch_max_records=2).drain()
     assert (rest.batches, rest.applied, rest.drained) == (2, 4, True)
+
+
+HOSTILE_TEXTS = (
+    'sess_"],["x", "y"]] --',
+    "sess_back\\slash'quote\"; DROP TABLE acode.sessions; --",
+    "sess_ünïcødé_😀_\u202eRTL",
+    "sess_tab\tnewline\nend",
+)
+
+
+async def test_hostile_ids_and_text_arrive_verbatim(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    """Ids and text travel to PostgreSQL as one JSON document and one payload blob per
+    statement: whatever they hold, they arrive as written and never as structure."""
+    WorkspaceDatabase(workspace).close()
+    conn = sqlite3.connect(database_path(workspace))
+    stamp = "2026-01-15T10:30:00.000000Z"
+    for session_id in HOSTILE_TEXTS:
+        payload = {"session_id": session_id, "state": "CREATED", "title": session_id[::-1]}
+        conn.execute(
+            "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
+            "created_at) VALUES (?, 'Session', ?, ?, ?, ?)",
+            (f"Session:{session_id}:{stamp}", session_id, session_id, json.dumps(payload), stamp),
+        )
+    conn.commit()
+    conn.close()
+
+    summary = await syncer(workspace, target).drain()
+
+    assert (summary.applied, summary.dead, summary.retried) == (len(HOSTILE_TEXTS), 0, 0)
+    rows = await fetch(pg_url, "SELECT session_id, title FROM sessions ORDER BY session_id")
+    assert sorted((r["session_id"], r["title"]) for r in rows) == sorted(
+        (s, s[::-1]) for s in HOSTILE_TEXTS
+    )
+    keys = await fetch(pg_url, "SELECT idempotency_key FROM applied_keys")
+    assert sorted(r[0] for r in keys) == sorted(f"Session:{s}:{stamp}" for s in HOSTILE_TEXTS)

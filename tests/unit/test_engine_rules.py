@@ -12,7 +12,7 @@ from acode_sync.postgres import PreparedRecord, is_record_error, lock_key, round
 
 
 def record(n: int, entity: str) -> PreparedRecord:
-    return PreparedRecord(n, f"k{n}", "Session", entity, None, "{}", "v", None, b"")
+    return PreparedRecord(n, f"k{n}", "Session", entity, None, b"{}", "v", None, b"")
 
 
 def test_rounds_hold_one_record_per_entity_in_order() -> None:

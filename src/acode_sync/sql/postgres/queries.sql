@@ -51,14 +51,14 @@ FROM unnest($2::int[]) AS k;
 -- name: record_keys
 WITH recorded AS (
     INSERT INTO acode.applied_keys (idempotency_key, payload_digest, origin_id)
-    SELECT k.idempotency_key, k.digest, $3::text
-    FROM unnest($1::text[], $2::bytea[]) AS k(idempotency_key, digest)
-    ORDER BY k.idempotency_key
+    SELECT k->>0, decode(k->>1, 'hex'), $2::text
+    FROM jsonb_array_elements($1::jsonb) AS k
+    ORDER BY (k->>0) COLLATE "C"
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING idempotency_key
 )
-SELECT k FROM unnest($1::text[]) AS k
-WHERE k NOT IN (SELECT idempotency_key FROM recorded);
+SELECT k->>0 FROM jsonb_array_elements($1::jsonb) AS k
+WHERE k->>0 NOT IN (SELECT idempotency_key FROM recorded);
 
 -- A key PostgreSQL already holds: delivered before if its digest matches the applied
 -- one, or if this very change was settled as a conflict earlier.
@@ -74,12 +74,12 @@ WHERE a.payload_digest = u.digest
 -- a record not based on the version held is a conflict, stored with both versions.
 -- name: apply_entities
 WITH incoming AS (
-    SELECT i.idempotency_key, i.entity_id, i.session_id, i.payload::jsonb AS p,
-           i.version::timestamptz AS version, i.base::timestamptz AS base, i.digest,
-           $8::text AS origin_id
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::bytea[])
-         AS i(idempotency_key, entity_id, session_id, payload, version, base, digest)
+    SELECT i.f->>0 AS idempotency_key, i.f->>1 AS entity_id, i.f->>2 AS session_id,
+           convert_from(substring($2::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
+           (i.f->>3)::timestamptz AS version, (i.f->>4)::timestamptz AS base,
+           decode(i.f->>5, 'hex') AS digest, $5::text AS origin_id
+    FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($3::int[]), unnest($4::int[]))
+         AS i(f, start, length)
 ),
 judged AS (
     SELECT n.*,
@@ -134,7 +134,7 @@ written AS (
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now()
     FROM decided AS d
     WHERE d.wins
-    ORDER BY d.entity_id
+    ORDER BY d.entity_id COLLATE "C"
     ON CONFLICT (<id_column>) DO UPDATE SET
         <updates>, extra = excluded.extra, origin_id = excluded.origin_id,
         idempotency_key = excluded.idempotency_key, synced_at = excluded.synced_at
