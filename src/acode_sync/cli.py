@@ -25,7 +25,7 @@ from acode_sync.outbox import list_records, replay
 from acode_sync.postgres import PostgresTarget
 from acode_sync.runtime import read_status, state_dir
 from acode_sync.status import workspace_status
-from acode_sync.sync import WorkspaceSyncer
+from acode_sync.sync import WorkspaceSyncer, tune_interpreter
 from acode_sync.workspace import (
     OpenOptions,
     database_path,
@@ -160,6 +160,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             await target.close()
         return summary.line()
 
+    tune_interpreter()
     print(anyio.run(_sync))
     return 0
 

@@ -28,6 +28,7 @@ from acode_sync.log import configure_logging, get_logger
 from acode_sync.metrics import Metrics, MetricsServer
 from acode_sync.postgres import PostgresTarget
 from acode_sync.runtime import remove_status, state_dir, write_status
+from acode_sync.sync import tune_interpreter
 from acode_sync.systemd import Notifier, watchdog_interval
 from acode_sync.watcher import Watcher, make_watcher
 from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
@@ -397,6 +398,7 @@ class Daemon:
 def run_daemon(config_path: Path | None) -> int:
     config = load_config(config_path, os.environ)
     configure_daemon_logging(config)
+    tune_interpreter()
     daemon = Daemon(
         config, config_path=config_path or config.source, environ=os.environ, cwd=Path.cwd()
     )

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from acode_sync.errors import InvalidTransitionError, RecordRejectedError
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+CANONICAL_TIMESTAMP_LENGTH = len("2026-01-15T10:30:00.123456Z")
 ONE_MICROSECOND = timedelta(microseconds=1)
 MAX_ID_LENGTH = 200
 

@@ -34,6 +34,10 @@ from acode_sync.workspace import (
 )
 
 PRUNE_CHUNK: Final = 500
+CANONICAL_TIME_GLOB: Final = (
+    "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]."
+    "[0-9][0-9][0-9][0-9][0-9][0-9]Z"
+)
 SYNCER_CACHE_KIB: Final = -512  # negative: KiB (SQLite's default is 2 MiB per connection)
 _Q = queries(DIALECT)
 
@@ -50,6 +54,9 @@ class OutboxRecord(NamedTuple):
     base_updated_at: str | None
     created_at: str
     attempts: int
+    # The key and base are already in canonical form (the claim checked their shape; the
+    # times themselves are checked by PostgreSQL).
+    canonical: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +111,12 @@ class Outbox:
 
         def _claim() -> list[OutboxRecord]:
             now = format_timestamp(self.clock())
-            params = {"now": now, "limit": max_records, "after": after}
+            params = {
+                "now": now,
+                "limit": max_records,
+                "after": after,
+                "canonical_time": CANONICAL_TIME_GLOB,
+            }
             rows = self.conn.execute(_Q["claim_pending"], params)
             batch: list[OutboxRecord] = []
             size = 0

@@ -71,7 +71,7 @@ from acode_sync.pg_tables import TABLES, Kind, TableSpec
 from acode_sync.postgres import BatchOutcome, PostgresTarget
 from acode_sync.sql import queries
 from acode_sync.store import WorkspaceDatabase, encode_json
-from acode_sync.sync import SyncSummary, WorkspaceSyncer
+from acode_sync.sync import SyncSummary, WorkspaceSyncer, tune_interpreter
 from acode_sync.workspace import database_path
 from tests.bench.bench_store import percentile
 from tests.pg import ADMIN_URL, database_url
@@ -874,6 +874,7 @@ async def _server_version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_interpreter()  # as the daemon does
     report = Report()
     pg_version = anyio.run(_server_version, backend="asyncio")
     report.say(

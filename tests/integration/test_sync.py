@@ -608,3 +608,35 @@ async def test_hostile_ids_and_text_arrive_verbatim(
     )
     keys = await fetch(pg_url, "SELECT idempotency_key FROM applied_keys")
     assert sorted(r[0] for r in keys) == sorted(f"Session:{s}:{stamp}" for s in HOSTILE_TEXTS)
+
+
+async def test_a_well_formed_but_impossible_time_is_the_records_own_failure(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    """The claim only checks a key's shape; PostgreSQL refuses the impossible time, and
+    bisection pins it on that record alone."""
+    db = WorkspaceDatabase(workspace)
+    good = db.save(Session(title="fine"))
+    db.close()
+    conn = sqlite3.connect(database_path(workspace))
+    bad_time = "2026-13-45T10:30:00.000000Z"
+    conn.execute(
+        "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
+        "created_at) VALUES (?, 'Session', 'sess_bad', 'sess_bad', '{}', ?)",
+        (f"Session:sess_bad:{bad_time}", good.created_at),
+    )
+    conn.commit()
+    conn.close()
+
+    summary = await syncer(workspace, target).drain()
+
+    assert (summary.applied, summary.retried) == (1, 1)
+    rows = await fetch(pg_url, "SELECT session_id FROM sessions")
+    assert [r[0] for r in rows] == [good.session_id]
+    conn = sqlite3.connect(database_path(workspace))
+    state, attempts, error = conn.execute(
+        "SELECT state, attempts, last_error FROM outbox WHERE entity_id = 'sess_bad'"
+    ).fetchone()
+    conn.close()
+    assert (state, attempts) == ("pending", 1)
+    assert error.startswith("22008")  # datetime field overflow
