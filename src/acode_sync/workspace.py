@@ -40,6 +40,10 @@ DATABASE_NAME: Final = "workspace.db"
 DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
 DEFAULT_BUSY_TIMEOUT: Final = 30.0
+# How long, and how finely, a writer polls for the write lock before SQLite's coarser
+# busy handler takes over (see _begin_immediate).
+FINE_LOCK_WAIT: Final = 0.05
+FINE_LOCK_PAUSE: Final = 0.0002
 # The syncer checkpoints the WAL after every drain, off the agent's save path; the agent's
 # own automatic checkpoint is only a backstop, so it is rarely what slows a save.
 DEFAULT_WAL_AUTOCHECKPOINT: Final = 10_000
@@ -105,7 +109,7 @@ def translated(path: Path, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
 def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE takes the write lock up front, so the busy timeout covers the wait
     and no SQLITE_BUSY can surface halfway through the transaction."""
-    conn.execute("BEGIN IMMEDIATE")
+    _begin_immediate(conn)
     try:
         yield
         conn.execute("COMMIT")
@@ -114,6 +118,32 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, polling for the write lock every FINE_LOCK_PAUSE for up to
+    FINE_LOCK_WAIT before SQLite's own busy handler takes over for the rest of the timeout.
+
+    That handler sleeps 1, 2, 5, 10 ... ms between tries: a save that arrives while the
+    syncer marks a batch (a ~2 ms statement) would wait 8 ms where 2 ms are enough.
+    """
+    timeout_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        deadline = time.monotonic() + min(FINE_LOCK_WAIT, timeout_ms / 1000)
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                if time.monotonic() >= deadline:
+                    break
+            time.sleep(FINE_LOCK_PAUSE)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+    conn.execute("BEGIN IMMEDIATE")
 
 
 def _create_private_file(path: Path) -> None:

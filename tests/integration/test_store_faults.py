@@ -12,6 +12,7 @@ import random
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, closing, suppress
 from dataclasses import replace
@@ -26,8 +27,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from acode_sync.domain import ENTITY_CLASSES, Entity, Session, SessionState
 from acode_sync.errors import BusyError
 from acode_sync.migrations import load_migrations
-from acode_sync.store import WorkspaceStore
-from acode_sync.workspace import DIALECT, OpenOptions, database_path
+from acode_sync.store import WorkspaceDatabase, WorkspaceStore
+from acode_sync.workspace import DIALECT, FINE_LOCK_WAIT, OpenOptions, database_path
 
 HANG = 30.0  # seconds: far beyond anything these tests need, even on a loaded machine
 SHORT_BUSY_TIMEOUT = 0.3
@@ -325,6 +326,30 @@ async def test_a_save_fails_busy_while_another_connection_holds_the_write_lock(
             assert count(store.path, "sessions") == count(store.path, "outbox") == 2
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("held_for", [FINE_LOCK_WAIT / 5, FINE_LOCK_WAIT * 3])
+def test_a_save_waits_for_a_write_lock_held_briefly(workspace: Path, held_for: float) -> None:
+    """Within the fine polling window and past it (SQLite's own busy handler then), a save
+    waits for the lock and lands, and the connection keeps its busy timeout."""
+    db = WorkspaceDatabase(workspace, OpenOptions(busy_timeout=SHORT_BUSY_TIMEOUT * 10))
+    try:
+        holder = sqlite3.connect(
+            database_path(workspace), isolation_level=None, check_same_thread=False
+        )
+        holder.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(held_for, holder.execute, ("COMMIT",))
+        release.start()
+        try:
+            saved = db.save(Session(title="waited"))
+        finally:
+            release.join()
+            holder.close()
+        assert db.get(Session, saved.session_id) == saved
+        timeout_ms = db.conn.execute("PRAGMA busy_timeout").fetchone()[0]
+        assert timeout_ms == SHORT_BUSY_TIMEOUT * 10 * 1000
+    finally:
+        db.close()
 
 
 @pytest.mark.anyio
