@@ -51,6 +51,11 @@ def parse_timestamp(text: str) -> datetime:
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
+def is_canonical_shape(text: str) -> bool:
+    """Written as format_timestamp writes (digits in place; not checked as a date)."""
+    return _CANONICAL.fullmatch(text) is not None
+
+
 def canonical_timestamp(text: str) -> str:
     if _CANONICAL.fullmatch(text):  # already canonical (the hot path): still a real time?
         try:

@@ -34,10 +34,6 @@ from acode_sync.workspace import (
 )
 
 PRUNE_CHUNK: Final = 500
-CANONICAL_TIME_GLOB: Final = (
-    "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]."
-    "[0-9][0-9][0-9][0-9][0-9][0-9]Z"
-)
 SYNCER_CACHE_KIB: Final = -512  # negative: KiB (SQLite's default is 2 MiB per connection)
 _Q = queries(DIALECT)
 
@@ -54,9 +50,6 @@ class OutboxRecord(NamedTuple):
     base_updated_at: str | None
     created_at: str
     attempts: int
-    # The key and base are already in canonical form (the claim checked their shape; the
-    # times themselves are checked by PostgreSQL).
-    canonical: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +108,6 @@ class Outbox:
                 "now": now,
                 "limit": max_records,
                 "after": after,
-                "canonical_time": CANONICAL_TIME_GLOB,
             }
             rows = self.conn.execute(_Q["claim_pending"], params)
             batch: list[OutboxRecord] = []

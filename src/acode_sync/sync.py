@@ -32,6 +32,7 @@ from acode_sync.domain import (
     Clock,
     canonical_timestamp,
     format_timestamp,
+    is_canonical_shape,
     utc_now,
 )
 from acode_sync.errors import (
@@ -89,16 +90,20 @@ def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
             f"the payload is {len(payload_bytes)} bytes, over max_payload_bytes "
             f"({max_payload_bytes})"
         )
-    if record.canonical:  # the hot path: keys and bases as the store writes them
-        key, base = record.idempotency_key, record.base_updated_at
-        version = key[-CANONICAL_TIMESTAMP_LENGTH:]
-    else:
-        prefix = f"{record.entity_type}:{record.entity_id}:"
-        if not record.idempotency_key.startswith(prefix):
+    key, base = record.idempotency_key, record.base_updated_at
+    version = key[-CANONICAL_TIMESTAMP_LENGTH:]
+    prefix = f"{record.entity_type}:{record.entity_id}:"
+    # The hot path: key and base as the store writes them, checked for shape only (an
+    # impossible time such as month 13 is refused by PostgreSQL, for this record alone).
+    if not (
+        key[:-CANONICAL_TIMESTAMP_LENGTH] == prefix
+        and is_canonical_shape(version)
+        and (base is None or is_canonical_shape(base))
+    ):
+        if not key.startswith(prefix):
             raise RecordRejectedError("the idempotency key is not EntityType:entity_id:timestamp")
-        version = canonical_timestamp(record.idempotency_key[len(prefix) :])
+        version = canonical_timestamp(key[len(prefix) :])
         key = prefix + version
-        base = record.base_updated_at
         base = None if base is None else canonical_timestamp(base)
     return PreparedRecord(
         record.outbox_id,

@@ -18,7 +18,7 @@ from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, format_timestamp
 from acode_sync.errors import RecordRejectedError
 from acode_sync.migrations import load_migrations
-from acode_sync.outbox import CANONICAL_TIME_GLOB, Failure, Outbox
+from acode_sync.outbox import Failure, Outbox
 from acode_sync.postgres import PostgresTarget
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.sql import queries
@@ -485,7 +485,6 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
             "now": T0,
             "after": 0,
             "limit": 100,
-            "canonical_time": CANONICAL_TIME_GLOB,
             "ids": "[1]",
             "states": '["pending", "dead"]',
             "before": T0,

@@ -156,12 +156,7 @@ WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
     WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
     GROUP BY r.entity_type, r.entity_id)
 SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, r.payload,
-       r.base_updated_at, r.created_at, s.attempts,
-       -- The key is EntityType:entity_id:<canonical time> and the base a canonical time
-       -- (as the store writes them): the syncer need not parse them itself.
-       r.idempotency_key = r.entity_type || ':' || r.entity_id || ':' || substr(r.idempotency_key, -27)
-       AND substr(r.idempotency_key, -27) GLOB :canonical_time
-       AND (r.base_updated_at IS NULL OR r.base_updated_at GLOB :canonical_time) AS canonical
+       r.base_updated_at, r.created_at, s.attempts
 FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
 WHERE s.state = 'pending'
   AND s.outbox_id > :after
