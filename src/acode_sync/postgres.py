@@ -134,10 +134,11 @@ def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
     return result
 
 
-# One apply statement's arguments: the records' small fields as one JSON array, and their
-# payloads as one UTF-8 blob with the offset and length of each. (An array parameter per
-# field costs several times more: asyncpg checks and copies array elements one by one.)
-Columns = tuple[str, bytes, list[int], list[int]]
+# One apply statement's arguments: the records' small fields as one JSON array, their
+# payloads as one UTF-8 blob with the offset and length of each, and their digests as one
+# blob. (An array parameter per field costs several times more: asyncpg checks and
+# copies array elements one by one.)
+Columns = tuple[str, bytes, list[int], list[int], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,29 +148,22 @@ class BatchPlan:
 
     records: Sequence[PreparedRecord]
     locks: list[int]
-    keys: str  # JSON: [[idempotency_key, digest (hex)], ...]
+    keys: str  # a JSON array
+    digests: bytes  # 32 bytes per key, end to end
     # Per round, per entity type in a fixed order: the apply statement's arguments.
     rounds: list[list[tuple[str, Columns]]]
 
 
-def _fields(r: PreparedRecord) -> list[str | None]:
-    """One record's small fields, in the order the apply statement reads them."""
-    return [
-        r.idempotency_key,
-        r.entity_id,
-        r.session_id,
-        r.version,
-        r.base_updated_at,
-        r.digest.hex(),
-    ]
-
-
 def _columns(records: list[PreparedRecord]) -> Columns:
     records.sort(key=lambda r: r.entity_id)  # a fixed row lock order
-    fields = json.dumps([_fields(r) for r in records])
+    # The key is not sent: it is EntityType:entity_id:version, rebuilt by the statement.
+    fields = json.dumps(
+        [(r.entity_id, r.session_id, r.version, r.base_updated_at) for r in records]
+    )
     lengths = [len(r.payload) for r in records]
     starts = list(accumulate(lengths[:-1], initial=1))  # substring() counts from 1
-    return fields, b"".join(r.payload for r in records), starts, lengths
+    payloads = b"".join(r.payload for r in records)
+    return fields, payloads, starts, lengths, b"".join(r.digest for r in records)
 
 
 def _apply_rounds(records: Sequence[PreparedRecord]) -> list[list[tuple[str, Columns]]]:
@@ -187,7 +181,8 @@ def plan_batch(records: Sequence[PreparedRecord]) -> BatchPlan:
     return BatchPlan(
         records=records,
         locks=sorted({lock_key(session) for session in sessions}),
-        keys=json.dumps([(r.idempotency_key, r.digest.hex()) for r in records]),
+        keys=json.dumps([r.idempotency_key for r in records]),
+        digests=b"".join(r.digest for r in records),
         rounds=_apply_rounds(records),
     )
 
@@ -350,7 +345,7 @@ class PostgresTarget:
     ) -> BatchOutcome:
         timeout_ms = str(int(self.settings.statement_timeout * 1000))
         await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, plan.locks, timeout_ms)
-        rows = await conn.fetch(_Q["record_keys"], plan.keys, origin_id)
+        rows = await conn.fetch(_Q["record_keys"], plan.keys, plan.digests, origin_id)
         held_before = {row[0] for row in rows}
         outcome = BatchOutcome()
         fresh, planned = plan.records, plan.rounds

@@ -48,17 +48,19 @@ SELECT (SELECT set_config('statement_timeout', $3, true)),
 FROM unnest($2::int[]) AS k;
 
 -- Returns the keys PostgreSQL already held (usually none), not the ones it recorded.
+-- $1: the keys (a JSON array), $2: their SHA-256 digests, 32 bytes each, end to end.
+-- Returns the keys PostgreSQL already held (usually none), not the ones it recorded.
 -- name: record_keys
 WITH recorded AS (
     INSERT INTO acode.applied_keys (idempotency_key, payload_digest, origin_id)
-    SELECT k->>0, decode(k->>1, 'hex'), $2::text
-    FROM jsonb_array_elements($1::jsonb) AS k
-    ORDER BY (k->>0) COLLATE "C"
+    SELECT k.key, substring($2::bytea FROM (k.n::int - 1) * 32 + 1 FOR 32), $3::text
+    FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY AS k(key, n)
+    ORDER BY k.key COLLATE "C"
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING idempotency_key
 )
-SELECT k->>0 FROM jsonb_array_elements($1::jsonb) AS k
-WHERE k->>0 NOT IN (SELECT idempotency_key FROM recorded);
+SELECT k FROM jsonb_array_elements_text($1::jsonb) AS k
+WHERE k NOT IN (SELECT idempotency_key FROM recorded);
 
 -- A key PostgreSQL already holds: delivered before if its digest matches the applied
 -- one, or if this very change was settled as a conflict earlier.
@@ -74,12 +76,16 @@ WHERE a.payload_digest = u.digest
 -- a record not based on the version held is a conflict, stored with both versions.
 -- name: apply_entities
 WITH incoming AS (
-    SELECT i.f->>0 AS idempotency_key, i.f->>1 AS entity_id, i.f->>2 AS session_id,
+    -- $1: [entity_id, session_id, version, base] per record (JSON); $2: the payloads, end
+    -- to end, at offsets $3 with lengths $4; $5: the digests, 32 bytes each, end to end.
+    -- The key is rebuilt from its parts: EntityType:entity_id:version.
+    SELECT '<entity_type>:' || (i.f->>0) || ':' || (i.f->>2) AS idempotency_key,
+           i.f->>0 AS entity_id, i.f->>1 AS session_id,
            convert_from(substring($2::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
-           (i.f->>3)::timestamptz AS version, (i.f->>4)::timestamptz AS base,
-           decode(i.f->>5, 'hex') AS digest, $5::text AS origin_id
+           (i.f->>2)::timestamptz AS version, (i.f->>3)::timestamptz AS base,
+           substring($5::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest, $6::text AS origin_id
     FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($3::int[]), unnest($4::int[]))
-         AS i(f, start, length)
+         WITH ORDINALITY AS i(f, start, length, n)
 ),
 judged AS (
     SELECT n.*,
