@@ -46,7 +46,7 @@ class OutboxRecord(NamedTuple):
     entity_type: str
     entity_id: str
     session_id: str | None
-    payload: str
+    payload: bytes  # as stored: UTF-8 unless a writer stored something else
     base_updated_at: str | None
     created_at: str
     attempts: int
@@ -114,8 +114,7 @@ class Outbox:
             size = 0
             for row in rows:
                 record = OutboxRecord(*row)
-                payload = record.payload
-                size += len(payload) if payload.isascii() else len(payload.encode(errors="replace"))
+                size += len(record.payload)
                 if batch and size > max_bytes:
                     break
                 batch.append(record)

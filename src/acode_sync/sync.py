@@ -81,10 +81,7 @@ def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
     """Check a record before shipping and put its timestamps in canonical form."""
     if record.entity_type not in TABLES:
         raise RecordRejectedError(f"unknown entity type {record.entity_type[:60]!r}")
-    try:
-        payload_bytes = record.payload.encode()
-    except UnicodeEncodeError:
-        raise RecordRejectedError("the payload is not valid UTF-8") from None
+    payload_bytes = record.payload  # PostgreSQL refuses it if it is not UTF-8
     if len(payload_bytes) > max_payload_bytes:
         raise RecordRejectedError(
             f"the payload is {len(payload_bytes)} bytes, over max_payload_bytes "
@@ -333,6 +330,7 @@ class WorkspaceSyncer:
                     }
                     # The next batch was prepared before these failures were known.
                     claimed[0].hold_back(held)
+                batch.plan = None  # applied: its statement arguments are not needed again
                 shipped = _Shipped(batch, outcome)
                 batch = claimed[0]
         finally:

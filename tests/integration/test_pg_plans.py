@@ -28,7 +28,7 @@ def session_records(first: int, count: int, stamp: str) -> list[OutboxRecord]:
             "Session",
             f"sess_{n:06d}",
             f"sess_{n:06d}",
-            f'{{"session_id": "sess_{n:06d}", "state": "CREATED", "updated_at": "{stamp}"}}',
+            f'{{"session_id": "sess_{n:06d}", "updated_at": "{stamp}"}}'.encode(),
             None,
             stamp,
             0,

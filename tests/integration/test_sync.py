@@ -423,7 +423,7 @@ def test_prepare_canonicalises_keys_and_rejects_bad_ones() -> None:
         "Session",
         "sess_x",
         None,
-        "{}",
+        b"{}",
         "2026-01-15T10:00:00Z",
         "2026-01-15T10:00:00Z",
         0,
@@ -433,7 +433,7 @@ def test_prepare_canonicalises_keys_and_rejects_bad_ones() -> None:
     assert prepared.base_updated_at == "2026-01-15T10:00:00.000000Z"
     with pytest.raises(RecordRejectedError, match="unknown entity type"):
         prepare(
-            OutboxRecord(1, "X:1:2026-01-01T00:00:00Z", "X", "1", None, "{}", None, "", 0),
+            OutboxRecord(1, "X:1:2026-01-01T00:00:00Z", "X", "1", None, b"{}", None, "", 0),
             max_payload_bytes=100,
         )
     with pytest.raises(RecordRejectedError, match="max_payload_bytes"):
@@ -446,22 +446,7 @@ def test_prepare_canonicalises_keys_and_rejects_bad_ones() -> None:
                 "Session",
                 "sess_x",
                 None,
-                "{}",
-                None,
-                "",
-                0,
-            ),
-            max_payload_bytes=100,
-        )
-    with pytest.raises(RecordRejectedError, match="UTF-8"):
-        prepare(
-            OutboxRecord(
-                1,
-                "Session:sess_x:2026-01-01T00:00:00Z",
-                "Session",
-                "sess_x",
-                None,
-                "\udcff",
+                b"{}",
                 None,
                 "",
                 0,
@@ -640,3 +625,30 @@ async def test_a_well_formed_but_impossible_time_is_the_records_own_failure(
     conn.close()
     assert (state, attempts) == ("pending", 1)
     assert error.startswith("22008")  # datetime field overflow
+
+
+async def test_a_payload_that_is_not_utf8_is_the_records_own_failure(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    """A writer can store any bytes as TEXT: the syncer ships them as they are and
+    PostgreSQL's refusal is pinned on that record alone."""
+    db = WorkspaceDatabase(workspace)
+    good = db.save(Session(title="fine"))
+    db.close()
+    conn = sqlite3.connect(database_path(workspace))
+    conn.execute(
+        "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
+        "created_at) VALUES (?, 'Session', 'sess_bytes', 'sess_bytes', "
+        "CAST(X'7B227469746C65223A22FF227D' AS TEXT), ?)",  # {"title":"\xff"}
+        (f"Session:sess_bytes:{good.updated_at}", good.created_at),
+    )
+    conn.commit()
+    conn.close()
+
+    summary = await syncer(workspace, target).drain()
+
+    assert (summary.applied, summary.retried) == (1, 1)
+    conn = sqlite3.connect(database_path(workspace))
+    error = conn.execute("SELECT last_error FROM outbox WHERE entity_id = 'sess_bytes'").fetchone()
+    conn.close()
+    assert error[0].startswith("22021")  # character not in repertoire: invalid UTF-8

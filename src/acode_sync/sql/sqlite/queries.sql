@@ -155,8 +155,9 @@ WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
     FROM outbox_sync AS w JOIN outbox_records AS r ON r.outbox_id = w.outbox_id
     WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
     GROUP BY r.entity_type, r.entity_id)
-SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, r.payload,
-       r.base_updated_at, r.created_at, s.attempts
+-- The payload comes as bytes: the syncer ships it as it is (no decoding, no copy).
+SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
+       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, s.attempts
 FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
 WHERE s.state = 'pending'
   AND s.outbox_id > :after
