@@ -14,6 +14,8 @@ import anyio
 import asyncpg
 import pytest
 
+from acode_sync.pg_tables import TABLES
+
 ADMIN_URL = os.environ.get(
     "ACODE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -61,3 +63,41 @@ def pg_url() -> Iterator[str]:
         yield database_url(name)
     finally:
         drop_database(name)
+
+
+# Test-only: a row for every entity write PostgreSQL commits. It has no unique key, so it
+# shows a double apply that the (unique) applied_keys table cannot.
+AUDIT_TABLE = "acode.audit"
+_AUDIT_SQL = f"""
+CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
+    entity_table text NOT NULL,
+    entity_id text NOT NULL,
+    idempotency_key text NOT NULL,
+    origin_id text NOT NULL,
+    updated_at timestamptz NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE OR REPLACE FUNCTION acode.audit_write() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {AUDIT_TABLE} (entity_table, entity_id, idempotency_key, origin_id, updated_at)
+    VALUES (TG_TABLE_NAME, to_jsonb(NEW) ->> TG_ARGV[0], NEW.idempotency_key, NEW.origin_id,
+            NEW.updated_at);
+    RETURN NULL;
+END
+$$;
+"""
+
+
+async def install_audit(dsn: str) -> None:
+    """The audit trigger on every entity table (the acode schema must exist)."""
+    triggers = "".join(
+        f"CREATE TRIGGER audit_write AFTER INSERT OR UPDATE ON acode.{spec.table} "
+        f"FOR EACH ROW EXECUTE FUNCTION acode.audit_write('{spec.id_column}');\n"
+        for spec in TABLES.values()
+    )
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(_AUDIT_SQL + triggers)
+    finally:
+        await conn.close()

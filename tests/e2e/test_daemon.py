@@ -37,7 +37,6 @@ from tests.daemon_harness import (
     free_port,
     outbox_counts,
     pg_count,
-    pg_execute,
     pg_fetchval,
     run_cli,
     sample,
@@ -47,6 +46,7 @@ from tests.daemon_harness import (
     wait_until,
     write_config,
 )
+from tests.pg import AUDIT_TABLE, install_audit
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes]
 
@@ -251,17 +251,6 @@ def test_reload_on_sighup_and_with_the_reload_command(rig: Rig) -> None:
 
 # --------------------------------------------------------------------------- 3
 
-AUDIT_SQL: Final = """
-CREATE TABLE acode.audit (k text);
-CREATE FUNCTION acode.audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO acode.audit (k) VALUES (NEW.idempotency_key);
-    RETURN NEW;
-END $$;
-CREATE TRIGGER audit AFTER INSERT OR UPDATE ON acode.sessions
-    FOR EACH ROW EXECUTE FUNCTION acode.audit_write();
-"""
-
 
 def _migrate_postgres(url: str) -> None:
     async def migrate() -> None:
@@ -276,7 +265,7 @@ def _migrate_postgres(url: str) -> None:
 
 def test_sigterm_during_a_large_drain_then_a_restart_finishes(rig: Rig) -> None:
     _migrate_postgres(rig.pg_url)
-    pg_execute(rig.pg_url, AUDIT_SQL)
+    anyio.run(install_audit, rig.pg_url)
     workspace = rig.root / "big"
     seed_sessions(workspace, DRAIN_RECORDS)
     config = rig.config(sync={"batch_max_records": 200})
@@ -306,8 +295,9 @@ def test_sigterm_during_a_large_drain_then_a_restart_finishes(rig: Rig) -> None:
     )
     assert pg_count(rig.pg_url, "applied_keys") == DRAIN_RECORDS
     assert rig.sessions() == DRAIN_RECORDS
-    assert pg_count(rig.pg_url, "audit") == DRAIN_RECORDS
-    assert pg_fetchval(rig.pg_url, "SELECT count(DISTINCT k) FROM audit") == DRAIN_RECORDS
+    assert pg_fetchval(rig.pg_url, f"SELECT count(*) FROM {AUDIT_TABLE}") == DRAIN_RECORDS
+    distinct = f"SELECT count(DISTINCT idempotency_key) FROM {AUDIT_TABLE}"
+    assert pg_fetchval(rig.pg_url, distinct) == DRAIN_RECORDS
     assert not restarted.find("duplicate")
     assert rig.stop(restarted) == 0
     daemon.assert_no_traceback()

@@ -32,6 +32,7 @@ from acode_sync.workspace import (
     open_workspace,
     schema_version,
 )
+from tests.records import session_payload
 
 SHIPPED: Final = load_migrations(DIALECT)
 LATEST: Final = SHIPPED[-1].version
@@ -53,23 +54,10 @@ def connect(workspace: Path) -> closing[sqlite3.Connection]:
     return closing(conn)
 
 
-def session_payload(session_id: str, stamp: str, **fields: Any) -> str:
-    row = {
-        "session_id": session_id,
-        "state": "CREATED",
-        "title": None,
-        "metadata": None,
-        "created_at": stamp,
-        "updated_at": stamp,
-        **fields,
-    }
-    return json.dumps(row)
-
-
 def enqueue(conn: sqlite3.Connection, session_id: str, stamp: str, **fields: Any) -> int:
     """The documented plain INSERT of a Session record; its id read back by key."""
     key = f"Session:{session_id}:{stamp}"
-    payload = session_payload(session_id, stamp, **fields)
+    payload = json.dumps(session_payload(session_id, stamp, **fields))
     conn.execute(CONTRACT_INSERT, (key, "Session", session_id, session_id, payload, stamp))
     (outbox_id,) = conn.execute(
         "SELECT outbox_id FROM outbox WHERE idempotency_key = ?", (key,)
@@ -264,7 +252,7 @@ def fill_outbox(workspace: Path, count: int) -> list[int]:
     try:
         db.conn.execute("BEGIN IMMEDIATE")
         for i in range(count):
-            payload = session_payload(f"sess_{i:06d}", T0, title="x" * 900)
+            payload = json.dumps(session_payload(f"sess_{i:06d}", T0, title="x" * 900))
             db.conn.execute(
                 _Q["insert_outbox"],
                 (f"Session:sess_{i:06d}:{T0}", "Session", f"sess_{i:06d}", None, payload, None, T0),

@@ -48,8 +48,9 @@ from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncSummary, WorkspaceSyncer
 from acode_sync.workspace import database_path
 from tests.integration.sync_child import NOT_REACHED
-from tests.pg import ADMIN_URL
+from tests.pg import ADMIN_URL, AUDIT_TABLE, install_audit
 from tests.proxy import TcpProxy
+from tests.records import session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -86,35 +87,8 @@ async def pg_execute(dsn: str, sql: str) -> None:
         await conn.close()
 
 
-AUDIT_FUNCTION: Final = """
-CREATE TABLE acode.audit (
-    entity_table text,
-    entity_id text,
-    idempotency_key text,
-    at timestamptz DEFAULT clock_timestamp()
-);
-CREATE FUNCTION acode.audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO acode.audit (entity_table, entity_id, idempotency_key)
-    VALUES (TG_TABLE_NAME, to_jsonb(NEW) ->> TG_ARGV[0], NEW.idempotency_key);
-    RETURN NULL;
-END
-$$;
-"""
-
-
-async def install_audit(dsn: str) -> None:
-    """An audit row for every entity write PostgreSQL commits (test-only, no unique key)."""
-    triggers = "".join(
-        f"CREATE TRIGGER audit_write AFTER INSERT OR UPDATE ON acode.{spec.table} "
-        f"FOR EACH ROW EXECUTE FUNCTION acode.audit_write('{spec.id_column}');\n"
-        for spec in TABLES.values()
-    )
-    await pg_execute(dsn, AUDIT_FUNCTION + triggers)
-
-
 async def audit_counts(dsn: str) -> Counter[str]:
-    rows = await pg_fetch(dsn, "SELECT idempotency_key FROM acode.audit")
+    rows = await pg_fetch(dsn, f"SELECT idempotency_key FROM {AUDIT_TABLE}")
     return Counter(str(row[0]) for row in rows)
 
 
@@ -496,18 +470,6 @@ MAX_PAYLOAD: Final = 2048
 BASE_DELAY: Final = 5.0
 CAP: Final = 3600.0
 MAX_ATTEMPTS: Final = 10
-
-
-def session_payload(session_id: str, stamp: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "session_id": session_id,
-        "state": "CREATED",
-        "title": None,
-        "metadata": None,
-        "created_at": stamp,
-        "updated_at": stamp,
-        **fields,
-    }
 
 
 def check_backoff(row: Row, attempt: int, now: datetime, reason: str) -> None:

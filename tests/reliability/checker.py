@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import anyio
 import asyncpg
@@ -37,8 +37,7 @@ import asyncpg
 from acode_sync.domain import format_timestamp
 from acode_sync.pg_tables import TABLES
 from acode_sync.workspace import database_path
-
-AUDIT_TABLE: Final = "acode.reliability_audit"
+from tests.pg import AUDIT_TABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,37 +279,6 @@ def count_resends(logs: Iterable[Path]) -> int:
 
 def _ts(value: datetime) -> str:
     return format_timestamp(value)
-
-
-AUDIT_SQL: Final = f"""
-CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
-    entity_table text NOT NULL,
-    entity_id text NOT NULL,
-    idempotency_key text NOT NULL,
-    origin_id text NOT NULL,
-    updated_at timestamptz NOT NULL,
-    at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE OR REPLACE FUNCTION acode.reliability_audit_write() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO {AUDIT_TABLE} (entity_table, entity_id, idempotency_key, origin_id, updated_at)
-    VALUES (TG_TABLE_NAME, to_jsonb(NEW) ->> TG_ARGV[0], NEW.idempotency_key, NEW.origin_id,
-            NEW.updated_at);
-    RETURN NULL;
-END
-$$;
-"""
-
-
-async def install_audit(conn: asyncpg.Connection) -> None:
-    """The test-only audit trigger on every entity table (the acode schema must exist)."""
-    triggers = "".join(
-        f"CREATE TRIGGER reliability_audit AFTER INSERT OR UPDATE ON acode.{spec.table} "
-        f"FOR EACH ROW EXECUTE FUNCTION acode.reliability_audit_write('{spec.id_column}');\n"
-        for spec in TABLES.values()
-    )
-    await conn.execute(AUDIT_SQL + triggers)
 
 
 def _decode(value: Any) -> Any:

@@ -20,7 +20,6 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import asyncpg
 import pytest
 
 from acode_sync.config import PostgresSettings
@@ -36,6 +35,7 @@ from tests.daemon_harness import (
     wait_until,
     write_config,
 )
+from tests.pg import install_audit
 from tests.reliability import checker, plugin
 
 SECRET: Final = "Rel-Soak-Pw-4417-q"  # a test value: trust auth ignores it
@@ -62,11 +62,7 @@ async def prepare_postgres(dsn: str) -> None:
         await target.ensure_schema()
     finally:
         await target.close()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await checker.install_audit(conn)
-    finally:
-        await conn.close()
+    await install_audit(dsn)
 
 
 def outbox_states(workspace: Path) -> dict[str, int]:

@@ -24,9 +24,9 @@ from acode_sync.errors import PostgresUnavailableError
 from acode_sync.postgres import PostgresTarget
 from acode_sync.sync import WorkspaceSyncer
 from tests.daemon_harness import free_port, pg_fetchval, sample, scrape, wait_until
+from tests.pg import AUDIT_TABLE
 from tests.proxy import TcpProxy
 from tests.reliability import plugin
-from tests.reliability.checker import AUDIT_TABLE
 from tests.reliability.rig import (
     SECRET,
     Rig,
