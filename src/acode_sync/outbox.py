@@ -50,6 +50,7 @@ class OutboxRecord(NamedTuple):
     base_updated_at: str | None
     created_at: str
     attempts: int
+    readable: bool = True  # False: a text column is not valid UTF-8 (see Outbox.claim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,25 +104,38 @@ class Outbox:
         payload bytes."""
 
         def _claim() -> list[OutboxRecord]:
-            now = format_timestamp(self.clock())
-            params = {
-                "now": now,
-                "limit": max_records,
-                "after": after,
-            }
+            try:
+                return self._claim_rows(max_records, max_bytes, after, tolerant=False)
+            except sqlite3.OperationalError:
+                # A writer stored text that is not UTF-8, which the driver cannot decode:
+                # read the batch again tolerantly, so that only that record fails.
+                return self._claim_rows(max_records, max_bytes, after, tolerant=True)
+
+        return translated(self.path, _claim)
+
+    def _claim_rows(
+        self, max_records: int, max_bytes: int, after: int, *, tolerant: bool
+    ) -> list[OutboxRecord]:
+        now = format_timestamp(self.clock())
+        params = {"now": now, "limit": max_records, "after": after}
+        if tolerant:
+            self.conn.text_factory = _decode_tolerantly
+        try:
             rows = self.conn.execute(_Q["claim_pending"], params)
             batch: list[OutboxRecord] = []
             size = 0
             for row in rows:
                 record = OutboxRecord(*row)
+                if tolerant and not _is_utf8(row):
+                    record = record._replace(readable=False)
                 size += len(record.payload)
                 if batch and size > max_bytes:
                     break
                 batch.append(record)
             rows.close()
             return batch
-
-        return translated(self.path, _claim)
+        finally:
+            self.conn.text_factory = str
 
     def mark(
         self,
@@ -201,13 +215,36 @@ class Outbox:
                 return total
 
 
+def _decode_tolerantly(data: bytes) -> str:
+    return data.decode(errors="surrogateescape")
+
+
+def _decode_for_display(data: bytes) -> str:
+    return data.decode(errors="backslashreplace")
+
+
+def _is_utf8(row: Sequence[Any]) -> bool:
+    try:
+        for value in row:
+            if isinstance(value, str):
+                value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def list_records(
     conn: sqlite3.Connection, *, failed_only: bool, limit: int
 ) -> list[dict[str, Any]]:
     states = ["dead"] if failed_only else ["pending", "dead"]
-    cursor = conn.execute(_Q["list_outbox"], {"states": json.dumps(states), "limit": limit})
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor]
+    factory = conn.text_factory
+    conn.text_factory = _decode_for_display  # a writer's non-UTF-8 text must still list
+    try:
+        cursor = conn.execute(_Q["list_outbox"], {"states": json.dumps(states), "limit": limit})
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+    finally:
+        conn.text_factory = factory
 
 
 def replay(conn: sqlite3.Connection, ids: Sequence[int] | None) -> int:

@@ -79,6 +79,8 @@ def tune_interpreter() -> None:
 
 def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
     """Check a record before shipping and put its timestamps in canonical form."""
+    if not record.readable:
+        raise RecordRejectedError("a text column of the record is not valid UTF-8")
     if record.entity_type not in TABLES:
         raise RecordRejectedError(f"unknown entity type {record.entity_type[:60]!r}")
     payload_bytes = record.payload  # PostgreSQL refuses it if it is not UTF-8

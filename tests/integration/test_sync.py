@@ -23,7 +23,7 @@ from acode_sync.errors import (
     WorkspaceOpenError,
 )
 from acode_sync.migrations import latest_version, load_migrations, parse_migrations
-from acode_sync.outbox import OutboxRecord
+from acode_sync.outbox import OutboxRecord, list_records
 from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock, WorkspaceSyncer, prepare
@@ -652,3 +652,28 @@ async def test_a_payload_that_is_not_utf8_is_the_records_own_failure(
     error = conn.execute("SELECT last_error FROM outbox WHERE entity_id = 'sess_bytes'").fetchone()
     conn.close()
     assert error[0].startswith("22021")  # character not in repertoire: invalid UTF-8
+
+
+async def test_text_that_is_not_utf8_fails_its_record_not_the_workspace(
+    workspace: Path, target: PostgresTarget, pg_url: str
+) -> None:
+    """The driver cannot decode such text: the claim reads the batch again tolerantly, the
+    record fails with a clear error, the others go on, and the record still lists."""
+    db = WorkspaceDatabase(workspace)
+    good = db.save(Session(title="fine"))
+    db.close()
+    conn = sqlite3.connect(database_path(workspace))
+    conn.execute(
+        "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
+        "created_at) VALUES (CAST(? AS TEXT), 'Session', CAST(? AS TEXT), NULL, '{}', ?)",
+        (f"Session:sess_\xff:{good.updated_at}".encode("latin-1"), b"sess_\xff", good.created_at),
+    )
+    conn.commit()
+
+    summary = await syncer(workspace, target).drain()
+
+    assert (summary.applied, summary.retried) == (1, 1)
+    listed = list_records(conn, failed_only=False, limit=10)
+    conn.close()
+    assert [(r["entity_id"], r["attempts"]) for r in listed] == [("sess_\\xff", 1)]
+    assert listed[0]["last_error"] == "a text column of the record is not valid UTF-8"
