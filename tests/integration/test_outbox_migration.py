@@ -32,7 +32,7 @@ from acode_sync.workspace import (
     open_workspace,
     schema_version,
 )
-from tests.records import session_payload
+from tests.records import enqueue_raw, session_payload
 
 SHIPPED: Final = load_migrations(DIALECT)
 LATEST: Final = SHIPPED[-1].version
@@ -40,10 +40,6 @@ _Q: Final = queries(DIALECT)
 FAR_FUTURE: Final = "2099-01-01T00:00:00.000000Z"
 PROCESSED_AT: Final = "2025-01-15T10:30:01.000000Z"  # long past any retention
 T0: Final = "2026-01-15T10:30:00.000000Z"
-CONTRACT_INSERT: Final = (
-    "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload,"
-    " created_at) VALUES (?, ?, ?, ?, ?, ?)"
-)
 # The pages of the records: their table and its two indexes.
 RECORD_BTREES: Final = ("outbox_records", "sqlite_autoindex_outbox_records_1", "outbox_by_entity")
 
@@ -58,11 +54,7 @@ def enqueue(conn: sqlite3.Connection, session_id: str, stamp: str, **fields: Any
     """The documented plain INSERT of a Session record; its id read back by key."""
     key = f"Session:{session_id}:{stamp}"
     payload = json.dumps(session_payload(session_id, stamp, **fields))
-    conn.execute(CONTRACT_INSERT, (key, "Session", session_id, session_id, payload, stamp))
-    (outbox_id,) = conn.execute(
-        "SELECT outbox_id FROM outbox WHERE idempotency_key = ?", (key,)
-    ).fetchone()
-    return int(outbox_id)
+    return enqueue_raw(conn, key, "Session", session_id, session_id, payload, stamp)
 
 
 def version_1_workspace(workspace: Path) -> sqlite3.Connection:

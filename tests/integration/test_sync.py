@@ -29,6 +29,7 @@ from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock, WorkspaceSyncer, prepare
 from acode_sync.workspace import database_path
 from tests.pg import create_database_async, database_url, drop_database_async
+from tests.records import enqueue_raw, session_payload
 
 PG_LATEST = latest_version(load_migrations("postgres"))
 
@@ -575,12 +576,9 @@ async def test_hostile_ids_and_text_arrive_verbatim(
     conn = sqlite3.connect(database_path(workspace))
     stamp = "2026-01-15T10:30:00.000000Z"
     for session_id in HOSTILE_TEXTS:
-        payload = {"session_id": session_id, "state": "CREATED", "title": session_id[::-1]}
-        conn.execute(
-            "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
-            "created_at) VALUES (?, 'Session', ?, ?, ?, ?)",
-            (f"Session:{session_id}:{stamp}", session_id, session_id, json.dumps(payload), stamp),
-        )
+        payload = session_payload(session_id, stamp, title=session_id[::-1])
+        key = f"Session:{session_id}:{stamp}"
+        enqueue_raw(conn, key, "Session", session_id, session_id, json.dumps(payload), stamp)
     conn.commit()
     conn.close()
 
@@ -605,11 +603,8 @@ async def test_a_well_formed_but_impossible_time_is_the_records_own_failure(
     db.close()
     conn = sqlite3.connect(database_path(workspace))
     bad_time = "2026-13-45T10:30:00.000000Z"
-    conn.execute(
-        "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
-        "created_at) VALUES (?, 'Session', 'sess_bad', 'sess_bad', '{}', ?)",
-        (f"Session:sess_bad:{bad_time}", good.created_at),
-    )
+    key = f"Session:sess_bad:{bad_time}"
+    enqueue_raw(conn, key, "Session", "sess_bad", "sess_bad", "{}", "2026-01-15T10:30:00Z")
     conn.commit()
     conn.close()
 

@@ -50,7 +50,7 @@ from acode_sync.workspace import database_path
 from tests.integration.sync_child import NOT_REACHED
 from tests.pg import ADMIN_URL, AUDIT_TABLE, install_audit
 from tests.proxy import TcpProxy
-from tests.records import session_payload
+from tests.records import enqueue_raw, session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -168,19 +168,10 @@ def error_attempts(workspace: Path, outbox_id: int) -> list[int]:
 def insert_raw(
     workspace: Path, entity_type: str, entity_id: str, session_id: str, stamp: str, payload: str
 ) -> int:
-    """Enqueue a record the way any sqlite3 writer may: the six contract columns. The new
-    outbox_id is read back by its key (`outbox` is a view: no last_insert_rowid)."""
-    key = f"{entity_type}:{entity_id}:{stamp}"
+    """Enqueue a record the way any sqlite3 writer may: the six contract columns."""
     with sqlite(workspace) as conn:
-        conn.execute(
-            "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (key, entity_type, entity_id, session_id, payload, stamp),
-        )
-        (outbox_id,) = conn.execute(
-            "SELECT outbox_id FROM outbox WHERE idempotency_key = ?", (key,)
-        ).fetchone()
-    return int(outbox_id)
+        key = f"{entity_type}:{entity_id}:{stamp}"
+        return enqueue_raw(conn, key, entity_type, entity_id, session_id, payload, stamp)
 
 
 def write_records(workspace: Path, count: int = 50) -> list[str]:
