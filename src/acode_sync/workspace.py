@@ -130,20 +130,37 @@ def _begin_immediate(conn: sqlite3.Connection) -> None:
     timeout_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
     conn.execute("PRAGMA busy_timeout = 0")
     try:
-        deadline = time.monotonic() + min(FINE_LOCK_WAIT, timeout_ms / 1000)
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as error:
-                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
-                    raise
-                if time.monotonic() >= deadline:
-                    break
-            time.sleep(FINE_LOCK_PAUSE)
+        wait = min(FINE_LOCK_WAIT, timeout_ms / 1000)
+        _retry_while_busy(
+            lambda: conn.execute("BEGIN IMMEDIATE"), wait, FINE_LOCK_PAUSE, FINE_LOCK_PAUSE
+        )
+        return
+    except sqlite3.OperationalError as error:
+        if not _is_busy(error):
+            raise
     finally:
         conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
     conn.execute("BEGIN IMMEDIATE")
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    return error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _retry_while_busy(
+    statement: Callable[[], R], seconds: float, pause: float, max_pause: float
+) -> R:
+    """Run `statement` until it is not refused with SQLITE_BUSY, pausing between tries
+    (doubling, up to `max_pause`); the last refusal is raised after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, max_pause)
 
 
 def _create_private_file(path: Path) -> None:
@@ -283,16 +300,11 @@ def _switch_to_wal(conn: sqlite3.Connection) -> str:
     while already holding a read lock), so a process creating a workspace while another
     one holds the write lock would get SQLITE_BUSY at once: retry until the timeout.
     """
-    deadline = time.monotonic() + conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
-    pause = 0.001
-    while True:
-        try:
-            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+    timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+    mode = _retry_while_busy(
+        lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0], timeout, 0.001, 0.05
+    )
+    return str(mode)
 
 
 def upgrade(conn: sqlite3.Connection, path: Path, *, clock: Clock = utc_now) -> tuple[int, int]:
