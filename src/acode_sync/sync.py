@@ -382,19 +382,17 @@ class WorkspaceSyncer:
             await anyio.to_thread.run_sync(lambda: outbox.claim(max_records=1, max_bytes=1))
         )
 
-    def _claim(self, outbox: Outbox, after: int) -> list[OutboxRecord]:
-        return outbox.claim(
-            max_records=self.settings.batch_max_records,
-            max_bytes=self.settings.batch_max_bytes,
-            after=after,
-        )
-
     def _claim_batch(
         self, outbox: Outbox, after: int, held: AbstractSet[tuple[str, str]]
     ) -> _Batch:
         """Claim and prepare the next batch, in a worker thread, while PostgreSQL applies
         the one before."""
-        return self._prepare(self._claim(outbox, after), held)
+        records = outbox.claim(
+            max_records=self.settings.batch_max_records,
+            max_bytes=self.settings.batch_max_bytes,
+            after=after,
+        )
+        return self._prepare(records, held)
 
     def _maintain(self, outbox: Outbox) -> None:
         """Off the agent's save path: prune old processed records, checkpoint the WAL."""
