@@ -1,7 +1,8 @@
 """How each entity's payload maps onto its typed PostgreSQL table.
 
-The per-table apply statement is the `apply_entities` template of
-sql/postgres/queries.sql filled from these constant specs: no input ever reaches it.
+The apply statement (APPLY_ROUND_SQL) is the `apply_entities` block of
+sql/postgres/queries.sql filled once per table from these constant specs, then joined:
+no input ever reaches it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from functools import cached_property
 
 from acode_sync.sql import queries
 
@@ -52,13 +52,16 @@ class TableSpec:
             return f"coalesce(d.p->>'{column.name}', {column.default})"
         return f"d.p->>'{column.name}'"
 
-    @cached_property
-    def apply_sql(self) -> str:
+    def apply_block(self, first_parameter: int) -> str:
+        """This table's part of the round statement; its five arguments are numbered
+        from `first_parameter` (see ARGUMENTS_PER_TABLE)."""
         names = [c.name for c in self.columns]
+        block = queries("postgres")["apply_entities"]
+        for offset, marker in enumerate(_ARGUMENT_MARKERS):
+            block = block.replace(marker, f"${first_parameter + offset}")
         filled = (
-            queries("postgres")["apply_entities"]
-            .replace("<entity_type>", self.entity_type)
-            .replace("<table>", self.table)
+            block.replace("<entity_type>", self.entity_type)
+            .replace("<t>", self.table)
             .replace("<id_column>", self.id_column)
             .replace("<columns>", ", ".join(names))
             .replace("<values>", ", ".join(self._value(c) for c in self.columns))
@@ -71,6 +74,11 @@ class TableSpec:
         if _MARKER.search(filled):
             raise AssertionError(f"unfilled marker in the apply statement for {self.table}")
         return filled
+
+
+# Each table's arguments in the round statement, in this order: see postgres.Columns.
+_ARGUMENT_MARKERS = ("<fields>", "<payloads>", "<starts>", "<lengths>", "<digests>")
+ARGUMENTS_PER_TABLE = len(_ARGUMENT_MARKERS)
 
 
 _TS = Kind.TIMESTAMP
@@ -152,3 +160,24 @@ TABLES: Mapping[str, TableSpec] = {
         ),
     )
 }
+
+# The round statement's tables, in a fixed order; $1 is the origin, then five arguments
+# per table.
+ENTITY_TYPES: tuple[str, ...] = tuple(TABLES)
+
+
+def _round_sql() -> str:
+    blocks = [
+        TABLES[t].apply_block(2 + i * ARGUMENTS_PER_TABLE) for i, t in enumerate(ENTITY_TYPES)
+    ]
+    columns = (
+        "conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at, "
+        "incoming_origin, current_origin, winner"
+    )
+    conflicts = "\nUNION ALL\n".join(
+        f"SELECT {columns} FROM {TABLES[t].table}_recorded" for t in ENTITY_TYPES
+    )
+    return "WITH " + ",\n".join(blocks) + "\n" + conflicts
+
+
+APPLY_ROUND_SQL: str = _round_sql()

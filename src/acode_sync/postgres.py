@@ -39,7 +39,7 @@ from acode_sync.migrations import (
     load_migrations,
     plan_migrations,
 )
-from acode_sync.pg_tables import TABLES
+from acode_sync.pg_tables import APPLY_ROUND_SQL, ENTITY_TYPES
 from acode_sync.sql import queries
 
 DIALECT: Final = "postgres"
@@ -113,6 +113,9 @@ class BatchOutcome:
         self.conflicts += other.conflicts
 
 
+STATEMENT_CACHE_LIMIT: Final = max(64 * 1024, 2 * len(APPLY_ROUND_SQL))
+
+
 def lock_key(text: str) -> int:
     return int.from_bytes(
         hashlib.blake2b(text.encode(), digest_size=4).digest(), "big", signed=True
@@ -134,11 +137,12 @@ def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
     return result
 
 
-# One apply statement's arguments: the records' small fields as one JSON array, their
-# payloads as one UTF-8 blob with the offset and length of each, and their digests as one
-# blob. (An array parameter per field costs several times more: asyncpg checks and
-# copies array elements one by one.)
+# One table's arguments in the round statement: the records' small fields as one JSON
+# array, their payloads as one UTF-8 blob with the offset and length of each, and their
+# digests as one blob. (An array parameter per field costs several times more: asyncpg
+# checks and copies array elements one by one.)
 Columns = tuple[str, bytes, list[int], list[int], bytes]
+_NO_RECORDS: Columns = ("[]", b"", [], [], b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +154,13 @@ class BatchPlan:
     locks: list[int]
     keys: str  # a JSON array
     digests: bytes  # 32 bytes per key, end to end
-    # Per round, per entity type in a fixed order: the apply statement's arguments.
-    rounds: list[list[tuple[str, Columns]]]
+    # Per round: the round statement's arguments after the origin, table by table.
+    rounds: list[list[Any]]
 
 
 def _columns(records: list[PreparedRecord]) -> Columns:
+    if not records:
+        return _NO_RECORDS
     records.sort(key=lambda r: r.entity_id)  # a fixed row lock order
     # The key is not sent: it is EntityType:entity_id:version, rebuilt by the statement.
     fields = json.dumps(
@@ -166,13 +172,13 @@ def _columns(records: list[PreparedRecord]) -> Columns:
     return fields, payloads, starts, lengths, b"".join(r.digest for r in records)
 
 
-def _apply_rounds(records: Sequence[PreparedRecord]) -> list[list[tuple[str, Columns]]]:
+def _apply_rounds(records: Sequence[PreparedRecord]) -> list[list[Any]]:
     planned = []
     for batch_round in rounds(records):
-        by_type: dict[str, list[PreparedRecord]] = {}
+        by_type: dict[str, list[PreparedRecord]] = {t: [] for t in ENTITY_TYPES}
         for record in batch_round:
-            by_type.setdefault(record.entity_type, []).append(record)
-        planned.append([(t, _columns(by_type[t])) for t in sorted(by_type)])
+            by_type[record.entity_type].append(record)
+        planned.append([argument for t in ENTITY_TYPES for argument in _columns(by_type[t])])
     return planned
 
 
@@ -247,6 +253,9 @@ class PostgresTarget:
                     server_settings={"application_name": "acode-syncd"},
                     connection_class=_Connection,
                     statement_cache_size=s.statement_cache_size,
+                    # The round statement is larger than asyncpg caches by default (15 KiB):
+                    # prepared again for every round, it would be planned every time.
+                    max_cacheable_statement_size=STATEMENT_CACHE_LIMIT,
                 )
         return self._pool
 
@@ -364,10 +373,9 @@ class PostgresTarget:
             # It goes through last-write-wins, which records it as a conflict.
             fresh = [r for r in fresh if r.idempotency_key not in delivered]
             planned = _apply_rounds(fresh)
-        for batch_round in planned:
-            for entity_type, columns in batch_round:
-                rows = await conn.fetch(TABLES[entity_type].apply_sql, *columns, origin_id)
-                outcome.conflicts += [Conflict(**dict(row)) for row in rows]
+        for arguments in planned:
+            rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, *arguments)
+            outcome.conflicts += [Conflict(**dict(row)) for row in rows]
         if not outcome.conflicts:
             outcome.applied = list(fresh)
             return outcome

@@ -69,7 +69,7 @@ CHECKPOINT_EVERY_BATCHES: Final = 20
 # answers, the event loop must get the GIL back at once to send the next statement:
 # Python's default switch interval (5 ms) would leave PostgreSQL idle that long, several
 # times per batch.
-GIL_SWITCH_INTERVAL: Final = 0.0005
+GIL_SWITCH_INTERVAL: Final = 0.0001
 
 
 def tune_interpreter() -> None:

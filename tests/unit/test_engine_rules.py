@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 
 from acode_sync.log import Redactor, configure_logging, get_logger
-from acode_sync.pg_tables import TABLES
+from acode_sync.pg_tables import APPLY_ROUND_SQL, ARGUMENTS_PER_TABLE, TABLES
 from acode_sync.postgres import PreparedRecord, is_record_error, lock_key, rounds
 
 
@@ -40,10 +40,12 @@ def test_errors_are_classified_by_sqlstate_class() -> None:
     assert not is_record_error(TimeoutError())
 
 
-def test_every_apply_statement_is_filled() -> None:
+def test_the_round_statement_writes_every_table_with_its_own_arguments() -> None:
     for spec in TABLES.values():
-        assert spec.table in spec.apply_sql
-        assert "<" + "table>" not in spec.apply_sql
+        assert f"INSERT INTO acode.{spec.table} AS t" in APPLY_ROUND_SQL
+    last = 1 + ARGUMENTS_PER_TABLE * len(TABLES)
+    assert f"${last}::" in APPLY_ROUND_SQL
+    assert f"${last + 1}" not in APPLY_ROUND_SQL
 
 
 def test_redactor_scrubs_nested_values() -> None:

@@ -49,7 +49,6 @@ FROM unnest($2::int[]) AS k;
 
 -- Returns the keys PostgreSQL already held (usually none), not the ones it recorded.
 -- $1: the keys (a JSON array), $2: their SHA-256 digests, 32 bytes each, end to end.
--- Returns the keys PostgreSQL already held (usually none), not the ones it recorded.
 -- name: record_keys
 WITH recorded AS (
     INSERT INTO acode.applied_keys (idempotency_key, payload_digest, origin_id)
@@ -72,22 +71,27 @@ WHERE a.payload_digest = u.digest
    OR EXISTS (SELECT 1 FROM acode.conflicts AS c
               WHERE c.incoming_key = u.idempotency_key AND c.incoming_digest = u.digest);
 
--- One record per entity (a "round"). Last write wins on (updated_at, origin_id, key);
--- a record not based on the version held is a conflict, stored with both versions.
+-- A round: at most one record per entity, of every entity type, in one statement (one
+-- round trip). This block is repeated once per entity table, its names prefixed with the
+-- table's (<t>_incoming, ...); the statement ends with the union of their conflicts (see
+-- acode_sync/pg_tables.py). Last write wins on (updated_at, origin_id, key); a record not
+-- based on the version held is a conflict, stored with both versions. $1 is the origin.
 -- name: apply_entities
-WITH incoming AS (
-    -- $1: [entity_id, session_id, version, base] per record (JSON); $2: the payloads, end
-    -- to end, at offsets $3 with lengths $4; $5: the digests, 32 bytes each, end to end.
-    -- The key is rebuilt from its parts: EntityType:entity_id:version.
+<t>_incoming AS (
+    -- <fields>: [entity_id, session_id, version, base] per record (JSON); <payloads>: the
+    -- payloads, end to end, at offsets <starts> with lengths <lengths>; <digests>: the
+    -- digests, 32 bytes each, end to end. The key is rebuilt: EntityType:entity_id:version.
     SELECT '<entity_type>:' || (i.f->>0) || ':' || (i.f->>2) AS idempotency_key,
            i.f->>0 AS entity_id, i.f->>1 AS session_id,
-           convert_from(substring($2::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
+           convert_from(substring(<payloads>::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
            (i.f->>2)::timestamptz AS version, (i.f->>3)::timestamptz AS base,
-           substring($5::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest, $6::text AS origin_id
-    FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($3::int[]), unnest($4::int[]))
+           substring(<digests>::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest,
+           $1::text AS origin_id
+    FROM ROWS FROM (jsonb_array_elements(<fields>::jsonb), unnest(<starts>::int[]),
+                    unnest(<lengths>::int[]))
          WITH ORDINALITY AS i(f, start, length, n)
 ),
-judged AS (
+<t>_judged AS (
     SELECT n.*,
            c.updated_at IS NOT NULL AS has_current,
            c.updated_at AS current_updated_at,
@@ -96,25 +100,25 @@ judged AS (
            c.updated_at IS NULL
                OR (n.version, n.origin_id, n.idempotency_key)
                   > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
-    FROM incoming AS n
+    FROM <t>_incoming AS n
     -- One primary-key lookup per record, whatever the planner thinks of the batch size
     -- (a hash join would scan the whole table).
     LEFT JOIN LATERAL (
         SELECT t.updated_at, t.origin_id, t.idempotency_key
-        FROM acode.<table> AS t
+        FROM acode.<t> AS t
         WHERE t.<id_column> = n.entity_id
     ) AS c ON true
 ),
-decided AS (
+<t>_decided AS (
     SELECT j.*,
            j.has_current AND (
                NOT j.wins
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
            ) AS in_conflict
-    FROM judged AS j
+    FROM <t>_judged AS j
 ),
-recorded AS (
+<t>_recorded AS (
     INSERT INTO acode.conflicts (
         entity_type, entity_id, session_id, incoming_key, incoming_digest, incoming_origin,
         incoming_updated_at, incoming_base_updated_at, incoming_version, current_key,
@@ -123,11 +127,11 @@ recorded AS (
            d.idempotency_key, d.digest, d.origin_id, d.version, d.base, d.p,
            d.current_key, d.current_origin, d.current_updated_at, c.version,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
-    FROM decided AS d
+    FROM <t>_decided AS d
     -- The statement's snapshot: the version held before this statement's upsert.
     CROSS JOIN LATERAL (
         SELECT (to_jsonb(t) - '{extra,origin_id,idempotency_key,synced_at}'::text[]) || t.extra
-        FROM acode.<table> AS t
+        FROM acode.<t> AS t
         WHERE t.<id_column> = d.entity_id
     ) AS c(version)
     WHERE d.in_conflict
@@ -135,10 +139,10 @@ recorded AS (
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
               incoming_origin, current_origin, winner
 ),
-written AS (
-    INSERT INTO acode.<table> AS t (<columns>, extra, origin_id, idempotency_key, synced_at)
+<t>_written AS (
+    INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now()
-    FROM decided AS d
+    FROM <t>_decided AS d
     WHERE d.wins
     ORDER BY d.entity_id COLLATE "C"
     ON CONFLICT (<id_column>) DO UPDATE SET
@@ -148,10 +152,6 @@ written AS (
           < (excluded.updated_at, excluded.origin_id, excluded.idempotency_key)
     RETURNING 1
 )
-SELECT r.conflict_id, r.incoming_key, r.current_key,
-       r.incoming_updated_at, r.current_updated_at, r.incoming_origin, r.current_origin,
-       r.winner
-FROM recorded AS r;
 
 -- name: list_conflicts
 SELECT conflict_id, entity_type, entity_id, session_id, incoming_key, current_key,
