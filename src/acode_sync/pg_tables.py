@@ -52,15 +52,20 @@ class TableSpec:
             return f"coalesce(d.p->>'{column.name}', {column.default})"
         return f"d.p->>'{column.name}'"
 
-    def apply_block(self, first_parameter: int) -> str:
-        """This table's part of the round statement; its five arguments are numbered
+    def incoming_block(self, first_parameter: int) -> str:
+        """This table's records in the round statement; its five arguments are numbered
         from `first_parameter` (see ARGUMENTS_PER_TABLE)."""
-        names = [c.name for c in self.columns]
-        block = queries("postgres")["apply_entities"]
+        block = queries("postgres")["incoming_entities"]
         for offset, marker in enumerate(_ARGUMENT_MARKERS):
             block = block.replace(marker, f"${first_parameter + offset}")
-        filled = (
-            block.replace("<entity_type>", self.entity_type)
+        return _filled(block.replace("<entity_type>", self.entity_type).replace("<t>", self.table))
+
+    def apply_block(self) -> str:
+        """This table's last-write-wins decision, conflicts and upsert."""
+        names = [c.name for c in self.columns]
+        return _filled(
+            queries("postgres")["apply_entities"]
+            .replace("<entity_type>", self.entity_type)
             .replace("<t>", self.table)
             .replace("<id_column>", self.id_column)
             .replace("<columns>", ", ".join(names))
@@ -71,9 +76,12 @@ class TableSpec:
                 ", ".join(f"{n} = excluded.{n}" for n in names if n != self.id_column),
             )
         )
-        if _MARKER.search(filled):
-            raise AssertionError(f"unfilled marker in the apply statement for {self.table}")
-        return filled
+
+
+def _filled(sql: str) -> str:
+    if _MARKER.search(sql):
+        raise AssertionError(f"unfilled marker in the round statement: {sql[:80]!r}")
+    return sql
 
 
 # Each table's arguments in the round statement, in this order: see postgres.Columns.
@@ -161,23 +169,35 @@ TABLES: Mapping[str, TableSpec] = {
     )
 }
 
-# The round statement's tables, in a fixed order; $1 is the origin, then five arguments
-# per table.
+# The round statement's tables, in a fixed order. $1 is the origin, $2 whether the round
+# records its keys, then five arguments per table (see postgres.Columns).
 ENTITY_TYPES: tuple[str, ...] = tuple(TABLES)
+FIRST_TABLE_ARGUMENT = 3
 
 
 def _round_sql() -> str:
-    blocks = [
-        TABLES[t].apply_block(2 + i * ARGUMENTS_PER_TABLE) for i, t in enumerate(ENTITY_TYPES)
+    sql = queries("postgres")
+    tables = [TABLES[t] for t in ENTITY_TYPES]
+    incoming = [
+        spec.incoming_block(FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE)
+        for i, spec in enumerate(tables)
     ]
-    columns = (
-        "conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at, "
-        "incoming_origin, current_origin, winner"
+    keys = sql["round_keys"].replace(
+        "<incoming_keys>",
+        " UNION ALL SELECT idempotency_key, digest FROM ".join(
+            f"{spec.table}_incoming" for spec in tables
+        ),
     )
-    conflicts = "\nUNION ALL\n".join(
-        f"SELECT {columns} FROM {TABLES[t].table}_recorded" for t in ENTITY_TYPES
+    conflicts = "".join(
+        "\nUNION ALL\nSELECT 'conflict', incoming_key, conflict_id, current_key, "
+        "incoming_updated_at, current_updated_at, incoming_origin, current_origin, winner "
+        f"FROM {spec.table}_recorded"
+        for spec in tables
     )
-    return "WITH " + ",\n".join(blocks) + "\n" + conflicts
+    blocks = [*incoming, keys, *(spec.apply_block() for spec in tables)]
+    return _filled(
+        "WITH " + ",\n".join(blocks) + "\n" + sql["round_outcome"].replace("<conflicts>", conflicts)
+    )
 
 
 APPLY_ROUND_SQL: str = _round_sql()

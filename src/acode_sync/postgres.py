@@ -94,6 +94,13 @@ class Conflict:
     winner: str
 
 
+CONFLICT_FIELDS: Final = tuple(Conflict.__dataclass_fields__)
+
+
+def _conflict(row: asyncpg.Record) -> Conflict:
+    return Conflict(**{name: row[name] for name in CONFLICT_FIELDS})
+
+
 @dataclass(slots=True)
 class BatchOutcome:
     applied: list[PreparedRecord] = field(default_factory=list)
@@ -152,9 +159,7 @@ class BatchPlan:
 
     records: Sequence[PreparedRecord]
     locks: list[int]
-    keys: str  # a JSON array
-    digests: bytes  # 32 bytes per key, end to end
-    # Per round: the round statement's arguments after the origin, table by table.
+    # Per round: the round statement's per-table arguments, table by table.
     rounds: list[list[Any]]
 
 
@@ -187,8 +192,6 @@ def plan_batch(records: Sequence[PreparedRecord]) -> BatchPlan:
     return BatchPlan(
         records=records,
         locks=sorted({lock_key(session) for session in sessions}),
-        keys=json.dumps([r.idempotency_key for r in records]),
-        digests=b"".join(r.digest for r in records),
         rounds=_apply_rounds(records),
     )
 
@@ -354,35 +357,47 @@ class PostgresTarget:
     ) -> BatchOutcome:
         timeout_ms = str(int(self.settings.statement_timeout * 1000))
         await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, plan.locks, timeout_ms)
-        rows = await conn.fetch(_Q["record_keys"], plan.keys, plan.digests, origin_id)
-        held_before = {row[0] for row in rows}
         outcome = BatchOutcome()
-        fresh, planned = plan.records, plan.rounds
-        if held_before:
-            known = [r for r in fresh if r.idempotency_key in held_before]
-            delivered = {
-                row[0]
-                for row in await conn.fetch(
-                    _Q["delivered_keys"],
-                    [r.idempotency_key for r in known],
-                    [r.digest for r in known],
-                )
-            }
-            outcome.duplicates = [r for r in known if r.idempotency_key in delivered]
-            # Same key, other payload: another origin's change in the same microsecond.
-            # It goes through last-write-wins, which records it as a conflict.
-            fresh = [r for r in fresh if r.idempotency_key not in delivered]
-            planned = _apply_rounds(fresh)
-        for arguments in planned:
-            rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, *arguments)
-            outcome.conflicts += [Conflict(**dict(row)) for row in rows]
-        if not outcome.conflicts:
-            outcome.applied = list(fresh)
+        for arguments in plan.rounds:
+            rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, True, *arguments)
+            outcome.conflicts += [_conflict(row) for row in rows if row["outcome"] == "conflict"]
+            held = [row["incoming_key"] for row in rows if row["outcome"] == "held"]
+            if held:  # before the next round, which may hold later records of their entities
+                await self._settle_held(conn, origin_id, plan, held, outcome)
+        if not (outcome.duplicates or outcome.conflicts):
+            outcome.applied = list(plan.records)
             return outcome
+        duplicates = {r.idempotency_key for r in outcome.duplicates}
         conflicted = {c.incoming_key for c in outcome.conflicts}
-        outcome.applied = [r for r in fresh if r.idempotency_key not in conflicted]
-        outcome.conflicted = [r for r in fresh if r.idempotency_key in conflicted]
+        for record in plan.records:
+            if record.idempotency_key in conflicted:
+                outcome.conflicted.append(record)
+            elif record.idempotency_key not in duplicates:
+                outcome.applied.append(record)
         return outcome
+
+    async def _settle_held(
+        self,
+        conn: asyncpg.Connection,
+        origin_id: str,
+        plan: BatchPlan,
+        held: list[str],
+        outcome: BatchOutcome,
+    ) -> None:
+        """Keys PostgreSQL already held: duplicates if delivered before; otherwise another
+        origin's change in the same microsecond, which goes through last-write-wins (and is
+        recorded as a conflict)."""
+        by_key = {r.idempotency_key: r for r in plan.records}
+        known = [by_key[key] for key in held]
+        rows = await conn.fetch(
+            _Q["delivered_keys"], [r.idempotency_key for r in known], [r.digest for r in known]
+        )
+        delivered = {row[0] for row in rows}
+        outcome.duplicates += [r for r in known if r.idempotency_key in delivered]
+        ties = [r for r in known if r.idempotency_key not in delivered]
+        for arguments in _apply_rounds(ties):  # one round: one record per entity
+            rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, False, *arguments)
+            outcome.conflicts += [_conflict(row) for row in rows]
 
     async def list_conflicts(self, session_id: str | None, limit: int) -> list[dict[str, Any]]:
         pool = await self._get_pool()

@@ -7,7 +7,12 @@ import asyncpg
 import pytest
 
 from acode_sync.log import Redactor, configure_logging, get_logger
-from acode_sync.pg_tables import APPLY_ROUND_SQL, ARGUMENTS_PER_TABLE, TABLES
+from acode_sync.pg_tables import (
+    APPLY_ROUND_SQL,
+    ARGUMENTS_PER_TABLE,
+    FIRST_TABLE_ARGUMENT,
+    TABLES,
+)
 from acode_sync.postgres import PreparedRecord, is_record_error, lock_key, rounds
 
 
@@ -43,7 +48,7 @@ def test_errors_are_classified_by_sqlstate_class() -> None:
 def test_the_round_statement_writes_every_table_with_its_own_arguments() -> None:
     for spec in TABLES.values():
         assert f"INSERT INTO acode.{spec.table} AS t" in APPLY_ROUND_SQL
-    last = 1 + ARGUMENTS_PER_TABLE * len(TABLES)
+    last = FIRST_TABLE_ARGUMENT - 1 + ARGUMENTS_PER_TABLE * len(TABLES)
     assert f"${last}::" in APPLY_ROUND_SQL
     assert f"${last + 1}" not in APPLY_ROUND_SQL
 

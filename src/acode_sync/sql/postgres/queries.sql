@@ -47,20 +47,6 @@ SELECT (SELECT set_config('statement_timeout', $3, true)),
        count(pg_advisory_xact_lock($1, k))
 FROM unnest($2::int[]) AS k;
 
--- Returns the keys PostgreSQL already held (usually none), not the ones it recorded.
--- $1: the keys (a JSON array), $2: their SHA-256 digests, 32 bytes each, end to end.
--- name: record_keys
-WITH recorded AS (
-    INSERT INTO acode.applied_keys (idempotency_key, payload_digest, origin_id)
-    SELECT k.key, substring($2::bytea FROM (k.n::int - 1) * 32 + 1 FOR 32), $3::text
-    FROM jsonb_array_elements_text($1::jsonb) WITH ORDINALITY AS k(key, n)
-    ORDER BY k.key COLLATE "C"
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING idempotency_key
-)
-SELECT k FROM jsonb_array_elements_text($1::jsonb) AS k
-WHERE k NOT IN (SELECT idempotency_key FROM recorded);
-
 -- A key PostgreSQL already holds: delivered before if its digest matches the applied
 -- one, or if this very change was settled as a conflict earlier.
 -- name: delivered_keys
@@ -72,11 +58,16 @@ WHERE a.payload_digest = u.digest
               WHERE c.incoming_key = u.idempotency_key AND c.incoming_digest = u.digest);
 
 -- A round: at most one record per entity, of every entity type, in one statement (one
--- round trip). This block is repeated once per entity table, its names prefixed with the
--- table's (<t>_incoming, ...); the statement ends with the union of their conflicts (see
--- acode_sync/pg_tables.py). Last write wins on (updated_at, origin_id, key); a record not
--- based on the version held is a conflict, stored with both versions. $1 is the origin.
--- name: apply_entities
+-- round trip). The statement is assembled in acode_sync/pg_tables.py:
+--   WITH <incoming block per table>, <round_keys>, <apply block per table>
+--   <round_outcome>
+-- Block names are prefixed with their table's (<t>_incoming, ...). $1 is the origin; with
+-- $2 true the round records its keys in applied_keys and applies only the records whose
+-- key was not there yet, returning the others as 'held'; with $2 false (a key already
+-- held with another payload) it applies every record. Last write wins on (updated_at,
+-- origin_id, key); a record not based on the version held is a conflict, stored with both
+-- versions and returned as 'conflict'.
+-- name: incoming_entities
 <t>_incoming AS (
     -- <fields>: [entity_id, session_id, version, base] per record (JSON); <payloads>: the
     -- payloads, end to end, at offsets <starts> with lengths <lengths>; <digests>: the
@@ -90,7 +81,21 @@ WHERE a.payload_digest = u.digest
     FROM ROWS FROM (jsonb_array_elements(<fields>::jsonb), unnest(<starts>::int[]),
                     unnest(<lengths>::int[]))
          WITH ORDINALITY AS i(f, start, length, n)
+)
+
+-- The round's keys, recorded (or found already held) before anything is applied.
+-- name: round_keys
+round_keys AS (
+    SELECT idempotency_key, digest FROM <incoming_keys>
 ),
+recorded_keys AS (
+    INSERT INTO acode.applied_keys (idempotency_key, payload_digest, origin_id)
+    SELECT k.idempotency_key, k.digest, $1::text FROM round_keys AS k WHERE $2::boolean
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING idempotency_key
+)
+
+-- name: apply_entities
 <t>_judged AS (
     SELECT n.*,
            c.updated_at IS NOT NULL AS has_current,
@@ -108,6 +113,7 @@ WHERE a.payload_digest = u.digest
         FROM acode.<t> AS t
         WHERE t.<id_column> = n.entity_id
     ) AS c ON true
+    WHERE NOT $2::boolean OR n.idempotency_key IN (SELECT idempotency_key FROM recorded_keys)
 ),
 <t>_decided AS (
     SELECT j.*,
@@ -152,6 +158,15 @@ WHERE a.payload_digest = u.digest
           < (excluded.updated_at, excluded.origin_id, excluded.idempotency_key)
     RETURNING 1
 )
+
+-- name: round_outcome
+SELECT 'held' AS outcome, k.idempotency_key AS incoming_key, NULL::bigint AS conflict_id,
+       NULL::text AS current_key, NULL::timestamptz AS incoming_updated_at,
+       NULL::timestamptz AS current_updated_at, NULL::text AS incoming_origin,
+       NULL::text AS current_origin, NULL::text AS winner
+FROM round_keys AS k
+WHERE $2::boolean AND k.idempotency_key NOT IN (SELECT idempotency_key FROM recorded_keys)
+<conflicts>
 
 -- name: list_conflicts
 SELECT conflict_id, entity_type, entity_id, session_id, incoming_key, current_key,
