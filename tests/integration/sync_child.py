@@ -22,22 +22,14 @@ import anyio
 from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.postgres import FaultHook, PostgresTarget
 from acode_sync.sync import WorkspaceSyncer
+from tests.faults import AtNth
 
 NOT_REACHED: Final = 3
 
 
 def kill_at(point: str, nth: int) -> FaultHook:
     """A fault hook that SIGKILLs this process the `nth` time `point` is reached."""
-    seen = 0
-
-    def hook(reached: str) -> None:
-        nonlocal seen
-        if reached == point:
-            seen += 1
-            if seen == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
+    return AtNth(point, nth, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 async def drain(workspace: Path, dsn: str, point: str, nth: int, batch_records: int) -> None:

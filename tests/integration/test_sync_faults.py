@@ -47,6 +47,7 @@ from acode_sync.retry import RecordRetryPolicy
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncSummary, WorkspaceSyncer
 from acode_sync.workspace import database_path
+from tests.faults import AtNth
 from tests.integration.sync_child import NOT_REACHED
 from tests.pg import ADMIN_URL, AUDIT_TABLE, install_audit
 from tests.proxy import TcpProxy
@@ -371,23 +372,15 @@ async def test_a_cut_mid_drain_rolls_the_batch_back_and_loses_nothing(
 ) -> None:
     keys = write_records(workspace, 50)
     await ready_target(pg_url)
-    commits = 0
-
-    def cut_at_the_second_commit(point: str) -> None:
-        nonlocal commits
-        if point == "before_commit":
-            commits += 1
-            if commits == 2:
-                if fault == "cut":
-                    proxy.cut()  # a blip: every live connection reset
-                else:
-                    proxy.down()  # and new ones refused until restore()
+    # "cut": a blip, every live connection reset; "down": and new ones refused until
+    # restore().
+    cut_at_the_second_commit = AtNth("before_commit", 2, getattr(proxy, fault))
 
     target = make_target(proxy.dsn(pg_url))
     try:
         with pytest.raises(PostgresUnavailableError):
             await syncer(workspace, target, fault_hook=cut_at_the_second_commit).drain()
-        assert commits == 2
+        assert cut_at_the_second_commit.seen == 2
         # Batch 1 went through; batch 2 died with its connection before COMMIT.
         assert_untouched(workspace, ids_after(workspace, BATCH))
         assert await applied_key_counts(pg_url) == Counter(keys[:BATCH])
@@ -408,15 +401,8 @@ async def test_a_blackhole_times_out_as_an_outage_then_recovers(
 ) -> None:
     keys = write_records(workspace, 30)
     await ready_target(pg_url)
-    commits = 0
-
-    def blackhole_at_the_second_commit(point: str) -> None:
-        nonlocal commits
-        if point == "before_commit":
-            commits += 1
-            if commits == 2:
-                proxy.blackhole()  # COMMIT goes out and nothing ever answers
-
+    # The COMMIT goes out and nothing ever answers.
+    blackhole_at_the_second_commit = AtNth("before_commit", 2, proxy.blackhole)
     hook = blackhole_at_the_second_commit if when == "before_commit" else None
     # A fresh target: at_connect, its very first connection goes into the blackhole.
     target = make_target(proxy.dsn(pg_url), connect_timeout=1.5, statement_timeout=1)

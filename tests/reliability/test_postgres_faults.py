@@ -24,6 +24,7 @@ from acode_sync.errors import PostgresUnavailableError
 from acode_sync.postgres import PostgresTarget
 from acode_sync.sync import WorkspaceSyncer
 from tests.daemon_harness import free_port, pg_fetchval, sample, scrape, wait_until
+from tests.faults import AtNth
 from tests.pg import AUDIT_TABLE
 from tests.proxy import TcpProxy
 from tests.reliability import plugin
@@ -104,20 +105,12 @@ async def _ambiguous_commit(workspace: Path, dsn: str, proxy: TcpProxy) -> tuple
     effect. Returns (audit rows after the ambiguous commit, duplicates of the resend)."""
     settings = PostgresSettings(dsn=proxy.dsn(dsn), connect_timeout=1.0, statement_timeout=1.0)
     target = PostgresTarget(settings)
-    fired = False
-
-    def hook(point: str) -> None:
-        nonlocal fired
-        if point == "before_commit" and not fired:
-            fired = True
-            proxy.blackhole()
-
     try:
         syncer = WorkspaceSyncer(
             workspace=workspace,
             target=target,
             settings=SyncSettings(batch_max_records=50),
-            fault_hook=hook,
+            fault_hook=AtNth("before_commit", 1, proxy.blackhole),
         )
         with pytest.raises(PostgresUnavailableError):
             await syncer.drain()
@@ -171,21 +164,12 @@ async def _cut_mid_batch(workspace: Path, dsn: str, proxy: TcpProxy) -> tuple[in
     target = PostgresTarget(
         PostgresSettings(dsn=proxy.dsn(dsn), connect_timeout=2.0, statement_timeout=5.0)
     )
-    seen = 0
-
-    def hook(point: str) -> None:
-        nonlocal seen
-        if point == "before_commit":
-            seen += 1
-            if seen == 3:
-                proxy.cut()
-
     try:
         syncer = WorkspaceSyncer(
             workspace=workspace,
             target=target,
             settings=SyncSettings(batch_max_records=30),
-            fault_hook=hook,
+            fault_hook=AtNth("before_commit", 3, proxy.cut),
         )
         with pytest.raises(PostgresUnavailableError):
             await syncer.drain()
