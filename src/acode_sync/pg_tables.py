@@ -1,8 +1,8 @@
 """How each entity's payload maps onto its typed PostgreSQL table.
 
-The apply statement (APPLY_ROUND_SQL) is the `apply_entities` block of
-sql/postgres/queries.sql filled once per table from these constant specs, then joined:
-no input ever reaches it.
+The round statement (APPLY_ROUND_SQL) is assembled once, at import, from the blocks of
+sql/postgres/queries.sql (`incoming_entities` and `apply_entities` filled once per table
+from these constant specs, `round_keys`, `round_outcome`): no input ever reaches it.
 """
 
 from __future__ import annotations
