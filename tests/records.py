@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Any
+
+from acode_sync.workspace import database_path
 
 CONTRACT_INSERT = (
     "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload,"
     " created_at) VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+
+def run_sql(workspace: Path, sql: str, params: Any = ()) -> list[Any]:
+    """One statement on the workspace database, run and committed as an outside reader or
+    writer runs it (stdlib sqlite3, no busy handling of ours); its rows."""
+    conn = sqlite3.connect(database_path(workspace))
+    try:
+        rows = conn.execute(sql, params).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
 
 
 def enqueue_raw(

@@ -29,7 +29,7 @@ from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock, WorkspaceSyncer, prepare
 from acode_sync.workspace import database_path
 from tests.pg import create_database_async, database_url, drop_database_async
-from tests.records import enqueue_raw, session_payload
+from tests.records import enqueue_raw, run_sql, session_payload
 
 PG_LATEST = latest_version(load_migrations("postgres"))
 
@@ -52,11 +52,7 @@ async def fetch(pg_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 
 
 def outbox_states(workspace: Path) -> list[tuple[str, int]]:
-    conn = sqlite3.connect(database_path(workspace))
-    try:
-        return list(conn.execute("SELECT state, attempts FROM outbox ORDER BY outbox_id"))
-    finally:
-        conn.close()
+    return run_sql(workspace, "SELECT state, attempts FROM outbox ORDER BY outbox_id")
 
 
 def clone_workspace(source: Path, destination: Path) -> None:
@@ -107,10 +103,7 @@ async def test_the_same_batch_twice_has_one_effect(
         db.save(Session())
     db.close()
     first = await syncer(workspace, target).drain()
-    conn = sqlite3.connect(database_path(workspace))
-    conn.execute("UPDATE outbox SET state = 'pending', processed_at = NULL")
-    conn.commit()
-    conn.close()
+    run_sql(workspace, "UPDATE outbox SET state = 'pending', processed_at = NULL")
     second = await syncer(workspace, target).drain()
     assert (first.applied, first.duplicates) == (5, 0)
     assert (second.applied, second.duplicates) == (0, 5)
@@ -144,14 +137,12 @@ async def test_unknown_payload_keys_are_kept(
         "updated_at": "2026-01-15T10:30:00Z",
         "color": "blue",
     }
-    conn = sqlite3.connect(database_path(workspace))
-    conn.execute(
+    run_sql(
+        workspace,
         "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
         "created_at) VALUES (?, 'Session', 'sess_future', 'sess_future', ?, ?)",
         ("Session:sess_future:2026-01-15T10:30:00Z", json.dumps(payload), "2026-01-15T10:30:00Z"),
     )
-    conn.commit()
-    conn.close()
     summary = await syncer(workspace, target).drain()
     assert summary.applied == 1
     rows = await fetch(pg_url, "SELECT extra, idempotency_key FROM sessions")
@@ -334,10 +325,7 @@ async def test_syncer_waits_for_an_unsupported_workspace_schema(
     workspace: Path, target: PostgresTarget
 ) -> None:
     WorkspaceDatabase(workspace).close()
-    conn = sqlite3.connect(database_path(workspace))
-    conn.execute("DELETE FROM schema_migrations")
-    conn.commit()
-    conn.close()
+    run_sql(workspace, "DELETE FROM schema_migrations")
     with pytest.raises(SchemaMismatchError, match="syncer needs"):
         await syncer(workspace, target).drain()
 
@@ -613,11 +601,9 @@ async def test_a_well_formed_but_impossible_time_is_the_records_own_failure(
     assert (summary.applied, summary.retried) == (1, 1)
     rows = await fetch(pg_url, "SELECT session_id FROM sessions")
     assert [r[0] for r in rows] == [good.session_id]
-    conn = sqlite3.connect(database_path(workspace))
-    state, attempts, error = conn.execute(
-        "SELECT state, attempts, last_error FROM outbox WHERE entity_id = 'sess_bad'"
-    ).fetchone()
-    conn.close()
+    [(state, attempts, error)] = run_sql(
+        workspace, "SELECT state, attempts, last_error FROM outbox WHERE entity_id = 'sess_bad'"
+    )
     assert (state, attempts) == ("pending", 1)
     assert error.startswith("22008")  # datetime field overflow
 
@@ -630,23 +616,19 @@ async def test_a_payload_that_is_not_utf8_is_the_records_own_failure(
     db = WorkspaceDatabase(workspace)
     good = db.save(Session(title="fine"))
     db.close()
-    conn = sqlite3.connect(database_path(workspace))
-    conn.execute(
+    run_sql(
+        workspace,
         "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload, "
         "created_at) VALUES (?, 'Session', 'sess_bytes', 'sess_bytes', "
         "CAST(X'7B227469746C65223A22FF227D' AS TEXT), ?)",  # {"title":"\xff"}
         (f"Session:sess_bytes:{good.updated_at}", good.created_at),
     )
-    conn.commit()
-    conn.close()
 
     summary = await syncer(workspace, target).drain()
 
     assert (summary.applied, summary.retried) == (1, 1)
-    conn = sqlite3.connect(database_path(workspace))
-    error = conn.execute("SELECT last_error FROM outbox WHERE entity_id = 'sess_bytes'").fetchone()
-    conn.close()
-    assert error[0].startswith("22021")  # character not in repertoire: invalid UTF-8
+    [(error,)] = run_sql(workspace, "SELECT last_error FROM outbox WHERE entity_id = 'sess_bytes'")
+    assert error.startswith("22021")  # character not in repertoire: invalid UTF-8
 
 
 async def test_text_that_is_not_utf8_fails_its_record_not_the_workspace(
