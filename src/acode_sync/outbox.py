@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,6 +35,10 @@ from acode_sync.workspace import (
 )
 
 PRUNE_CHUNK: Final = 500
+# A save that arrives while a batch of 1000 is being marked waits for one chunk, not for
+# the whole batch (~2 ms, longer when the cores are busy): see Outbox._mark_processed.
+MARK_CHUNK: Final = 100
+MARK_PAUSE: Final = 0.0001
 SYNCER_CACHE_KIB: Final = -512  # negative: KiB (SQLite's default is 2 MiB per connection)
 _Q = queries(DIALECT)
 
@@ -148,19 +153,26 @@ class Outbox:
         def _mark() -> list[FailureResult]:
             now = self.clock()
             stamp = format_timestamp(now)
-            params = {"now": stamp, "ids": json.dumps(list(processed))}
+            self._mark_processed(processed, stamp)
             if not failures:
-                # One statement is its own transaction: the write lock is held only while
-                # SQLite runs it, never across Python code waiting for the GIL.
-                if processed:
-                    self.conn.execute(_Q["mark_processed"], params)
                 return []
             with write_transaction(self.conn):
-                if processed:
-                    self.conn.execute(_Q["mark_processed"], params)
                 return [self._fail(failure, now, stamp, policy) for failure in failures]
 
         return translated(self.path, _mark)
+
+    def _mark_processed(self, processed: Sequence[int], stamp: str) -> None:
+        """Mark records processed, MARK_CHUNK at a time. Each chunk is one statement, its
+        own transaction: the write lock is held only while SQLite runs it (~0.1 ms), never
+        across Python code waiting for the GIL. Between chunks the lock is left free a
+        moment, long enough for a save polling for it (workspace.FINE_LOCK_PAUSE) to take it.
+        A crash between chunks is harmless: the unmarked records are sent again and end as
+        duplicates."""
+        for start in range(0, len(processed), MARK_CHUNK):
+            if start:
+                time.sleep(MARK_PAUSE)
+            chunk = json.dumps(list(processed[start : start + MARK_CHUNK]))
+            self.conn.execute(_Q["mark_processed"], {"now": stamp, "ids": chunk})
 
     def _fail(
         self, failure: Failure, now: datetime, stamp: str, policy: RecordRetryPolicy
