@@ -13,7 +13,9 @@ at once, and reports:
 - the latency of each batch's PostgresTarget.apply (one PostgreSQL transaction);
 - the peak RSS of this process (seeding runs in child processes, so it is not counted);
 - the latency of an agent's saves (WorkspaceDatabase.save of a Session update every
-  ~5 ms, synchronous=FULL) in a separate process, into one of the workspaces drained;
+  ~5 ms, synchronous=FULL) in a separate process, into one of the workspaces drained,
+  while the drain runs at the CPU priority the systemd unit gives the daemon (Nice=,
+  CPUSchedulingPolicy=) and the agent at the normal one;
 
 verifies that PostgreSQL holds every key and no record is left pending, and, in the same
 run, times a naive baseline on a fresh sample: a row-at-a-time relay (one PostgreSQL
@@ -693,6 +695,29 @@ async def verify(
     )
 
 
+SERVICE_UNIT: Final = Path(__file__).resolve().parents[2] / "systemd" / "acode-syncd.service"
+
+
+def run_as_the_unit_does() -> str:
+    """Give every thread of this process the CPU priority the systemd unit gives the
+    daemon (Nice=, CPUSchedulingPolicy=), so the agent's saves compete with the drain as
+    they would with the service. Linux only; says what it did."""
+    settings = dict(
+        line.split("=", 1)
+        for line in SERVICE_UNIT.read_text().splitlines()
+        if line.startswith(("Nice=", "CPUSchedulingPolicy="))
+    )
+    nice, policy = int(settings["Nice"]), settings["CPUSchedulingPolicy"]
+    if not sys.platform.startswith("linux"):
+        return "the drain at normal priority (not Linux)"
+    for thread in os.listdir("/proc/self/task"):
+        tid = int(thread)
+        if policy == "batch":
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    return f"the drain at the unit's priority (Nice={nice}, CPUSchedulingPolicy={policy})"
+
+
 async def run(settings: Settings, report: Report) -> None:
     s = settings
     main_dirs = [s.directory / "sync" / f"ws-{i:04d}" for i in range(s.workspaces)]
@@ -721,6 +746,7 @@ async def run(settings: Settings, report: Report) -> None:
         agent = Agent.start(main_dirs[0])
         try:
             await anyio.to_thread.run_sync(agent.wait_ready)
+            lowered = run_as_the_unit_does()  # the agent, started before, is not lowered
             # The seeded records come before the agent's (outbox_id order), and a claim
             # takes the oldest: these batches ship every seeded record of its workspace.
             agent_batches = {main_dirs[0]: math.ceil(seeded.counts[0] / s.batch)}
@@ -754,7 +780,7 @@ async def run(settings: Settings, report: Report) -> None:
             f"CPU during the drain: this process {cpu_used:.1f} s "
             f"({cpu_used / drained.seconds:.2f} cores), its {len(backends_after)} PostgreSQL "
             f"backends {backends_used:.1f} s ({backends_used / drained.seconds:.2f} cores); "
-            f"load average {load_before:.1f} before, {load_after:.1f} after"
+            f"load average {load_before:.1f} before, {load_after:.1f} after; {lowered}"
         )
         # The agent's last saves came after its workspace was drained: ship them too.
         await WorkspaceSyncer(workspace=main_dirs[0], target=target, settings=sync_settings).drain()

@@ -56,6 +56,15 @@ def test_units_are_notify_services_that_stop_after_the_drain(name: str) -> None:
     assert int(settings["LimitNOFILE"][0]) >= 65536
 
 
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_units_run_the_daemon_below_the_agents(name: str) -> None:
+    settings = unit_settings(name)
+    assert int(settings["Nice"][0]) > 0
+    assert settings["CPUSchedulingPolicy"] == ["batch"]
+    assert settings["IOSchedulingClass"] == ["best-effort"]
+    assert int(settings["IOSchedulingPriority"][0]) == 7  # the lowest of its class
+
+
 def test_the_template_runs_as_the_instance_user() -> None:
     assert unit_settings("acode-syncd@.service")["User"] == ["%i"]
 
