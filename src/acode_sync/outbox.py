@@ -2,8 +2,9 @@
 
 Synchronous; runs in a worker thread. Reads are single statements in autocommit mode,
 so no read transaction stays open between batches (it would hold back WAL checkpoints
-and grow the agent's -wal file). Writes go to `outbox_sync`, the narrow sync-state rows,
-never to `outbox_records`, so a mark does not rewrite the pages holding the payloads.
+and grow the agent's -wal file). Writes never touch `outbox_records` (the pages holding
+the payloads): a shipped batch moves the mark in `outbox_progress` (one row per batch);
+only records with a state of their own (failed, held back) get an `outbox_sync` row.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class OutboxRecord(NamedTuple):
     base_updated_at: str | None
     created_at: str
     attempts: int
+    tracked: bool = False  # it has a sync row (else it is past the mark)
+    blocked: bool = False  # an earlier record of its entity is waiting out a backoff
     readable: bool = True  # False: a text column is not valid UTF-8 (see Outbox.claim)
 
 
@@ -104,25 +107,30 @@ class Outbox:
     def close(self) -> None:
         self.conn.close()
 
-    def claim(self, *, max_records: int, max_bytes: int, after: int = 0) -> list[OutboxRecord]:
+    def claim(
+        self, *, max_records: int, max_bytes: int, after: int = 0, with_blocked: bool = False
+    ) -> list[OutboxRecord]:
         """Pending records past outbox id `after`, oldest first, bounded by count and by
-        payload bytes."""
+        payload bytes. With `with_blocked`, also the records that wait behind an earlier
+        record of their entity (flagged `blocked`): a batch must account for every record
+        the mark will pass."""
 
         def _claim() -> list[OutboxRecord]:
+            args = (max_records, max_bytes, after, with_blocked)
             try:
-                return self._claim_rows(max_records, max_bytes, after, tolerant=False)
+                return self._claim_rows(*args, tolerant=False)
             except sqlite3.OperationalError:
                 # A writer stored text that is not UTF-8, which the driver cannot decode:
                 # read the batch again tolerantly, so that only that record fails.
-                return self._claim_rows(max_records, max_bytes, after, tolerant=True)
+                return self._claim_rows(*args, tolerant=True)
 
         return translated(self.path, _claim)
 
     def _claim_rows(
-        self, max_records: int, max_bytes: int, after: int, *, tolerant: bool
+        self, max_records: int, max_bytes: int, after: int, with_blocked: bool, *, tolerant: bool
     ) -> list[OutboxRecord]:
         now = format_timestamp(self.clock())
-        params = {"now": now, "limit": max_records, "after": after}
+        params = {"now": now, "limit": max_records, "after": after, "with_blocked": with_blocked}
         if tolerant:
             self.conn.text_factory = _decode_tolerantly
         try:
@@ -147,28 +155,44 @@ class Outbox:
         processed: Sequence[int],
         failures: Sequence[Failure],
         policy: RecordRetryPolicy,
+        *,
+        held: Sequence[int] = (),
+        through: int | None = None,
     ) -> list[FailureResult]:
-        """Record a batch's outcome in one transaction, after PostgreSQL committed."""
+        """Record a batch's outcome, after PostgreSQL committed. `processed`: the shipped
+        records that have a sync row; `held`: records left pending (a sync row is written
+        for those with none); `through`: the batch's last record past the mark, which
+        becomes the mark: every record up to it without a sync row was shipped."""
 
         def _mark() -> list[FailureResult]:
             now = self.clock()
             stamp = format_timestamp(now)
             self._mark_processed(processed, stamp)
-            if not failures:
+            pending = [*held, *(f.outbox_id for f in failures)]
+            if not pending and through is None:
                 return []
+            # One short transaction: a few rows, however large the batch.
             with write_transaction(self.conn):
-                return [self._fail(failure, now, stamp, policy) for failure in failures]
+                if pending:
+                    self.conn.execute(
+                        _Q["track_pending"], {"ids": json.dumps(pending), "now": stamp}
+                    )
+                results = [self._fail(failure, now, stamp, policy) for failure in failures]
+                if through is not None:
+                    self.conn.execute(_Q["advance_mark"], {"through": through, "now": stamp})
+                return results
 
         return translated(self.path, _mark)
 
     def _mark_processed(self, processed: Sequence[int], stamp: str) -> None:
-        """Mark records processed, MARK_CHUNK at a time. Each chunk is one statement, its
+        """Mark records with a sync row processed, MARK_CHUNK at a time (a workspace
+        upgraded from schema 2 may have many). Each chunk is one statement, its
         own transaction: the write lock is held only while SQLite runs it (~0.1 ms), never
         across Python code waiting for the GIL. Between chunks the lock is left free a
         moment, long enough for a save polling for it (workspace.FINE_LOCK_PAUSE) to take it.
         A crash between chunks is harmless: the unmarked records are sent again and end as
         duplicates."""
-        for start in range(0, len(processed), MARK_CHUNK):
+        for start in range(0, len(processed), MARK_CHUNK):  # pragma: no branch
             if start:
                 time.sleep(MARK_PAUSE)
             chunk = json.dumps(list(processed[start : start + MARK_CHUNK]))
@@ -177,7 +201,7 @@ class Outbox:
     def _fail(
         self, failure: Failure, now: datetime, stamp: str, policy: RecordRetryPolicy
     ) -> FailureResult:
-        attempts = 1 + int(
+        attempts = 1 + int(  # the sync row exists: track_pending wrote it if need be
             self.conn.execute(_Q["record_attempts"], (failure.outbox_id,)).fetchone()[0]
         )
         next_attempt = format_timestamp(policy.next_attempt(now, attempts))
@@ -208,23 +232,27 @@ class Outbox:
         so the agent's saves do not pay for it."""
         translated(self.path, self.conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
 
+    def _prune_chunk(self, statement: str, before: str) -> int:
+        with write_transaction(self.conn):
+            cursor = self.conn.execute(_Q[statement], {"before": before, "limit": PRUNE_CHUNK})
+            return cursor.rowcount
+
     def prune(self, retention: timedelta) -> int:
         """Delete processed records older than the retention, in small transactions."""
         before = format_timestamp(self.clock() - retention)
         total = 0
-        while True:
+        for statement in ("prune_processed", "prune_passed"):
+            while (deleted := translated(self.path, self._prune_chunk, statement, before)) > 0:
+                total += deleted
+                if deleted < PRUNE_CHUNK:
+                    break
 
-            def _chunk() -> int:
-                with write_transaction(self.conn):
-                    cursor = self.conn.execute(
-                        _Q["prune_processed"], {"before": before, "limit": PRUNE_CHUNK}
-                    )
-                    return cursor.rowcount
+        def _progress() -> None:
+            with write_transaction(self.conn):
+                self.conn.execute(_Q["prune_progress"])
 
-            deleted = translated(self.path, _chunk)
-            total += deleted
-            if deleted < PRUNE_CHUNK:
-                return total
+        translated(self.path, _progress)
+        return total
 
 
 def _decode_tolerantly(data: bytes) -> str:

@@ -391,6 +391,7 @@ class WorkspaceSyncer:
             max_records=self.settings.batch_max_records,
             max_bytes=self.settings.batch_max_bytes,
             after=after,
+            with_blocked=True,
         )
         return self._prepare(records, held)
 
@@ -407,8 +408,8 @@ class WorkspaceSyncer:
         held = set(held)
         for record in records:
             entity = (record.entity_type, record.entity_id)
-            if entity in held:
-                continue  # stays pending: an earlier record of this entity failed
+            if record.blocked or entity in held:
+                continue  # stays pending: an earlier record of this entity waits or failed
             try:
                 batch.ready.append(
                     prepare(record, max_payload_bytes=self.settings.max_payload_bytes)
@@ -422,10 +423,22 @@ class WorkspaceSyncer:
     async def _mark(self, outbox: Outbox, shipped: _Shipped) -> None:
         """After PostgreSQL committed: mark the batch in one SQLite transaction."""
         batch, outcome = shipped.batch, shipped.outcome
-        done = [r.outbox_id for r in outcome.delivered]
+        delivered = {r.outbox_id for r in outcome.delivered}
+        failed = {f.outbox_id for f in batch.failures}
+        tracked = [r.outbox_id for r in batch.records if r.tracked]
+        past_mark = [r.outbox_id for r in batch.records if not r.tracked]
         policy = self.policy
         assert policy is not None
-        results = await anyio.to_thread.run_sync(lambda: outbox.mark(done, batch.failures, policy))
+        results = await anyio.to_thread.run_sync(
+            lambda: outbox.mark(
+                [i for i in tracked if i in delivered],
+                batch.failures,
+                policy,
+                # Left pending (held back or blocked) as the mark passes them.
+                held=[i for i in past_mark if i not in delivered and i not in failed],
+                through=max(past_mark, default=None),
+            )
+        )
         if self.fault_hook is not None:
             self.fault_hook("after_mark")
         self._report(batch.records, outcome, results, batch.failures, self.summary, batch.started)

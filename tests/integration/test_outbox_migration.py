@@ -1,5 +1,6 @@
-"""Migration 0002: the outbox split into outbox_records (written once) and outbox_sync (the
-syncer's narrow rows), with `outbox` a view over both. Real SQLite files, no mocks."""
+"""Migrations 0002 and 0003: the outbox split into outbox_records (written once),
+outbox_sync (the narrow rows of records with a sync state of their own) and
+outbox_progress (the mark), with `outbox` a view over them. Real SQLite files, no mocks."""
 
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ def fill_outbox(workspace: Path, count: int) -> list[int]:
                 (f"Session:sess_{i:06d}:{T0}", "Session", f"sess_{i:06d}", None, payload, None, T0),
             )
         db.conn.execute("COMMIT")
-        return [int(i) for (i,) in db.conn.execute("SELECT outbox_id FROM outbox_sync")]
+        return [int(i) for (i,) in db.conn.execute("SELECT outbox_id FROM outbox_records")]
     finally:
         db.close()
 
@@ -291,35 +292,106 @@ def record_pages(workspace: Path) -> set[int]:
     return {int(page) for (page,) in rows}
 
 
-def test_marking_a_thousand_records_writes_no_record_page(workspace: Path) -> None:
-    ids = fill_outbox(workspace, 1000)
+def test_marking_a_thousand_records_moves_the_mark_and_writes_no_record_page(
+    workspace: Path,
+) -> None:
+    ids = fill_outbox(workspace, 1001)
     records = record_pages(workspace)
     assert len(records) > 250  # the payloads: ~1 MB of pages a mark must not rewrite
-    marks: list[str] = []
+    now = datetime(2026, 1, 15, 10, 31, tzinfo=UTC)
     with empty_wal(workspace) as wal:
-        outbox = Outbox(workspace, busy_timeout=5.0)
-        outbox.conn.set_trace_callback(marks.append)
+        outbox = Outbox(workspace, busy_timeout=5.0, clock=lambda: now)
         try:
-            assert outbox.mark(ids, [], RecordRetryPolicy()) == []
+            assert outbox.mark([], [], RecordRetryPolicy(), through=ids[999]) == []
         finally:
             outbox.close()
         written = wal_pages(wal)
         size = wal.stat().st_size
     assert written
     assert not written & records
+    # Before the split this mark rewrote ~300 pages (1.4 MB of WAL); with a sync row per
+    # record, ~30 pages. Now: the progress row's page and the database header.
+    assert size < 4 * (4096 + 24) + 32, size
+    with connect(workspace) as conn:
+        assert conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall() == [
+            ("pending", 1),
+            ("processed", 1000),
+        ]
+        stamps = conn.execute(
+            "SELECT DISTINCT processed_at, updated_at FROM outbox WHERE state = 'processed'"
+        )
+        assert stamps.fetchall() == [(format_timestamp(now), format_timestamp(now))]
+        assert conn.execute("SELECT count(*) FROM outbox_sync").fetchone() == (0,)
+
+
+def test_records_with_a_sync_row_are_marked_a_chunk_at_a_time(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 1000)
+    marks: list[str] = []
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        # Held back as the mark passed them: each now has a pending sync row.
+        outbox.mark([], [], RecordRetryPolicy(), held=ids, through=ids[-1])
+        outbox.conn.set_trace_callback(marks.append)
+        assert outbox.mark(ids, [], RecordRetryPolicy()) == []
+    finally:
+        outbox.close()
     # One statement (its own transaction) per chunk, so a save waits for a chunk at most.
     chunks = [json.loads(sql.split("json_each('")[1].split("')")[0]) for sql in marks]
     assert [len(chunk) for chunk in chunks] == [MARK_CHUNK] * (1000 // MARK_CHUNK)
     assert sorted(i for chunk in chunks for i in chunk) == sorted(ids)
-    # Before the split, this mark rewrote ~300 pages (1.4 MB of WAL); a chunk rewrites a
-    # few pages of outbox_sync and of its two indexes.
-    assert size < len(chunks) * 64 * 1024, size
     with connect(workspace) as conn:
-        assert conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall() == [
-            ("processed", 1000)
-        ]
-        stamps = conn.execute("SELECT DISTINCT processed_at = updated_at FROM outbox_sync")
-        assert stamps.fetchall() == [(1,)]
+        assert conn.execute(
+            "SELECT state, count(*) FROM outbox_sync GROUP BY state"
+        ).fetchall() == [("processed", 1000)]
+
+
+def test_held_and_failed_records_keep_their_state_as_the_mark_passes(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 10)
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        results = outbox.mark(
+            [], [Failure(ids[2], "refused")], RecordRetryPolicy(), held=[ids[5]], through=ids[7]
+        )
+        assert [(r.outbox_id, r.attempts, r.dead) for r in results] == [(ids[2], 1, False)]
+        # The mark only moves forward.
+        outbox.mark([], [], RecordRetryPolicy(), through=ids[4])
+        assert outbox.backlog()[0] == 4  # the failed one, the held one, the last two
+    finally:
+        outbox.close()
+    with connect(workspace) as conn:
+        states = dict(conn.execute("SELECT outbox_id, state || '/' || attempts FROM outbox"))
+        assert conn.execute("SELECT through_id FROM outbox_progress").fetchall() == [(ids[7],)]
+    assert states == {
+        **dict.fromkeys(ids[:8], "processed/0"),
+        ids[2]: "pending/1",
+        ids[5]: "pending/0",
+        ids[8]: "pending/0",
+        ids[9]: "pending/0",
+    }
+
+
+def test_a_record_inserted_below_the_mark_stays_pending(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 5)
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        with connect(workspace) as conn:
+            conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (ids[1],))
+        outbox.mark([], [], RecordRetryPolicy(), through=ids[-1])
+        with connect(workspace) as conn:
+            # A writer fills the gap with an explicit id, below the mark.
+            conn.execute(
+                "INSERT INTO outbox (outbox_id, idempotency_key, entity_type, entity_id,"
+                " payload, created_at) VALUES (?, 'Session:sess_gap:' || ?, 'Session',"
+                " 'sess_gap', '{}', ?)",
+                (ids[1], T0, T0),
+            )
+            assert conn.execute(
+                "SELECT state FROM outbox WHERE outbox_id = ?", (ids[1],)
+            ).fetchone() == ("pending",)
+        claimed = outbox.claim(max_records=10, max_bytes=10**9)
+        assert [(r.outbox_id, r.tracked) for r in claimed] == [(ids[1], 1)]
+    finally:
+        outbox.close()
 
 
 def test_failures_and_state_updates_write_no_record_page(workspace: Path) -> None:
@@ -356,12 +428,13 @@ def test_the_plain_insert_takes_the_defaults_and_refuses_a_duplicate_key(
             (outbox_id,),
         ).fetchone()
         assert row == ("pending", 0, None, None, None, None, None)
-        assert conn.execute("SELECT created_at FROM outbox_sync").fetchall() == [(T0,)]
+        # A plain insert writes the record alone: it is pending past the mark.
+        assert conn.execute("SELECT count(*) FROM outbox_sync").fetchone() == (0,)
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE") as info:
             enqueue(conn, "sess_a", T0)
         assert info.value.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
         assert conn.execute("SELECT count(*) FROM outbox_records").fetchone() == (1,)
-        assert conn.execute("SELECT count(*) FROM outbox_sync").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM outbox_sync").fetchone() == (0,)
         # The failed INSERT left nothing half-written: the next one gets the next id.
         assert enqueue(conn, "sess_b", T0) == outbox_id + 1
 
@@ -426,6 +499,7 @@ def test_deletes_through_the_view_take_the_sync_row_and_errors(
         gone = [enqueue(conn, f"sess_{i}", T0) for i in range(3)]
         for outbox_id in [kept, *gone]:
             add_error(conn, outbox_id, 1)
+            conn.execute("UPDATE outbox SET attempts = 1 WHERE outbox_id = ?", (outbox_id,))
         conn.execute("DELETE FROM outbox WHERE outbox_id <> ?", (kept,))
         for table in ("outbox_records", "outbox_sync", "outbox_errors"):
             assert conn.execute(f"SELECT outbox_id FROM {table}").fetchall() == [(kept,)], table
@@ -442,7 +516,12 @@ def test_prune_deletes_records_with_their_sync_rows_and_errors(workspace: Path) 
     clock_now = datetime.now(UTC)
     outbox = Outbox(workspace, busy_timeout=5.0, clock=lambda: clock_now)
     try:
-        outbox.mark(ids[:1100], [], RecordRetryPolicy())
+        # Ten records with a sync row of their own (they failed once), then shipped; the
+        # rest shipped in batches of 100 as the mark moved past them.
+        outbox.mark([], [Failure(i, "refused") for i in ids[:10]], RecordRetryPolicy())
+        outbox.mark(ids[:10], [], RecordRetryPolicy())
+        for end in range(100, 1101, 100):
+            outbox.mark([], [], RecordRetryPolicy(), through=ids[end - 1])
         assert outbox.prune(timedelta(days=1)) == 0  # too recent
         later = clock_now + timedelta(days=2)
         outbox.clock = lambda: later
@@ -451,12 +530,17 @@ def test_prune_deletes_records_with_their_sync_rows_and_errors(workspace: Path) 
     finally:
         outbox.close()
     with connect(workspace) as conn:
-        for table in ("outbox_records", "outbox_sync"):
-            assert conn.execute(f"SELECT min(outbox_id), count(*) FROM {table}").fetchone() == (
-                ids[1100],
-                100,
-            )
+        assert conn.execute("SELECT min(outbox_id), count(*) FROM outbox_records").fetchone() == (
+            ids[1100],
+            100,
+        )
+        assert conn.execute("SELECT count(*) FROM outbox_sync").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM outbox_errors").fetchone() == (0,)
+        # The progress rows went with their records, all but the mark itself.
+        assert conn.execute("SELECT through_id FROM outbox_progress").fetchall() == [(ids[1099],)]
+        assert conn.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone() == (
+            100,
+        )
 
 
 # --- the syncer's queries read the narrow table's partial indexes ----------------------
@@ -466,11 +550,13 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
     ids = fill_outbox(workspace, 2000)
     outbox = Outbox(workspace, busy_timeout=5.0)
     try:
-        outbox.mark(ids[:1900], [], RecordRetryPolicy())
+        outbox.mark([], [], RecordRetryPolicy(), through=ids[1899])
         outbox.mark([], [Failure(ids[1950], "refused")], RecordRetryPolicy())
         params = {
             "now": T0,
             "after": 0,
+            "with_blocked": 1,
+            "through": 1,
             "limit": 100,
             "ids": "[1]",
             "states": '["pending", "dead"]',
@@ -492,16 +578,21 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
             "outbox_counts",
             "oldest_pending",
             "prune_processed",
+            "prune_passed",
+            "prune_progress",
+            "track_pending",
+            "advance_mark",
         ):
             sql = _Q[name]
             args: Any = (1,) if "?" in sql else params
             plan = [row[3] for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
             scans = [step for step in plan if step.startswith("SCAN") and " USING " not in step]
-            assert [s for s in scans if "json_each" not in s and "CONSTANT" not in s] == [], (
-                name,
-                plan,
-            )
-            assert not any("outbox_records" in step and "SCAN" in step for step in plan), plan
+            # Scans of json_each, of a constant row and of the few rows a subquery or CTE
+            # gathered (`c`: the claim's candidates, at most twice :limit) read no table.
+            derived = ("json_each", "CONSTANT", "(subquery-", "SCAN c", "SCAN past_mark")
+            assert [s for s in scans if not any(d in s for d in derived)] == [], (name, plan)
+            if name != "prune_progress":  # reads ids in order up to the first unmarked one
+                assert not any("outbox_records" in step and "SCAN" in step for step in plan), plan
         claim_plan = [
             row[3]
             for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {_Q['claim_pending']}", params)

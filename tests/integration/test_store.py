@@ -222,11 +222,15 @@ def test_migrations_run_once_and_are_recorded(raw: sqlite3.Connection) -> None:
     rows = raw.execute(
         "SELECT version, name, checksum, created_at FROM schema_migrations"
     ).fetchall()
-    assert [(v, n) for v, n, _, _ in rows] == [(1, "initial"), (2, "outbox_sync_state")]
+    assert [(v, n) for v, n, _, _ in rows] == [
+        (1, "initial"),
+        (2, "outbox_sync_state"),
+        (3, "progress_mark"),
+    ]
     schema_before = raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
-    assert migrate(raw) == (2, 2)
+    assert migrate(raw) == (3, 3)
     assert raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
-    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
+    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (3,)
 
 
 def test_every_table_is_strict_with_created_and_updated_at(raw: sqlite3.Connection) -> None:
@@ -245,10 +249,11 @@ def test_every_table_is_strict_with_created_and_updated_at(raw: sqlite3.Connecti
         "artifacts",
         "outbox_records",
         "outbox_sync",
+        "outbox_progress",
         "outbox_errors",
         "schema_migrations",
     }
-    # `outbox` is a view over outbox_records and outbox_sync: a view is not STRICT.
+    # `outbox` is a view over the outbox tables: a view is not STRICT.
     assert raw.execute("SELECT type FROM sqlite_master WHERE name = 'outbox'").fetchone() == (
         "view",
     )

@@ -241,12 +241,12 @@ async def test_every_table_is_strict(store: WorkspaceStore) -> None:
     # sqlite_sequence (AUTOINCREMENT's bookkeeping) and sqlite_schema belong to SQLite,
     # which creates them itself and never as STRICT tables.
     ours = {name: strict for name, strict in tables.items() if not name.startswith("sqlite_")}
-    outbox_tables = {"outbox_records", "outbox_sync", "outbox_errors"}
+    outbox_tables = {"outbox_records", "outbox_sync", "outbox_progress", "outbox_errors"}
     assert {"schema_migrations", "workspace_meta", *outbox_tables, *ENTITY_TABLES} <= ours.keys()
     assert {name for name, strict in ours.items() if strict != 1} == set()
     in_master = {n for n in table_names(store.path) if not n.startswith("sqlite_")}
     assert in_master == ours.keys()
-    # The one view, over outbox_records and outbox_sync (a view has no STRICT).
+    # The one view, over the outbox tables (a view has no STRICT).
     assert query(store.path, "SELECT name FROM sqlite_master WHERE type = 'view'") == [("outbox",)]
 
 

@@ -293,15 +293,17 @@ async def test_a_syncer_killed_mid_drain_loses_and_duplicates_nothing(
 
     # Where the kill left things: the killed batch is committed in PostgreSQL from
     # after_commit on, and marked in SQLite only at after_mark. While a batch is marked,
-    # the next one is already being applied: at after_mark it may have committed too.
+    # the next one is already being applied: at after_mark it may have committed too,
+    # and before it the batch before may not be marked yet.
     done = BATCH * (KILLED_BATCH - 1)
     committed = done if point == "before_commit" else done + BATCH
     marked = done + BATCH if point == "after_mark" else done
     if point == "after_mark" and len(await applied_key_counts(pg_url)) > committed:
         committed += BATCH
-    assert {i for i, r in outbox(workspace).items() if r.state == "processed"} == set(
-        range(1, marked + 1)
-    )
+    processed = {i for i, r in outbox(workspace).items() if r.state == "processed"}
+    if point != "after_mark" and len(processed) == marked - BATCH:
+        marked -= BATCH
+    assert processed == set(range(1, marked + 1))
     assert_untouched(workspace, set(range(marked + 1, len(keys) + 1)))
     assert await applied_key_counts(pg_url) == Counter(keys[:committed])
     assert await audit_counts(pg_url) == Counter(keys[:committed])

@@ -130,49 +130,103 @@ UNION ALL SELECT 'session_tasks', count(*) FROM session_tasks
 UNION ALL SELECT 'steps', count(*) FROM steps
 UNION ALL SELECT 'tool_calls', count(*) FROM tool_calls
 UNION ALL SELECT 'artifacts', count(*) FROM artifacts
-UNION ALL SELECT 'outbox', count(*) FROM outbox_sync;
+UNION ALL SELECT 'outbox', count(*) FROM outbox_records;
 
--- The syncer reads and writes the sync state in outbox_sync (narrow rows), never rewriting
--- outbox_records; the `outbox` view is for writers and people.
+-- The syncer reads and writes the sync state in outbox_sync (the records with a state of
+-- their own) and outbox_progress (the mark), never rewriting outbox_records; the `outbox`
+-- view is for writers and people. A record with no sync row is pending past the mark
+-- (the largest through_id) and processed below it.
 
--- Each count reads its state's partial index.
+-- Each count reads an index: the records past the mark through outbox_records_by_id.
 -- name: outbox_counts
 SELECT
-    (SELECT count(*) FROM outbox_sync WHERE state = 'pending'),
+    (SELECT count(*) FROM outbox_sync WHERE state = 'pending')
+        + (SELECT count(*) FROM outbox_records WHERE outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress))
+        - (SELECT count(*) FROM outbox_sync WHERE outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)),
     (SELECT count(*) FROM outbox_sync WHERE state = 'dead'),
-    (SELECT count(*) FROM outbox_sync WHERE state = 'processed');
+    (SELECT count(*) FROM outbox_sync WHERE state = 'processed')
+        + (SELECT count(*) FROM outbox_records WHERE outbox_id <= (SELECT coalesce(max(through_id), 0) FROM outbox_progress))
+        - (SELECT count(*) FROM outbox_sync WHERE outbox_id <= (SELECT coalesce(max(through_id), 0) FROM outbox_progress));
 
 -- name: oldest_pending
-SELECT created_at FROM outbox_sync WHERE state = 'pending' ORDER BY outbox_id LIMIT 1;
+SELECT created_at FROM (
+    SELECT * FROM (SELECT outbox_id, created_at FROM outbox_sync
+                   WHERE state = 'pending' ORDER BY outbox_id LIMIT 1)
+    UNION ALL
+    SELECT * FROM (SELECT r.outbox_id, r.created_at FROM outbox_records AS r
+                   WHERE r.outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)
+                     AND NOT EXISTS (SELECT 1 FROM outbox_sync AS s
+                                     WHERE s.outbox_id = r.outbox_id)
+                   ORDER BY r.outbox_id LIMIT 1))
+ORDER BY outbox_id LIMIT 1;
 
--- Oldest first (AC-038), after the last record the drain has already claimed. A record
--- waits while an earlier record of the same entity is waiting out a backoff (X-004);
--- records of other entities go on. The waiting records are few: their entities, with the
--- smallest waiting id of each, are gathered once, not probed for every pending row.
+-- Oldest first (AC-038), after the last record the drain has already claimed: the
+-- records with a pending sync row, and the records past the mark, each side read in
+-- outbox_id order up to :limit. A record waits while an earlier record of the same
+-- entity is waiting out a backoff (X-004); records of other entities go on. With
+-- :with_blocked, such records past the mark are returned too, flagged `blocked`, so that
+-- the mark can pass them (they get a pending sync row); without it they are left out.
+-- The waiting entities are few: gathered once, with the smallest waiting id of each.
 -- name: claim_pending
 WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
     SELECT r.entity_type, r.entity_id, min(w.outbox_id)
     FROM outbox_sync AS w JOIN outbox_records AS r ON r.outbox_id = w.outbox_id
     WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
-    GROUP BY r.entity_type, r.entity_id)
+    GROUP BY r.entity_type, r.entity_id),
+candidates (outbox_id, attempts, tracked) AS (
+    SELECT * FROM (
+        SELECT s.outbox_id, s.attempts, 1 FROM outbox_sync AS s
+        JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
+        WHERE s.state = 'pending'
+          AND s.outbox_id > :after
+          AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= :now)
+          AND NOT EXISTS (
+              SELECT 1 FROM waiting AS w
+              WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
+                AND w.first_id < r.outbox_id)
+        ORDER BY s.outbox_id LIMIT :limit)
+    UNION ALL
+    SELECT * FROM (
+        SELECT r.outbox_id, 0, 0 FROM outbox_records AS r
+        WHERE r.outbox_id > max(:after, (SELECT coalesce(max(through_id), 0) FROM outbox_progress))
+          AND NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
+          AND (:with_blocked OR NOT EXISTS (
+              SELECT 1 FROM waiting AS w
+              WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
+                AND w.first_id < r.outbox_id))
+        ORDER BY r.outbox_id LIMIT :limit))
 -- The payload comes as bytes: the syncer ships it as it is (no decoding, no copy).
 SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
-       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, s.attempts
-FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
-WHERE s.state = 'pending'
-  AND s.outbox_id > :after
-  AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= :now)
-  AND NOT EXISTS (
-      SELECT 1 FROM waiting AS w
-      WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
-        AND w.first_id < r.outbox_id)
-ORDER BY s.outbox_id
+       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, c.attempts,
+       c.tracked,
+       EXISTS (SELECT 1 FROM waiting AS w
+               WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
+                 AND w.first_id < r.outbox_id)
+FROM candidates AS c JOIN outbox_records AS r ON r.outbox_id = c.outbox_id
+ORDER BY c.outbox_id
 LIMIT :limit;
 
+-- Records with a sync row, shipped.
 -- name: mark_processed
 UPDATE outbox_sync
 SET state = 'processed', processed_at = :now, next_attempt_at = NULL, updated_at = :now
 WHERE outbox_id IN (SELECT value FROM json_each(:ids)) AND state = 'pending';
+
+-- Records that stay pending while the mark passes them (held back, or about to fail):
+-- each gets a sync row of its own, if it has none.
+-- name: track_pending
+INSERT INTO outbox_sync (outbox_id, state, attempts, created_at, updated_at)
+SELECT r.outbox_id, 'pending', 0, r.created_at, :now
+FROM outbox_records AS r
+WHERE r.outbox_id IN (SELECT value FROM json_each(:ids))
+ON CONFLICT (outbox_id) DO NOTHING;
+
+-- A batch shipped: the records past the mark up to :through, with no sync row, are
+-- processed now. The mark only moves forward.
+-- name: advance_mark
+INSERT INTO outbox_progress (through_id, processed_at, created_at)
+SELECT :through, :now, :now
+WHERE :through > (SELECT coalesce(max(through_id), 0) FROM outbox_progress);
 
 -- name: record_attempts
 SELECT attempts FROM outbox_sync WHERE outbox_id = ?;
@@ -198,12 +252,20 @@ WHERE state = 'dead' AND outbox_id IN (SELECT value FROM json_each(:ids));
 UPDATE outbox_sync SET state = 'pending', attempts = 0, next_attempt_at = NULL, updated_at = :now
 WHERE state = 'dead';
 
--- Two walks of the partial indexes, merged in outbox_id order: processed rows are not read.
+-- Walks of the partial indexes and of the records past the mark, merged in outbox_id
+-- order: processed rows are not read.
 -- name: list_outbox
 SELECT s.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, s.state,
        s.attempts, s.created_at, s.processed_at, s.next_attempt_at, s.last_error
 FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
 WHERE s.state = 'pending' AND 'pending' IN (SELECT value FROM json_each(:states))
+UNION ALL
+SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, 'pending',
+       0, r.created_at, NULL, NULL, NULL
+FROM outbox_records AS r
+WHERE r.outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)
+  AND NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
+  AND 'pending' IN (SELECT value FROM json_each(:states))
 UNION ALL
 SELECT s.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, s.state,
        s.attempts, s.created_at, s.processed_at, s.next_attempt_at, s.last_error
@@ -212,14 +274,49 @@ WHERE s.state = 'dead' AND 'dead' IN (SELECT value FROM json_each(:states))
 ORDER BY 1
 LIMIT :limit;
 
+-- The oldest pending record's created_at is taken in outbox_id order past the mark
+-- (reading created_at of every record there would read their pages).
 -- name: backlog
-SELECT count(*), min(created_at), min(next_attempt_at) FROM outbox_sync WHERE state = 'pending';
+WITH past_mark (outbox_id, created_at) AS (
+    SELECT r.outbox_id, r.created_at FROM outbox_records AS r
+    WHERE r.outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)
+      AND NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
+    ORDER BY r.outbox_id LIMIT 1)
+SELECT (SELECT count(*) FROM outbox_sync WHERE state = 'pending')
+           + (SELECT count(*) FROM outbox_records WHERE outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress))
+           - (SELECT count(*) FROM outbox_sync WHERE outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)),
+       (SELECT min(created_at) FROM (
+            SELECT min(created_at) AS created_at FROM outbox_sync WHERE state = 'pending'
+            UNION ALL SELECT created_at FROM past_mark)),
+       (SELECT min(next_attempt_at) FROM outbox_sync WHERE state = 'pending');
 
 -- Deleting a record deletes its sync row and its errors (ON DELETE CASCADE: the syncer's
--- connection has foreign keys on).
+-- connection has foreign keys on). Records with a sync row go by their processed_at:
 -- name: prune_processed
 DELETE FROM outbox_records WHERE outbox_id IN (
     SELECT outbox_id FROM outbox_sync
     WHERE state = 'processed' AND processed_at < :before
     ORDER BY processed_at
     LIMIT :limit);
+
+-- ... records without one by their progress row's processed_at, oldest first:
+-- name: prune_passed
+DELETE FROM outbox_records WHERE outbox_id IN (
+    SELECT r.outbox_id FROM outbox_records AS r
+    WHERE r.outbox_id <= (SELECT max(through_id) FROM outbox_progress
+                          WHERE processed_at < :before)
+      AND NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
+    ORDER BY r.outbox_id
+    LIMIT :limit);
+
+-- ... and the progress rows that no record needs any more (never the mark itself): those
+-- below the oldest record without a sync row (found by reading ids in order, from the
+-- narrow index, up to the first such record).
+-- name: prune_progress
+DELETE FROM outbox_progress
+WHERE through_id < (SELECT max(through_id) FROM outbox_progress)
+  AND through_id < coalesce(
+      (SELECT r.outbox_id FROM outbox_records AS r INDEXED BY outbox_records_by_id
+       WHERE NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
+       ORDER BY r.outbox_id LIMIT 1),
+      (SELECT max(through_id) FROM outbox_progress));
