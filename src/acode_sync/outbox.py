@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -134,10 +135,19 @@ class Outbox:
         if tolerant:
             self.conn.text_factory = _decode_tolerantly
         try:
-            rows = self.conn.execute(_Q["claim_pending"], params)
+            # One read transaction: both sides from one snapshot. Each is in outbox_id
+            # order; together they are sorted by it (a record is on one side only).
+            self.conn.execute("BEGIN")
+            try:
+                rows = self.conn.execute(_Q["claim_tracked"], params).fetchall()
+                rows += self.conn.execute(_Q["claim_past_mark"], params).fetchall()
+            finally:
+                self.conn.execute("COMMIT")
+            if rows and rows[0][9]:  # records with a sync row come first: merge by id
+                rows.sort(key=itemgetter(0))
             batch: list[OutboxRecord] = []
             size = 0
-            for row in rows:
+            for row in rows[:max_records]:
                 record = OutboxRecord(*row)
                 if tolerant and not _is_utf8(row):
                     record = record._replace(readable=False)
@@ -145,7 +155,6 @@ class Outbox:
                 if batch and size > max_bytes:
                     break
                 batch.append(record)
-            rows.close()
             return batch
         finally:
             self.conn.text_factory = str

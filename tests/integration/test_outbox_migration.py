@@ -567,7 +567,8 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
             "next_attempt_at": T0,
         }
         for name in (
-            "claim_pending",
+            "claim_tracked",
+            "claim_past_mark",
             "mark_processed",
             "mark_failed",
             "record_attempts",
@@ -589,16 +590,19 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
             scans = [step for step in plan if step.startswith("SCAN") and " USING " not in step]
             # Scans of json_each, of a constant row and of the few rows a subquery or CTE
             # gathered (`c`: the claim's candidates, at most twice :limit) read no table.
-            derived = ("json_each", "CONSTANT", "(subquery-", "SCAN c", "SCAN past_mark")
+            derived = ("json_each", "CONSTANT", "(subquery-", "SCAN past_mark")
             assert [s for s in scans if not any(d in s for d in derived)] == [], (name, plan)
             if name != "prune_progress":  # reads ids in order up to the first unmarked one
                 assert not any("outbox_records" in step and "SCAN" in step for step in plan), plan
-        claim_plan = [
-            row[3]
-            for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {_Q['claim_pending']}", params)
-        ]
-        assert "SEARCH s USING INDEX outbox_pending (outbox_id>?)" in claim_plan
-        assert "SEARCH w USING INDEX outbox_waiting (next_attempt_at>?)" in claim_plan
+        claim_plans = {
+            name: [row[3] for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {_Q[name]}", params)]
+            for name in ("claim_tracked", "claim_past_mark")
+        }
+        assert "SEARCH s USING INDEX outbox_pending (outbox_id>?)" in claim_plans["claim_tracked"]
+        assert "SEARCH r USING INTEGER PRIMARY KEY (rowid>?)" in claim_plans["claim_past_mark"]
+        for plan in claim_plans.values():
+            assert "SEARCH w USING INDEX outbox_waiting (next_attempt_at>?)" in plan
+            assert "USE TEMP B-TREE FOR ORDER BY" not in plan  # read in order, up to :limit
         # The claim itself: the 99 records left pending, not the one waiting out a backoff.
         claimed = outbox.claim(max_records=1000, max_bytes=10**9)
         assert [r.outbox_id for r in claimed] == [i for i in ids[1900:] if i != ids[1950]]

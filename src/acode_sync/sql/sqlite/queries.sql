@@ -160,50 +160,50 @@ SELECT created_at FROM (
                    ORDER BY r.outbox_id LIMIT 1))
 ORDER BY outbox_id LIMIT 1;
 
--- Oldest first (AC-038), after the last record the drain has already claimed: the
--- records with a pending sync row, and the records past the mark, each side read in
--- outbox_id order up to :limit. A record waits while an earlier record of the same
--- entity is waiting out a backoff (X-004); records of other entities go on. With
--- :with_blocked, such records past the mark are returned too, flagged `blocked`, so that
--- the mark can pass them (they get a pending sync row); without it they are left out.
--- The waiting entities are few: gathered once, with the smallest waiting id of each.
--- name: claim_pending
+-- Oldest first (AC-038), after the last record the drain has already claimed. A claim
+-- reads two sides in one read transaction, each in outbox_id order up to :limit, and
+-- merges them: the records with a pending sync row (claim_tracked) and the records past
+-- the mark (claim_past_mark). A record waits while an earlier record of the same entity
+-- is waiting out a backoff (X-004); records of other entities go on. With :with_blocked,
+-- such records past the mark are returned too, flagged `blocked`, so that the mark can
+-- pass them (they get a pending sync row); without it they are left out. The waiting
+-- entities are few: gathered once, with the smallest waiting id of each.
+-- The payload comes as bytes: the syncer ships it as it is (no decoding, no copy).
+-- name: claim_tracked
 WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
     SELECT r.entity_type, r.entity_id, min(w.outbox_id)
     FROM outbox_sync AS w JOIN outbox_records AS r ON r.outbox_id = w.outbox_id
     WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
-    GROUP BY r.entity_type, r.entity_id),
-candidates (outbox_id, attempts, tracked) AS (
-    SELECT * FROM (
-        SELECT s.outbox_id, s.attempts, 1 FROM outbox_sync AS s
-        JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
-        WHERE s.state = 'pending'
-          AND s.outbox_id > :after
-          AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= :now)
-          AND NOT EXISTS (
-              SELECT 1 FROM waiting AS w
-              WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
-                AND w.first_id < r.outbox_id)
-        ORDER BY s.outbox_id LIMIT :limit)
-    UNION ALL
-    SELECT * FROM (
-        SELECT r.outbox_id, 0, 0 FROM outbox_records AS r
-        WHERE r.outbox_id > max(:after, (SELECT coalesce(max(through_id), 0) FROM outbox_progress))
-          AND NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
-          AND (:with_blocked OR NOT EXISTS (
-              SELECT 1 FROM waiting AS w
-              WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
-                AND w.first_id < r.outbox_id))
-        ORDER BY r.outbox_id LIMIT :limit))
--- The payload comes as bytes: the syncer ships it as it is (no decoding, no copy).
+    GROUP BY r.entity_type, r.entity_id)
 SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
-       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, c.attempts,
-       c.tracked,
+       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, s.attempts, 1, 0
+FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
+WHERE s.state = 'pending'
+  AND s.outbox_id > :after
+  AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= :now)
+  AND NOT EXISTS (
+      SELECT 1 FROM waiting AS w
+      WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
+        AND w.first_id < r.outbox_id)
+ORDER BY s.outbox_id
+LIMIT :limit;
+
+-- name: claim_past_mark
+WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
+    SELECT r.entity_type, r.entity_id, min(w.outbox_id)
+    FROM outbox_sync AS w JOIN outbox_records AS r ON r.outbox_id = w.outbox_id
+    WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
+    GROUP BY r.entity_type, r.entity_id)
+SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
+       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, 0, 0,
        EXISTS (SELECT 1 FROM waiting AS w
                WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
-                 AND w.first_id < r.outbox_id)
-FROM candidates AS c JOIN outbox_records AS r ON r.outbox_id = c.outbox_id
-ORDER BY c.outbox_id
+                 AND w.first_id < r.outbox_id) AS blocked
+FROM outbox_records AS r
+WHERE r.outbox_id > max(:after, (SELECT coalesce(max(through_id), 0) FROM outbox_progress))
+  AND NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
+  AND (:with_blocked OR NOT blocked)
+ORDER BY r.outbox_id
 LIMIT :limit;
 
 -- Records with a sync row, shipped.
