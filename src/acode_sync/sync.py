@@ -421,7 +421,8 @@ class WorkspaceSyncer:
         return batch
 
     async def _mark(self, outbox: Outbox, shipped: _Shipped) -> None:
-        """After PostgreSQL committed: mark the batch in one SQLite transaction."""
+        """After PostgreSQL committed: move the mark past the batch and record what stays
+        pending or failed, in one short SQLite transaction (Outbox.mark)."""
         batch, outcome = shipped.batch, shipped.outcome
         delivered = {r.outbox_id for r in outcome.delivered}
         failed = {f.outbox_id for f in batch.failures}
