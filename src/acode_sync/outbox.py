@@ -44,6 +44,11 @@ MARK_CHUNK: Final = 100
 MARK_PAUSE: Final = 0.0001
 SYNCER_CACHE_KIB: Final = -512  # negative: KiB (SQLite's default is 2 MiB per connection)
 _Q = queries(DIALECT)
+# The claim's two sides share the block that gathers the entities waiting out a backoff.
+CLAIM_STATEMENTS: Final = {
+    name: _Q[name].replace("<waiting_entities>", _Q["waiting_entities"])
+    for name in ("claim_tracked", "claim_past_mark")
+}
 
 
 class OutboxRecord(NamedTuple):
@@ -140,8 +145,8 @@ class Outbox:
             # order; together they are sorted by it (a record is on one side only).
             self.conn.execute("BEGIN")
             try:
-                rows = self.conn.execute(_Q["claim_tracked"], params).fetchall()
-                rows += self.conn.execute(_Q["claim_past_mark"], params).fetchall()
+                rows = self.conn.execute(CLAIM_STATEMENTS["claim_tracked"], params).fetchall()
+                rows += self.conn.execute(CLAIM_STATEMENTS["claim_past_mark"], params).fetchall()
             finally:
                 self.conn.execute("COMMIT")
             if rows and rows[0][9]:  # records with a sync row come first: merge by id

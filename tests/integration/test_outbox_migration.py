@@ -19,7 +19,7 @@ from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, format_timestamp
 from acode_sync.errors import RecordRejectedError
 from acode_sync.migrations import load_migrations
-from acode_sync.outbox import MARK_CHUNK, Failure, Outbox
+from acode_sync.outbox import CLAIM_STATEMENTS, MARK_CHUNK, Failure, Outbox
 from acode_sync.postgres import PostgresTarget
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.sql import queries
@@ -584,7 +584,7 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
             "track_pending",
             "advance_mark",
         ):
-            sql = _Q[name]
+            sql = CLAIM_STATEMENTS.get(name, _Q[name])
             args: Any = (1,) if "?" in sql else params
             plan = [row[3] for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
             scans = [step for step in plan if step.startswith("SCAN") and " USING " not in step]
@@ -595,8 +595,8 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
             if name != "prune_progress":  # reads ids in order up to the first unmarked one
                 assert not any("outbox_records" in step and "SCAN" in step for step in plan), plan
         claim_plans = {
-            name: [row[3] for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {_Q[name]}", params)]
-            for name in ("claim_tracked", "claim_past_mark")
+            name: [row[3] for row in outbox.conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+            for name, sql in CLAIM_STATEMENTS.items()
         }
         assert "SEARCH s USING INDEX outbox_pending (outbox_id>?)" in claim_plans["claim_tracked"]
         assert "SEARCH r USING INTEGER PRIMARY KEY (rowid>?)" in claim_plans["claim_past_mark"]

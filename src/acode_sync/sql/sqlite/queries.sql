@@ -168,13 +168,17 @@ ORDER BY outbox_id LIMIT 1;
 -- such records past the mark are returned too, flagged `blocked`, so that the mark can
 -- pass them (they get a pending sync row); without it they are left out. The waiting
 -- entities are few: gathered once, with the smallest waiting id of each.
--- The payload comes as bytes: the syncer ships it as it is (no decoding, no copy).
--- name: claim_tracked
-WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
+-- <waiting_entities> in both claim queries is this block (outbox.CLAIM_STATEMENTS).
+-- name: waiting_entities
+waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
     SELECT r.entity_type, r.entity_id, min(w.outbox_id)
     FROM outbox_sync AS w JOIN outbox_records AS r ON r.outbox_id = w.outbox_id
     WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
     GROUP BY r.entity_type, r.entity_id)
+
+-- The payload comes as bytes: the syncer ships it as it is (no decoding, no copy).
+-- name: claim_tracked
+WITH <waiting_entities>
 SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
        CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, s.attempts, 1, 0
 FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
@@ -189,11 +193,7 @@ ORDER BY s.outbox_id
 LIMIT :limit;
 
 -- name: claim_past_mark
-WITH waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
-    SELECT r.entity_type, r.entity_id, min(w.outbox_id)
-    FROM outbox_sync AS w JOIN outbox_records AS r ON r.outbox_id = w.outbox_id
-    WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
-    GROUP BY r.entity_type, r.entity_id)
+WITH <waiting_entities>
 SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
        CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, 0, 0,
        EXISTS (SELECT 1 FROM waiting AS w
