@@ -98,6 +98,9 @@ class SyncSettings:
     outage_cap_seconds: float = 60.0
     retention_days: float = 7.0
     busy_timeout: float = 30.0
+    # A record whose version is further ahead of the syncer's clock is not shipped (it
+    # would win every later change): it fails, and is retried as the clock moves on.
+    max_clock_skew_seconds: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -76,6 +76,7 @@ class Daemon:
         self.workers: dict[Path, WorkspaceWorker] = {}
         self.started_at = datetime.now(UTC).isoformat()
         self.postgres_up: bool | None = None
+        self.postgres_refused: str | None = None
         self.last_postgres_report = 0.0
         self.reload: dict[str, Any] = {"generation": 0, "ok": True, "error": None, "at": None}
         self._stop = anyio.Event()
@@ -294,8 +295,17 @@ class Daemon:
 
     # -- health -------------------------------------------------------------------------
 
-    def _on_postgres(self, up: bool) -> None:
+    def _on_postgres(self, up: bool, refused: str | None = None) -> None:
+        """A worker's (or the probe's) news of PostgreSQL. `refused`: the SQLSTATE of a
+        refusal (the server answers but refuses the work); it stands until a batch is
+        applied again: a probe that answers does not clear it."""
         self.last_postgres_report = time.monotonic()
+        if refused != self.postgres_refused:
+            if self.postgres_refused is not None:
+                self.metrics.postgres_refusing.remove(self.postgres_refused)
+            if refused is not None:
+                self.metrics.postgres_refusing.labels(refused).set(1)
+            self.postgres_refused = refused
         if up != self.postgres_up:
             self.metrics.postgres_up.set(1 if up else 0)
             if self.postgres_up is not None:
@@ -305,7 +315,8 @@ class Daemon:
     async def _probe_loop(self) -> None:
         """Keep acode_sync_postgres_up true when no worker has talked to PostgreSQL lately."""
         while True:
-            if time.monotonic() - self.last_postgres_report >= PROBE_SECONDS:
+            quiet = time.monotonic() - self.last_postgres_report >= PROBE_SECONDS
+            if quiet and self.postgres_refused is None:
                 self._on_postgres(await self.shared.target.probe())
             await anyio.sleep(PROBE_SECONDS)
 
@@ -342,6 +353,8 @@ class Daemon:
         backlog = sum(w.backlog for w in self.workers.values())
         broken = sum(1 for w in self.workers.values() if w.broken_code)
         postgres = {True: "up", False: "down", None: "unknown"}[self.postgres_up]
+        if self.postgres_refused is not None:
+            postgres = f"refusing the work (SQLSTATE {self.postgres_refused})"
         return (
             f"{len(self.workers)} workspaces ({broken} broken), backlog {backlog}, "
             f"PostgreSQL {postgres}"
@@ -357,6 +370,7 @@ class Daemon:
             "config": str(self.config_path) if self.config_path else None,
             "postgres": self.config.postgres.host_description(),
             "postgres_up": self.postgres_up,
+            "postgres_refused_sqlstate": self.postgres_refused,
             "workspaces": len(self.workers),
             "backlog": sum(w.backlog for w in self.workers.values()),
             "lag_seconds": round(now - min(oldest)) if oldest else 0,

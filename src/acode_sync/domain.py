@@ -48,11 +48,14 @@ def parse_timestamp(text: str) -> datetime:
     return moment.astimezone(UTC)
 
 
-_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_CANONICAL = re.compile(
+    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}Z"
+)
 
 
 def is_canonical_shape(text: str) -> bool:
-    """Written as format_timestamp writes (digits in place; not checked as a date)."""
+    """Written as format_timestamp writes, every field in its range (an impossible day
+    such as February 30 is not checked here: PostgreSQL refuses it)."""
     return _CANONICAL.fullmatch(text) is not None
 
 

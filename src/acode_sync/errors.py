@@ -82,6 +82,28 @@ class PostgresUnavailableError(AcodeError):
         "ACODE_POSTGRES_URL. Records wait in the outbox meanwhile; nothing is lost."
     )
 
+    def __init__(
+        self, message: str | None = None, *, hint: str | None = None, suspect: bool = False
+    ) -> None:
+        super().__init__(message, hint=hint)
+        # The failure may follow the batch rather than the server (a statement timeout):
+        # the syncer may isolate the batch's records to find out (docs/sync.md).
+        self.suspect = suspect
+
+
+class PostgresRefusedError(PostgresUnavailableError):
+    """PostgreSQL answers but refuses the work: its state or the role's, not a record's."""
+
+    default_hint = (
+        "The server or the role refuses writes (read-only, a missing privilege, a full disk, "
+        "a lock, too many connections: see the SQLSTATE). Records wait in the outbox and "
+        "ship once it is fixed; no record's attempts are used."
+    )
+
+    def __init__(self, message: str, *, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
 
 class PostgresSchemaMismatchError(SchemaMismatchError):
     """The PostgreSQL schema does not match this program."""

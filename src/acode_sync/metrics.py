@@ -86,6 +86,13 @@ class Metrics:
             "1 when PostgreSQL answered the last attempt, else 0.",
             registry=r,
         )
+        self.postgres_refusing = Gauge(
+            "acode_sync_postgres_refusing",
+            "1 while PostgreSQL answers but refuses the work (read-only, a missing privilege, "
+            "a full disk ...), by SQLSTATE; records wait, none is charged.",
+            ["sqlstate"],
+            registry=r,
+        )
         self.pool_in_use = Gauge(
             "acode_sync_pool_connections_in_use",
             "PostgreSQL pool connections in use.",

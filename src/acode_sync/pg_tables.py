@@ -15,6 +15,11 @@ from enum import Enum
 from acode_sync.sql import queries
 
 _MARKER = re.compile(r"<[a-z_]+>")
+# The canonical form of a time, digits in range (docs/schema.md); the cast then refuses
+# an impossible date such as February 30.
+CANONICAL_TIMESTAMP_PATTERN = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}Z$"
+)
 
 
 class Kind(Enum):
@@ -45,7 +50,12 @@ class TableSpec:
         if column.name == "updated_at":
             return "d.version"
         if column.name == "created_at":
-            return "coalesce((d.p->>'created_at')::timestamptz, d.version)"
+            return (
+                "CASE WHEN d.p->>'created_at' IS NULL THEN d.version "
+                f"WHEN d.p->>'created_at' ~ '{CANONICAL_TIMESTAMP_PATTERN}' "
+                "THEN (d.p->>'created_at')::timestamptz "
+                "ELSE acode.refuse_timestamp('created_at', d.p->>'created_at') END"
+            )
         if column.kind is Kind.JSONB:
             return f"nullif(d.p->'{column.name}', 'null'::jsonb)"
         if column.default is not None:
@@ -188,15 +198,24 @@ def _round_sql() -> str:
             f"{spec.table}_incoming" for spec in tables
         ),
     )
-    conflicts = "".join(
+    no_conflict = (
+        "NULL::bigint, NULL::text, NULL::timestamptz, NULL::timestamptz, NULL::text, "
+        "NULL::text, NULL::text"
+    )
+    outcomes = "".join(
         "\nUNION ALL\nSELECT 'conflict', incoming_key, conflict_id, current_key, "
         "incoming_updated_at, current_updated_at, incoming_origin, current_origin, winner "
         f"FROM {spec.table}_recorded"
+        f"\nUNION ALL\nSELECT 'duplicate', idempotency_key, {no_conflict} "
+        f"FROM {spec.table}_decided WHERE same"
+        f"\nUNION ALL\nSELECT 'raced', idempotency_key, {no_conflict} "
+        f"FROM {spec.table}_decided WHERE NOT has_current AND entity_id NOT IN "
+        f"(SELECT entity_id FROM {spec.table}_created)"
         for spec in tables
     )
     blocks = [*incoming, keys, *(spec.apply_block() for spec in tables)]
     return _filled(
-        "WITH " + ",\n".join(blocks) + "\n" + sql["round_outcome"].replace("<conflicts>", conflicts)
+        "WITH " + ",\n".join(blocks) + "\n" + sql["round_outcome"].replace("<outcomes>", outcomes)
     )
 
 

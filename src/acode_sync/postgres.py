@@ -1,23 +1,31 @@
 """The central PostgreSQL: pool lifecycle, schema migrations, batch apply, error classes.
 
-Errors are classified by SQLSTATE class, never by message text:
+Errors are classified by SQLSTATE, never by message text (the table is in docs/sync.md):
 - a record's own fault (22 data, 23 integrity, 54 program limit; client-side encoding):
-  RecordFailure, so the caller can isolate the record;
-- anything else (connection 08, rollback 40, resources 53, operator 57, timeouts,
-  sockets, auth, a missing schema ...): PostgresUnavailableError, an outage that waits
-  and never uses up a record's attempts.
+  RecordFailure, so the caller can isolate the record and charge it;
+- a fault that may follow the batch or the server (57014 a statement timeout, a client
+  timeout, an error raised by a trigger or routine, an internal error): a
+  PostgresUnavailableError with `suspect` set: the caller may isolate the batch's
+  records, and charges one only if the failure follows that record sent alone;
+- anything else is the server's or the role's state (08 connection, 25 read-only,
+  28 authentication, 40 rollback, 42 privileges or schema, 53 resources, 55 locks,
+  57 operator, 58 system ...): PostgresRefusedError (the server answered) or
+  PostgresUnavailableError, an outage that waits and never uses up a record's attempts.
 The password is given to asyncpg apart from the DSN, and no error text built here
-contains the DSN: only the host description, error class names and SQLSTATEs.
+contains the DSN: only the host description, error class names, SQLSTATEs and the
+server's own message for a refusal (which never holds the password).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from itertools import accumulate
 from typing import Any, Final, NamedTuple
 
@@ -28,6 +36,7 @@ from acode_sync.config import PostgresSettings
 from acode_sync.errors import (
     AcodeError,
     PostgresMigrationError,
+    PostgresRefusedError,
     PostgresSchemaMismatchError,
     PostgresUnavailableError,
     SchemaMismatchError,
@@ -46,6 +55,17 @@ DIALECT: Final = "postgres"
 LOCK_NAMESPACE: Final = 0x61636F64  # "acod": our advisory locks never meet another app's
 MIGRATION_LOCK: Final = 1
 RECORD_SQLSTATE_CLASSES: Final = frozenset({"22", "23", "54"})
+# Raised by a trigger, a routine or the server's own code: they may follow the data.
+SUSPECT_SQLSTATE_CLASSES: Final = frozenset({"09", "21", "27", "2F", "38", "39", "P0", "XX"})
+QUERY_CANCELED: Final = "57014"  # statement_timeout (lock waits end in 55P03 first)
+# A serialization failure or a deadlock: the transaction is retried at once, this often.
+RETRY_NOW_SQLSTATES: Final = frozenset({"40001", "40P01"})
+APPLY_ATTEMPTS: Final = 5
+# Lock waits give up after this share of the statement timeout, with lock_not_available
+# (55P03, the server's state): a table an administrator locked never looks like a slow
+# record.
+LOCK_TIMEOUT_SHARE: Final = 0.5
+SCHEMA_GONE_SQLSTATES: Final = frozenset({"42P01", "3F000", "42703"})
 _Q = queries(DIALECT)
 
 FaultHook = Callable[[str], None]
@@ -57,6 +77,16 @@ class _Connection(asyncpg.Connection):  # type: ignore[misc]
 
     def get_reset_query(self) -> str:
         return ""
+
+
+class Fault(Enum):
+    RECORD = "record"
+    SUSPECT = "suspect"
+    SERVER = "server"
+
+
+class _Raced(Exception):
+    """Another transaction created an entity this round judged as new: judge again."""
 
 
 class RecordFailure(Exception):
@@ -205,10 +235,36 @@ def _sqlstate(error: BaseException) -> str:
 _CLIENT_DATA_ERROR: type[Exception] = asyncpg.exceptions._base.DataError
 
 
-def is_record_error(error: BaseException) -> bool:
+def fault_of(error: BaseException) -> Fault:
+    """Whose fault an error is: the table in docs/sync.md."""
     if isinstance(error, asyncpg.PostgresError):
-        return _sqlstate(error)[:2] in RECORD_SQLSTATE_CLASSES
-    return isinstance(error, UnicodeError | _CLIENT_DATA_ERROR)
+        state = _sqlstate(error)
+        if state[:2] in RECORD_SQLSTATE_CLASSES:
+            return Fault.RECORD
+        if state[:2] in SUSPECT_SQLSTATE_CLASSES or state == QUERY_CANCELED:
+            return Fault.SUSPECT
+        return Fault.SERVER
+    if isinstance(error, UnicodeError | _CLIENT_DATA_ERROR):
+        return Fault.RECORD
+    if isinstance(error, TimeoutError):
+        return Fault.SUSPECT
+    return Fault.SERVER
+
+
+def is_record_error(error: BaseException) -> bool:
+    return fault_of(error) is Fault.RECORD
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    """The connection itself failed (class 08): unreachable rather than refusing."""
+    return _sqlstate(error)[:2] == "08" or isinstance(
+        error, OSError | asyncpg.InterfaceError | asyncpg.exceptions.ConnectionDoesNotExistError
+    )
+
+
+def _server_message(error: BaseException) -> str:
+    message = getattr(error, "message", None)
+    return str(message)[:300] if message else type(error).__name__
 
 
 class PostgresTarget:
@@ -225,19 +281,30 @@ class PostgresTarget:
 
     def outage(self, error: BaseException, doing: str) -> PostgresUnavailableError:
         state = _sqlstate(error)
+        where = f"PostgreSQL at {self.description}: {doing}"
+        fault = fault_of(error)
+        if state and fault is Fault.SERVER and not _is_connection_error(error):
+            if state in SCHEMA_GONE_SQLSTATES:
+                self._schema_ready = False  # dropped or changed: check it again
+            return PostgresRefusedError(
+                f"{where}: the server refused: SQLSTATE {state} ({type(error).__name__}): "
+                f"{_server_message(error)}",
+                sqlstate=state,
+            )
         detail = type(error).__name__ + (f" (SQLSTATE {state})" if state else "")
-        return PostgresUnavailableError(f"PostgreSQL at {self.description}: {doing}: {detail}")
+        return PostgresUnavailableError(f"{where}: {detail}", suspect=fault is Fault.SUSPECT)
 
     @contextmanager
     def _classified(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except (AcodeError, RecordFailure):
+        except (AcodeError, RecordFailure, _Raced):
             raise
         except Exception as error:
             if is_record_error(error):
-                message = getattr(error, "message", None) or type(error).__name__
-                raise RecordFailure(f"{_sqlstate(error) or 'client'}: {message}") from None
+                raise RecordFailure(
+                    f"{_sqlstate(error) or 'client'}: {_server_message(error)}"
+                ) from None
             raise self.outage(error, doing) from None
 
     async def _get_pool(self) -> asyncpg.Pool:
@@ -337,9 +404,29 @@ class PostgresTarget:
     async def apply(
         self, origin_id: str, plan: BatchPlan, *, fault_hook: FaultHook | None = None
     ) -> BatchOutcome:
-        """Apply one batch in one transaction: record the keys, then the entities."""
+        """Apply one batch in one transaction: record the keys, then the entities. A
+        transaction that lost a race (a serialization failure, a deadlock, an entity
+        another transaction created meanwhile) is rolled back and run again at once."""
         if not self._schema_ready:
             await self.ensure_schema()
+        for attempt in range(1, APPLY_ATTEMPTS + 1):
+            try:
+                return await self._apply_once(origin_id, plan, fault_hook)
+            except (_Raced, PostgresRefusedError) as error:
+                retry_now = isinstance(error, _Raced) or error.sqlstate in RETRY_NOW_SQLSTATES
+                if not retry_now or attempt == APPLY_ATTEMPTS:
+                    if isinstance(error, _Raced):
+                        raise PostgresUnavailableError(
+                            f"PostgreSQL at {self.description}: a batch kept meeting "
+                            f"concurrent writes of its entities ({APPLY_ATTEMPTS} attempts)"
+                        ) from None
+                    raise
+                await anyio.sleep(random.uniform(0, 0.01 * attempt))  # noqa: S311 - jitter
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _apply_once(
+        self, origin_id: str, plan: BatchPlan, fault_hook: FaultHook | None
+    ) -> BatchOutcome:
         pool = await self._get_pool()
         timeout = self.settings.statement_timeout + self.settings.connect_timeout
         with self._classified("applying a batch"), anyio.fail_after(timeout * 2):
@@ -355,12 +442,16 @@ class PostgresTarget:
     async def _apply_in_transaction(
         self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan
     ) -> BatchOutcome:
-        timeout_ms = str(int(self.settings.statement_timeout * 1000))
-        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, plan.locks, timeout_ms)
+        timeout_ms = int(self.settings.statement_timeout * 1000)
+        lock_timeout_ms = str(max(1, int(timeout_ms * LOCK_TIMEOUT_SHARE)))
+        await conn.fetchval(
+            _Q["lock_entities"], LOCK_NAMESPACE, plan.locks, str(timeout_ms), lock_timeout_ms
+        )
         outcome = BatchOutcome()
+        by_key = {r.idempotency_key: r for r in plan.records}
         for arguments in plan.rounds:
             rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, True, *arguments)
-            outcome.conflicts += [_conflict(row) for row in rows if row["outcome"] == "conflict"]
+            self._collect(rows, by_key, outcome)
             held = [row["incoming_key"] for row in rows if row["outcome"] == "held"]
             if held:  # before the next round, which may hold later records of their entities
                 await self._settle_held(conn, origin_id, plan, held, outcome)
@@ -397,7 +488,21 @@ class PostgresTarget:
         ties = [r for r in known if r.idempotency_key not in delivered]
         for arguments in _apply_rounds(ties):  # one round: one record per entity
             rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, False, *arguments)
-            outcome.conflicts += [_conflict(row) for row in rows]
+            self._collect(rows, by_key, outcome)
+
+    @staticmethod
+    def _collect(
+        rows: Sequence[asyncpg.Record], by_key: dict[str, PreparedRecord], outcome: BatchOutcome
+    ) -> None:
+        """A round's conflicts and duplicates; a raced entity rolls the batch back."""
+        for row in rows:
+            kind = row["outcome"]
+            if kind == "conflict":
+                outcome.conflicts.append(_conflict(row))
+            elif kind == "duplicate":
+                outcome.duplicates.append(by_key[row["incoming_key"]])
+            elif kind == "raced":
+                raise _Raced(row["incoming_key"])
 
     async def list_conflicts(self, session_id: str | None, limit: int) -> list[dict[str, Any]]:
         pool = await self._get_pool()

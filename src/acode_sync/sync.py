@@ -28,9 +28,8 @@ from anyio.abc import TaskGroup
 
 from acode_sync.config import SyncSettings
 from acode_sync.domain import (
-    CANONICAL_TIMESTAMP_LENGTH,
+    MAX_ID_LENGTH,
     Clock,
-    canonical_timestamp,
     format_timestamp,
     is_canonical_shape,
     utc_now,
@@ -77,43 +76,52 @@ def tune_interpreter() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
-def prepare(record: OutboxRecord, *, max_payload_bytes: int) -> PreparedRecord:
-    """Check a record before shipping and put its timestamps in canonical form."""
+def prepare(record: OutboxRecord, *, max_payload_bytes: int, latest: str) -> PreparedRecord:
+    """Check a record before shipping (docs/sync.md, what a record must be). `latest`: the
+    latest version this syncer ships now (its clock plus the allowed skew, canonical)."""
     if not record.readable:
         raise RecordRejectedError("a text column of the record is not valid UTF-8")
     if record.entity_type not in TABLES:
         raise RecordRejectedError(f"unknown entity type {record.entity_type[:60]!r}")
-    payload_bytes = record.payload  # PostgreSQL refuses it if it is not UTF-8
-    if len(payload_bytes) > max_payload_bytes:
+    for name, value in (("entity_id", record.entity_id), ("session_id", record.session_id)):
+        if value is not None and not 0 < len(value) <= MAX_ID_LENGTH:
+            raise RecordRejectedError(
+                f"the record's {name} is {len(value)} characters; ids are 1 to "
+                f"{MAX_ID_LENGTH} characters"
+            )
+    payload = record.payload  # PostgreSQL refuses it if it is not UTF-8 JSON
+    if len(payload) > max_payload_bytes:
         raise RecordRejectedError(
-            f"the payload is {len(payload_bytes)} bytes, over max_payload_bytes "
-            f"({max_payload_bytes})"
+            f"the payload is {len(payload)} bytes, over max_payload_bytes ({max_payload_bytes})"
         )
+    if payload.lstrip(b" \t\r\n")[:1] != b"{":
+        raise RecordRejectedError("the payload is not a JSON object")
     key, base = record.idempotency_key, record.base_updated_at
-    version = key[-CANONICAL_TIMESTAMP_LENGTH:]
     prefix = f"{record.entity_type}:{record.entity_id}:"
-    # The hot path: key and base as the store writes them, checked for shape only (an
-    # impossible time such as month 13 is refused by PostgreSQL, for this record alone).
-    if not (
-        key[:-CANONICAL_TIMESTAMP_LENGTH] == prefix
-        and is_canonical_shape(version)
-        and (base is None or is_canonical_shape(base))
-    ):
-        if not key.startswith(prefix):
-            raise RecordRejectedError("the idempotency key is not EntityType:entity_id:timestamp")
-        version = canonical_timestamp(key[len(prefix) :])
-        key = prefix + version
-        base = None if base is None else canonical_timestamp(base)
+    if not key.startswith(prefix):
+        raise RecordRejectedError("the idempotency key is not EntityType:entity_id:timestamp")
+    version = key[len(prefix) :]
+    for name, stamp in (("idempotency key's time", version), ("base_updated_at", base)):
+        if stamp is not None and not is_canonical_shape(stamp):
+            raise RecordRejectedError(
+                f"the {name} {stamp[:40]!r} is not a canonical RFC 3339 UTC time "
+                "(YYYY-MM-DDTHH:MM:SS.ffffffZ)"
+            )
+    if version > latest:
+        raise RecordRejectedError(
+            f"the version {version} is ahead of this machine's clock by more than "
+            "sync.max_clock_skew_seconds: it would win every later change; not shipped"
+        )
     return PreparedRecord(
         record.outbox_id,
         key,
         record.entity_type,
         record.entity_id,
         record.session_id,
-        payload_bytes,
+        payload,
         version,
         base,
-        hashlib.sha256(payload_bytes).digest(),
+        hashlib.sha256(payload).digest(),
     )
 
 
@@ -170,6 +178,19 @@ class _Batch:
         """Leave pending the records of entities that have an earlier failed record."""
         self.ready = [r for r in self.ready if (r.entity_type, r.entity_id) not in held]
         self.plan = plan_batch(self.ready)
+
+
+@dataclass(slots=True)
+class _Isolation:
+    """What bisecting a refused batch found so far."""
+
+    outcome: BatchOutcome = field(default_factory=BatchOutcome)
+    failures: list[Failure] = field(default_factory=list)  # refused for their data
+    suspects: list[Failure] = field(default_factory=list)  # a suspect failure, alone
+
+    def failed_entities(self, records: Sequence[PreparedRecord]) -> set[tuple[str, str]]:
+        failed = {f.outbox_id for f in (*self.failures, *self.suspects)}
+        return {(r.entity_type, r.entity_id) for r in records if r.outbox_id in failed}
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,13 +427,17 @@ class WorkspaceSyncer:
         """Check each record; one that fails holds back the later records of its entity."""
         batch = _Batch(records=records, started=time.perf_counter())
         held = set(held)
+        skew = timedelta(seconds=self.settings.max_clock_skew_seconds)
+        latest = format_timestamp(self.clock() + skew)
         for record in records:
             entity = (record.entity_type, record.entity_id)
             if record.blocked or entity in held:
                 continue  # stays pending: an earlier record of this entity waits or failed
             try:
                 batch.ready.append(
-                    prepare(record, max_payload_bytes=self.settings.max_payload_bytes)
+                    prepare(
+                        record, max_payload_bytes=self.settings.max_payload_bytes, latest=latest
+                    )
                 )
             except AcodeError as error:
                 batch.failures.append(Failure(record.outbox_id, error.message))
@@ -502,12 +527,11 @@ class WorkspaceSyncer:
             seconds=round(time.perf_counter() - started, 4),
         )
 
-    async def _is_suspect(self, records: Sequence[PreparedRecord], *, suspect: bool) -> bool:
-        """An outage error, yet PostgreSQL answers a probe: a strike against this batch."""
+    async def _is_suspect(self, records: Sequence[PreparedRecord]) -> bool:
+        """A suspect failure (a statement timeout ...), yet PostgreSQL answers a probe: a
+        strike against this batch; the third in a row isolates its records."""
         if not await self.target.probe():
             return False
-        if suspect:
-            return True
         first = records[0].outbox_id
         self._strikes[first] = self._strikes.get(first, 0) + 1
         if self._strikes[first] < SUSPECT_STRIKES:
@@ -521,40 +545,66 @@ class WorkspaceSyncer:
         return True
 
     async def _apply_isolating(
-        self,
-        origin_id: str,
-        records: Sequence[PreparedRecord],
-        *,
-        plan: BatchPlan | None = None,
-        suspect: bool = False,
+        self, origin_id: str, records: Sequence[PreparedRecord], *, plan: BatchPlan | None = None
     ) -> tuple[BatchOutcome, list[Failure]]:
-        """Apply, bisecting on a refused batch until each bad record stands alone:
-        O(log n) extra transactions per bad record; the good ones commit."""
+        """Apply a batch. If PostgreSQL refuses its data (or a suspect failure keeps
+        coming back), bisect until each bad record stands alone: O(log n) extra
+        transactions per bad record; the good ones commit. The server's own state never
+        charges a record: a suspect failure is charged to a record only if it follows that
+        record sent alone while the server took other work (docs/sync.md)."""
         if not records:
             return BatchOutcome(), []
         try:
             plan = plan_batch(records) if plan is None else plan
             outcome = await self.target.apply(origin_id, plan, fault_hook=self.fault_hook)
         except RecordFailure as error:
-            reason = error.reason
+            reason, suspect = error.reason, False
         except PostgresUnavailableError as error:
-            if not await self._is_suspect(records, suspect=suspect):
+            if not error.suspect or not await self._is_suspect(records):
                 raise
             reason, suspect = error.message, True
         else:
             self._strikes.pop(records[0].outbox_id, None)
             return outcome, []
+        isolation = _Isolation()
+        await self._isolate(origin_id, records, reason, suspect, isolation)
+        if isolation.suspects and not (isolation.outcome.delivered or isolation.failures):
+            # Every record fails alone, and nothing shows that the server takes writes.
+            raise PostgresUnavailableError(
+                f"every record of a batch fails alone ({reason}): the server's state, not "
+                "a record's; nothing was charged"
+            )
+        return isolation.outcome, isolation.failures + isolation.suspects
+
+    async def _isolate(
+        self,
+        origin_id: str,
+        records: Sequence[PreparedRecord],
+        reason: str,
+        suspect: bool,
+        isolation: _Isolation,
+    ) -> None:
+        """`records` failed together with `reason`: apply each half apart. A record that
+        fails alone holds back the later records of its entity (their order is kept)."""
         if len(records) == 1:
-            return BatchOutcome(), [Failure(records[0].outbox_id, reason)]
+            failures = isolation.suspects if suspect else isolation.failures
+            failures.append(Failure(records[0].outbox_id, reason))
+            return
         middle = len(records) // 2
-        outcome, failures = await self._apply_isolating(
-            origin_id, records[:middle], suspect=suspect
-        )
-        failed_ids = {f.outbox_id for f in failures}
-        blocked = {
-            (r.entity_type, r.entity_id) for r in records[:middle] if r.outbox_id in failed_ids
-        }
-        rest = [r for r in records[middle:] if (r.entity_type, r.entity_id) not in blocked]
-        more, more_failures = await self._apply_isolating(origin_id, rest, suspect=suspect)
-        outcome.extend(more)
-        return outcome, failures + more_failures
+        for half in (records[:middle], records[middle:]):
+            failed = isolation.failed_entities(records)
+            half = [r for r in half if (r.entity_type, r.entity_id) not in failed]
+            if not half:
+                continue
+            try:
+                outcome = await self.target.apply(
+                    origin_id, plan_batch(half), fault_hook=self.fault_hook
+                )
+            except RecordFailure as error:
+                await self._isolate(origin_id, half, error.reason, False, isolation)
+            except PostgresUnavailableError as error:
+                if not error.suspect:
+                    raise
+                await self._isolate(origin_id, half, error.message, True, isolation)
+            else:
+                isolation.outcome.extend(outcome)

@@ -23,6 +23,7 @@ from acode_sync.errors import (
     AcodeError,
     BusyError,
     PostgresMigrationError,
+    PostgresRefusedError,
     PostgresSchemaMismatchError,
     PostgresUnavailableError,
     WorkspaceOpenError,
@@ -42,7 +43,7 @@ class Shared:
     target: PostgresTarget
     metrics: Metrics
     limiter: anyio.CapacityLimiter
-    on_postgres: Callable[[bool], None]
+    on_postgres: Callable[[bool, str | None], None]
     watchdog: Heartbeat
 
 
@@ -181,12 +182,13 @@ class WorkspaceWorker:
                 PostgresMigrationError,
             ) as error:
                 self._count(self.syncer.summary)  # batches applied before the outage
-                shared.on_postgres(False)
+                refused = error.sqlstate if isinstance(error, PostgresRefusedError) else None
+                shared.on_postgres(False, refused)
                 shared.metrics.batch_errors.inc()
                 await self._refresh_backlog()
                 delay = self.outage.next_delay()
                 self.log.warning(
-                    "postgres unavailable",
+                    "postgres refused" if refused else "postgres unavailable",
                     code=error.code,
                     error=error.message,
                     retry_in_seconds=round(delay, 1),
@@ -229,7 +231,7 @@ class WorkspaceWorker:
     def _count(self, summary: SyncSummary) -> None:
         metrics = self.shared.metrics
         if summary.batches:
-            self.shared.on_postgres(True)
+            self.shared.on_postgres(True, None)
             self.last_sync = time.time()
             metrics.last_sync.set(self.last_sync)
         metrics.records.labels("applied").inc(summary.applied)

@@ -31,15 +31,17 @@ SELECT set_config('search_path', 'acode', true);
 -- name: migration_lock
 SELECT pg_advisory_xact_lock($1, $2);
 
--- The first statement of a batch: its statement timeout and planner settings, per
--- transaction so they also hold behind a transaction-pooling PgBouncer; then the batch's
--- session locks, taken in ascending order so that concurrent batches cannot deadlock.
+-- The first statement of a batch: its statement and lock timeouts and planner settings,
+-- per transaction so they also hold behind a transaction-pooling PgBouncer; then the
+-- batch's session locks, taken in ascending order. They keep concurrent batches of one
+-- session apart; correctness does not rest on them (a round locks the rows it judges).
 -- Every batch statement is a set of primary-key probes, right at any table size, so its
 -- plan is made once and reused (planning them per batch cost a third of the server's
 -- time); with sequential scans, hash and merge joins off, a plan made while the tables
 -- were small cannot turn into whole-table scans as they grow.
 -- name: lock_entities
 SELECT (SELECT set_config('statement_timeout', $3, true)),
+       (SELECT set_config('lock_timeout', $4, true)),
        (SELECT set_config('plan_cache_mode', 'force_generic_plan', true)),
        (SELECT set_config('enable_seqscan', 'off', true)),
        (SELECT set_config('enable_hashjoin', 'off', true)),
@@ -66,7 +68,9 @@ WHERE a.payload_digest = u.digest
 -- key was not there yet, returning the others as 'held'; with $2 false (a key already
 -- held with another payload) it applies every record. Last write wins on (updated_at,
 -- origin_id, key); a record not based on the version held is a conflict, stored with both
--- versions and returned as 'conflict'.
+-- versions and returned as 'conflict'. A record whose key and digest are those of the
+-- version held is returned as 'duplicate' (a resend after its applied key was pruned), and
+-- a new entity that another transaction created meanwhile as 'raced'.
 -- name: incoming_entities
 <t>_incoming AS (
     -- <fields>: [entity_id, session_id, version, base] per record (JSON); <payloads>: the
@@ -102,22 +106,27 @@ recorded_keys AS (
            c.updated_at AS current_updated_at,
            c.origin_id AS current_origin,
            c.idempotency_key AS current_key,
+           c.held AS current_row,
+           c.idempotency_key = n.idempotency_key AND c.payload_digest = n.digest AS same,
            c.updated_at IS NULL
                OR (n.version, n.origin_id, n.idempotency_key)
                   > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
     FROM <t>_incoming AS n
     -- One primary-key lookup per record, whatever the planner thinks of the batch size
-    -- (a hash join would scan the whole table).
+    -- (a hash join would scan the whole table). FOR UPDATE: the version judged is the
+    -- one PostgreSQL holds when the row is written (a concurrent batch's version, once
+    -- it commits), and nobody changes it before this transaction ends.
     LEFT JOIN LATERAL (
-        SELECT t.updated_at, t.origin_id, t.idempotency_key
+        SELECT t.updated_at, t.origin_id, t.idempotency_key, t.payload_digest, t AS held
         FROM acode.<t> AS t
         WHERE t.<id_column> = n.entity_id
+        FOR UPDATE
     ) AS c ON true
     WHERE NOT $2::boolean OR n.idempotency_key IN (SELECT idempotency_key FROM recorded_keys)
 ),
 <t>_decided AS (
     SELECT j.*,
-           j.has_current AND (
+           j.has_current AND NOT j.same AND (
                NOT j.wins
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
@@ -131,32 +140,46 @@ recorded_keys AS (
         current_origin, current_updated_at, current_version, winner)
     SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id),
            d.idempotency_key, d.digest, d.origin_id, d.version, d.base, d.p,
-           d.current_key, d.current_origin, d.current_updated_at, c.version,
+           d.current_key, d.current_origin, d.current_updated_at,
+           (to_jsonb(d.current_row) - '{extra,origin_id,idempotency_key,synced_at,payload_digest}'::text[])
+               || (d.current_row).extra,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
     FROM <t>_decided AS d
-    -- The statement's snapshot: the version held before this statement's upsert.
-    CROSS JOIN LATERAL (
-        SELECT (to_jsonb(t) - '{extra,origin_id,idempotency_key,synced_at}'::text[]) || t.extra
-        FROM acode.<t> AS t
-        WHERE t.<id_column> = d.entity_id
-    ) AS c(version)
     WHERE d.in_conflict
     ON CONFLICT (incoming_key, incoming_digest) DO NOTHING
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
               incoming_origin, current_origin, winner
 ),
+-- A version over the one held (locked above): the upsert's condition is the judgment's.
 <t>_written AS (
-    INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at)
-    SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now()
+    INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
+                                payload_digest)
+    SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
+           d.digest
     FROM <t>_decided AS d
-    WHERE d.wins
+    WHERE d.wins AND d.has_current
     ORDER BY d.entity_id COLLATE "C"
     ON CONFLICT (<id_column>) DO UPDATE SET
         <updates>, extra = excluded.extra, origin_id = excluded.origin_id,
-        idempotency_key = excluded.idempotency_key, synced_at = excluded.synced_at
+        idempotency_key = excluded.idempotency_key, synced_at = excluded.synced_at,
+        payload_digest = excluded.payload_digest
     WHERE (t.updated_at, t.origin_id, t.idempotency_key)
           < (excluded.updated_at, excluded.origin_id, excluded.idempotency_key)
     RETURNING 1
+),
+-- A new entity. If another transaction created it since this statement's snapshot,
+-- nothing is written here and the entity is returned as 'raced': the batch is rolled
+-- back and judged again against that version.
+<t>_created AS (
+    INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
+                                payload_digest)
+    SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
+           d.digest
+    FROM <t>_decided AS d
+    WHERE NOT d.has_current
+    ORDER BY d.entity_id COLLATE "C"
+    ON CONFLICT (<id_column>) DO NOTHING
+    RETURNING t.<id_column> AS entity_id
 )
 
 -- name: round_outcome
@@ -166,7 +189,7 @@ SELECT 'held' AS outcome, k.idempotency_key AS incoming_key, NULL::bigint AS con
        NULL::text AS current_origin, NULL::text AS winner
 FROM round_keys AS k
 WHERE $2::boolean AND k.idempotency_key NOT IN (SELECT idempotency_key FROM recorded_keys)
-<conflicts>
+<outcomes>
 
 -- name: list_conflicts
 SELECT conflict_id, entity_type, entity_id, session_id, incoming_key, current_key,
