@@ -18,12 +18,11 @@ from acode_sync.errors import (
     MigrationError,
     PostgresSchemaMismatchError,
     PostgresUnavailableError,
-    RecordRejectedError,
     SchemaMismatchError,
     WorkspaceOpenError,
 )
 from acode_sync.migrations import latest_version, load_migrations, parse_migrations
-from acode_sync.outbox import OutboxRecord, list_records
+from acode_sync.outbox import list_records
 from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock, WorkspaceSyncer

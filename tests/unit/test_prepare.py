@@ -50,7 +50,7 @@ def test_a_canonical_record_is_prepared_as_it_is() -> None:
     ],
 )
 def test_a_time_that_is_not_canonical_rfc3339_utc_is_refused(stamp: str) -> None:
-    with pytest.raises(RecordRejectedError, match="canonical RFC 3339 UTC|idempotency key"):
+    with pytest.raises(RecordRejectedError, match=r"canonical RFC 3339 UTC|idempotency key"):
         prepare(record(key=f"Session:sess_x:{stamp}"), max_payload_bytes=100, latest=LATEST)
     with pytest.raises(RecordRejectedError, match="base_updated_at"):
         prepare(record(base=stamp), max_payload_bytes=100, latest=LATEST)
