@@ -28,7 +28,7 @@ from tests.records import enqueue_raw, run_sql, session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
-SETTINGS = {"max_attempts": 2, "retry_base_seconds": 0.0, "retry_cap_seconds": 0.0}
+SETTINGS: dict[str, Any] = {"max_attempts": 2, "retry_base_seconds": 0.0, "retry_cap_seconds": 0.0}
 
 
 async def admin(pg_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
