@@ -412,8 +412,15 @@ class PostgresTarget:
         for attempt in range(1, APPLY_ATTEMPTS + 1):
             try:
                 return await self._apply_once(origin_id, plan, fault_hook)
-            except (_Raced, PostgresRefusedError) as error:
-                retry_now = isinstance(error, _Raced) or error.sqlstate in RETRY_NOW_SQLSTATES
+            except (_Raced, PostgresUnavailableError) as error:
+                retry_now = isinstance(error, _Raced) or (
+                    isinstance(error, PostgresRefusedError)
+                    and error.sqlstate in RETRY_NOW_SQLSTATES
+                )
+                if not retry_now and self._pool is not None:
+                    # The next batch connects anew: after a failover or a change to the
+                    # role, a pooled connection would keep the old server or settings.
+                    await self._pool.expire_connections()
                 if not retry_now or attempt == APPLY_ATTEMPTS:
                     if isinstance(error, _Raced):
                         raise PostgresUnavailableError(

@@ -37,6 +37,7 @@ from tests.daemon_harness import (
     free_port,
     outbox_counts,
     pg_count,
+    pg_execute,
     pg_fetchval,
     run_cli,
     sample,
@@ -421,6 +422,50 @@ def test_backlog_and_lag_are_reported_during_an_outage(rig: Rig) -> None:
     wait_until(reported, "backlog 3 and a lag in /metrics", timeout=8)
     rig.notify.wait_for("backlog 3, PostgreSQL down", timeout=1)
     assert rig.stop(daemon) == 0
+
+
+def test_a_read_only_server_is_a_named_refusal_that_heals_by_itself(rig: Rig) -> None:
+    """A failover that leaves the DSN on a standby: the server answers and refuses every
+    write. The daemon says so and charges nothing; fixed, everything ships."""
+    anyio.run(PostgresTarget(PostgresSettings(dsn=rig.pg_url)).ensure_schema)
+    role = "acode_e2e_" + random.Random().randbytes(4).hex()
+    pg_execute(
+        rig.pg_url,
+        f"CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA acode TO {role}; "
+        f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA acode TO {role}; "
+        f"ALTER ROLE {role} SET default_transaction_read_only = on",
+    )
+    try:
+        save_sessions(rig.root / "w", 5)
+        dsn = rig.pg_url.replace("postgres@", f"{role}@", 1)
+        sync = {"outage_base_seconds": 0.2, "outage_cap_seconds": 0.5, "max_attempts": 2}
+        daemon, _ = rig.start_ready(rig.config(dsn=dsn, sync=sync))
+        refused = daemon.wait_log("postgres refused")
+        assert "SQLSTATE 25006" in refused["error"]
+        wait_until(
+            lambda: sample(rig.metrics(), "acode_sync_postgres_refusing", sqlstate="25006") == 1,
+            "the refusing gauge",
+        )
+        assert sample(rig.metrics(), "acode_sync_postgres_up") == 0
+        wait_until(lambda: len(daemon.find("postgres refused")) >= 6, "six refused turns")
+        assert rig.status_file()["postgres_refused_sqlstate"] == "25006"
+        attempts = "SELECT count(*) FROM outbox WHERE attempts > 0 OR state <> 'pending'"
+        conn = sqlite3.connect(database_path(rig.root / "w"))
+        assert conn.execute(attempts).fetchone()[0] == 0
+        conn.close()
+        pg_execute(rig.pg_url, f"ALTER ROLE {role} RESET default_transaction_read_only")
+        rig.wait_sessions(5)
+        wait_until(
+            lambda: sample(rig.metrics(), "acode_sync_postgres_refusing", sqlstate="25006") is None,
+            "the refusing series gone",
+        )
+        assert sample(rig.metrics(), "acode_sync_postgres_up") == 1
+        assert rig.stop(daemon) == 0
+        daemon.assert_no_traceback()
+    finally:
+        for daemon in rig.daemons:
+            daemon.close()
+        pg_execute(rig.pg_url, f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 # --------------------------------------------------------------------------- 6
