@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -220,3 +224,19 @@ def test_whatever_the_password_it_is_never_shown(password: str, user: str) -> No
     assert as_typed.postgres.host_description() == HOST
     for text in outputs(as_typed):
         assert not any(form in text for form in forms(password))
+
+
+def test_the_documented_encoding_one_liner_encodes_what_the_dsn_needs() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    line = re.search(r"^python3 -c .*'pa/ss'$", doc, re.M)
+    assert line is not None
+    argv = shlex.split(line.group(0))
+    password = "pa/ss#w?rd@:%é"
+    done = subprocess.run(
+        [sys.executable, *argv[1:-1], password], capture_output=True, text=True, check=True
+    )
+    encoded = done.stdout.strip()
+    assert encoded.startswith("pa%2Fss%23w%3Frd%40")
+    assert load(f"postgresql://u:{encoded}@db.example/acode").postgres.resolved_password() == (
+        password
+    )
