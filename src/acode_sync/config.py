@@ -6,13 +6,15 @@ objects. Every key has a default; an invalid value raises ConfigError naming its
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlencode
 
 from acode_sync.errors import ConfigError
 from acode_sync.secret import Secret
@@ -23,7 +25,217 @@ ENV_POSTGRES_PASSWORD_FILE: Final = "ACODE_POSTGRES_PASSWORD_FILE"  # noqa: S105
 ENV_CONFIG: Final = "ACODE_SYNC_CONFIG"
 CONFIG_NAME: Final = "acode-syncd.toml"
 SSL_MODES: Final = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
-LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1", ""})
+LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+ENCODE_HINT: Final = (
+    "Percent-encode `/` as %2F, `#` as %23, `?` as %3F, `@` as %40 (and `%` as %25) in the "
+    "password, or set postgres.password / ACODE_POSTGRES_PASSWORD(_FILE) instead."
+)
+DSN_HINT: Final = "Write it as postgresql://user@host:5432/dbname and give the password apart."
+# Query parameters a DSN may carry (asyncpg's connection parameters that change neither the
+# host, nor the database, nor the user). Anything else is refused: asyncpg would silently
+# send an unknown key to the server as a setting, so a typo such as `sslmod=require` would
+# quietly drop TLS.
+DSN_PARAMETERS: Final = (
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "target_session_attrs",
+    "krbsrvname",
+    "gsslib",
+)
+DSN_FILE_PARAMETERS: Final = frozenset({"sslrootcert", "sslcert", "sslkey", "sslcrl"})
+_HOST_NAME: Final = re.compile(r"[^\W_][\w.-]*")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class DsnHost:
+    """One host of a DSN, decoded: a name, an IP address or a socket directory."""
+
+    name: str
+    port: int | None = None
+
+    def shown(self) -> str:
+        """For descriptions: `[::1]:5432`, `db.example`, `/run/postgresql`."""
+        name = f"[{self.name}]" if ":" in self.name else self.name
+        return name if self.port is None else f"{name}:{self.port}"
+
+    def encoded(self) -> str:
+        name = f"[{self.name}]" if ":" in self.name else quote(self.name, safe="")
+        return name if self.port is None else f"{name}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.name in LOCAL_HOSTS or self.name.startswith("/")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Dsn:
+    """A validated postgresql:// URL, taken apart; never holds the password."""
+
+    scheme: str
+    user: str | None
+    hosts: tuple[DsnHost, ...]
+    database: str
+    parameters: tuple[tuple[str, str], ...]
+
+    def url(self, **parameters: str) -> str:
+        """The URL rebuilt from its parts (every part percent-encoded), `parameters` added
+        or replaced."""
+        user = "" if self.user is None else quote(self.user, safe="") + "@"
+        hosts = ",".join(h.encoded() for h in self.hosts)
+        merged = {**dict(self.parameters), **parameters}
+        query = "?" + urlencode(merged, quote_via=quote, safe="") if merged else ""
+        return f"{self.scheme}://{user}{hosts}/{quote(self.database, safe='')}{query}"
+
+    def description(self) -> str:
+        """Host(s), port(s) and database: no user, no password, no parameters."""
+        hosts = ",".join(h.shown() for h in self.hosts) or "localhost"
+        return f"{hosts}/{self.database}"
+
+    def parameter(self, name: str) -> str | None:
+        return dict(self.parameters).get(name)
+
+
+def _dsn_error(origin: str, problem: str, hint: str = DSN_HINT) -> ConfigError:
+    return ConfigError(f"{origin}: {problem}", hint=hint)
+
+
+def _decoded(text: str, origin: str, part: str) -> str:
+    """Percent-decode one part of the DSN; a `%` that is not an escape is refused."""
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise _dsn_error(
+            origin, f"the DSN's {part} has a `%` that is no percent-escape", ENCODE_HINT
+        )
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise _dsn_error(
+            origin, f"the DSN's {part} percent-encodes bytes that are not UTF-8"
+        ) from None
+
+
+def _parse_port(text: str, origin: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise _dsn_error(origin, "the DSN's port is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise _dsn_error(origin, "the DSN's port is not between 1 and 65535")
+    return port
+
+
+def _parse_host(text: str, origin: str) -> DsnHost:
+    if text.startswith("["):
+        address, bracket, rest = text[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise _dsn_error(
+                origin, "the DSN has a bracketed host that is not an IPv6 address"
+            ) from None
+        if not bracket or (rest and not rest.startswith(":")):
+            raise _dsn_error(origin, "the DSN has a bracketed host that is not an IPv6 address")
+        return DsnHost(address, _parse_port(rest[1:], origin) if rest else None)
+    name, colon, port = text.partition(":")
+    name = _decoded(name, origin, "host")
+    if not name.startswith("/") and not _HOST_NAME.fullmatch(name):
+        raise _dsn_error(
+            origin,
+            "the DSN's host is not a host name, an IP address or a socket directory "
+            "(an unencoded password can look like this)",
+            ENCODE_HINT,
+        )
+    return DsnHost(name, _parse_port(port, origin) if colon else None)
+
+
+def _parse_parameters(text: str, origin: str) -> tuple[list[tuple[str, str]], Secret | None]:
+    parameters: list[tuple[str, str]] = []
+    password = None
+    for position, pair in enumerate(text.split("&") if text else [], start=1):
+        raw_key, equals, raw_value = pair.partition("=")
+        key = _decoded(raw_key, origin, f"query parameter {position}")
+        value = _decoded(raw_value, origin, f"query parameter {position}")
+        if not equals:
+            raise _dsn_error(origin, f"the DSN's query parameter {position} has no `=`")
+        if key == "password":
+            if password is not None:
+                raise _dsn_error(origin, "the DSN gives password twice")
+            password = Secret(value)
+            continue
+        if key not in DSN_PARAMETERS:
+            raise _dsn_error(
+                origin,
+                f"the DSN's query parameter {position} is not one of: {', '.join(DSN_PARAMETERS)}",
+                "Remove it; the other connection settings have [postgres] keys of their own.",
+            )
+        if key in dict(parameters):
+            raise _dsn_error(origin, f"the DSN gives {key} twice")
+        if key == "sslmode" and value not in SSL_MODES:
+            raise _dsn_error(
+                origin, f"the DSN's sslmode must be one of {', '.join(sorted(SSL_MODES))}"
+            )
+        parameters.append((key, value))
+    return parameters, password
+
+
+def parse_dsn(text: str, origin: str = "postgres.dsn") -> tuple[Dsn, Secret | None]:
+    """Take a postgresql:// URL apart and check every part; return it and its password.
+
+    `origin` (the key or variable the URL came from) starts every error message; no
+    message ever quotes the URL, since a password may hide anywhere in a malformed one.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in ("postgres", "postgresql"):
+        raise _dsn_error(origin, "the DSN must be a postgresql:// URL")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise _dsn_error(origin, "the DSN is not valid UTF-8") from None
+    if _CONTROL.search(text):
+        raise _dsn_error(origin, "the DSN has a control character", ENCODE_HINT)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in tail:
+        raise _dsn_error(
+            origin,
+            "the DSN has characters after the host that look like an unencoded password",
+            ENCODE_HINT,
+        )
+    if authority.count("@") > 1:
+        raise _dsn_error(origin, "the DSN has more than one `@` before its host", ENCODE_HINT)
+    if "#" in tail:
+        raise _dsn_error(origin, "the DSN has a `#`", ENCODE_HINT)
+    userinfo, at, hostlist = authority.rpartition("@")
+    user = password = None
+    if at:
+        raw_user, colon, raw_password = userinfo.partition(":")
+        user = _decoded(raw_user, origin, "user name") or None
+        if colon:
+            password = Secret(_decoded(raw_password, origin, "password"))
+    hosts = tuple(_parse_host(h, origin) for h in hostlist.split(",")) if hostlist else ()
+    path, _, query = tail.partition("?")
+    database = _decoded(path[1:], origin, "database name")
+    if "/" in path[1:]:
+        raise _dsn_error(origin, "the DSN's database name has a `/`", ENCODE_HINT)
+    if not database:
+        raise _dsn_error(origin, "the DSN names no database")
+    parameters, query_password = _parse_parameters(query, origin)
+    if password is not None and query_password is not None:
+        raise _dsn_error(origin, "the DSN gives password twice")
+    dsn = Dsn(
+        scheme=scheme.lower(),
+        user=user,
+        hosts=hosts,
+        database=database,
+        parameters=tuple(parameters),
+    )
+    return dsn, password if password is not None else query_password
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,31 +268,25 @@ class PostgresSettings:
                 ) from None
         return None
 
+    def parsed_dsn(self) -> Dsn:
+        return parse_dsn(self.dsn)[0]
+
     def connect_dsn(self) -> str:
         """The DSN with sslmode/sslrootcert added; still without the password."""
-        parts = urlsplit(self.dsn)
-        query = dict(parse_qsl(parts.query))
-        if self.sslmode:
-            query["sslmode"] = self.sslmode
+        added = {"sslmode": self.sslmode} if self.sslmode else {}
         if self.sslrootcert:
-            query["sslrootcert"] = str(self.sslrootcert)
-        return urlunsplit(parts._replace(query=urlencode(query)))
+            added["sslrootcert"] = str(self.sslrootcert)
+        return self.parsed_dsn().url(**added)
 
     def host_description(self) -> str:
-        """Host, port and database, for logs and status: no user, no password."""
-        parts = urlsplit(self.dsn)
-        host = parts.netloc.rpartition("@")[2] or "localhost"
-        return f"{host}{parts.path or '/'}"
+        """Host(s), port(s) and database, for logs and status: no user, no password."""
+        return self.parsed_dsn().description()
 
     def effective_sslmode(self) -> str | None:
-        return self.sslmode or dict(parse_qsl(urlsplit(self.dsn).query)).get("sslmode")
+        return self.sslmode or self.parsed_dsn().parameter("sslmode")
 
     def is_remote_without_tls(self) -> bool:
-        hosts = {
-            h.rpartition(":")[0] or h
-            for h in urlsplit(self.dsn).netloc.rpartition("@")[2].split(",")
-        }
-        remote = any(h.strip("[]") not in LOCAL_HOSTS and not h.startswith("/") for h in hosts)
+        remote = any(not host.is_local for host in self.parsed_dsn().hosts)
         return remote and self.effective_sslmode() in (None, "disable", "allow", "prefer")
 
 
@@ -142,26 +348,11 @@ class Config:
     source: Path | None = None
 
 
-def split_password(dsn: str) -> tuple[str, Secret | None]:
-    """Remove a password from a postgres URL (user info or ?password=); return both parts."""
-    parts = urlsplit(dsn)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise ConfigError(
-            "postgres.dsn must be a postgresql:// URL",
-            hint="Write it as postgresql://user@host:5432/dbname and give the password apart.",
-        )
-    password = None
-    userinfo, at, hostinfo = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        user, _, raw = userinfo.partition(":")
-        password = Secret(unquote(raw))
-        parts = parts._replace(netloc=f"{user}@{hostinfo}")
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(k, v) for k, v in query if k != "password"]
-    if len(kept) != len(query):
-        password = Secret(next(v for k, v in query if k == "password"))
-        parts = parts._replace(query=urlencode(kept, quote_via=quote))
-    return urlunsplit(parts), password
+def split_password(text: str, origin: str = "postgres.dsn") -> tuple[str, Secret | None]:
+    """Check a postgresql:// URL; return it rebuilt without its password, and the password
+    (from the user info or ?password=)."""
+    dsn, password = parse_dsn(text, origin)
+    return dsn.url(), password
 
 
 def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -188,11 +379,11 @@ def _convert(key: str, kind: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key} must be a list of strings")
         paths = "Path" in kind
-        return tuple(Path(v).expanduser() if paths else v for v in value)
+        return tuple(_expanded(v, key) if paths else v for v in value)
     if not isinstance(value, str):
         raise wrong
     if kind.startswith("Path"):
-        return Path(value).expanduser()
+        return _expanded(value, key)
     if kind.startswith("Secret"):
         return Secret(value)
     return value
@@ -222,10 +413,28 @@ def _parse_postgres(raw: Mapping[str, Any]) -> PostgresSettings:
     settings: PostgresSettings = _parse_section(raw, "postgres", PostgresSettings)
     dsn, password = split_password(settings.dsn)
     settings = replace(settings, dsn=dsn, password=settings.password or password)
-    return _check_postgres(settings)
+    return _check_postgres(settings, "postgres.dsn")
 
 
-def _check_postgres(settings: PostgresSettings) -> PostgresSettings:
+def _expanded(text: str, key: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~name of no such user
+        raise ConfigError(f"{key}: cannot expand the ~ of {text}") from None
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"{what}: {path} is not a readable file")
+
+
+def _check_postgres(settings: PostgresSettings, origin: str) -> PostgresSettings:
+    for key, value in parse_dsn(settings.dsn, origin)[0].parameters:
+        if key in DSN_FILE_PARAMETERS:
+            what = f"{origin}: the DSN's {key}"
+            _check_readable(_expanded(value, what), what)
+    if settings.sslrootcert is not None:
+        _check_readable(settings.sslrootcert, "postgres.sslrootcert")
     if settings.sslmode is not None and settings.sslmode not in SSL_MODES:
         raise ConfigError(f"postgres.sslmode must be one of {', '.join(sorted(SSL_MODES))}")
     if settings.pool_min > settings.pool_max:
@@ -251,15 +460,20 @@ def _parse_metrics(raw: Mapping[str, Any]) -> MetricsSettings:
 
 def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     """ACODE_POSTGRES_URL / _PASSWORD / _PASSWORD_FILE override the file (AC-024)."""
-    postgres = config.postgres
+    postgres, origin = config.postgres, "postgres.dsn"
     if url := environ.get(ENV_POSTGRES_URL):
-        dsn, password = split_password(url)
+        origin = ENV_POSTGRES_URL
+        dsn, password = split_password(url, ENV_POSTGRES_URL)
         postgres = replace(postgres, dsn=dsn, password=password or postgres.password)
     if password_text := environ.get(ENV_POSTGRES_PASSWORD):
         postgres = replace(postgres, password=Secret(password_text))
     if password_file := environ.get(ENV_POSTGRES_PASSWORD_FILE):
-        postgres = replace(postgres, password=None, password_file=Path(password_file).expanduser())
-    return replace(config, postgres=_check_postgres(postgres))
+        postgres = replace(
+            postgres,
+            password=None,
+            password_file=_expanded(password_file, ENV_POSTGRES_PASSWORD_FILE),
+        )
+    return replace(config, postgres=_check_postgres(postgres, origin))
 
 
 SECTIONS: Final = ("postgres", "sync", "daemon", "metrics")

@@ -95,20 +95,22 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         missing.postgres.resolved_password()
 
 
-def test_connect_dsn_adds_tls_settings_without_password() -> None:
+def test_connect_dsn_adds_tls_settings_without_password(tmp_path: Path) -> None:
+    root_cert = tmp_path / "root.pem"
+    root_cert.write_text("a CA certificate\n")
     settings = parse_config(
         {
             "postgres": {
                 "dsn": "postgresql://u:pw@db.example/acode",
                 "sslmode": "verify-full",
-                "sslrootcert": "/etc/ssl/root.pem",
+                "sslrootcert": str(root_cert),
             }
         }
     ).postgres
     dsn = settings.connect_dsn()
     assert "pw" not in dsn
     assert "sslmode=verify-full" in dsn
-    assert "sslrootcert=%2Fetc%2Fssl%2Froot.pem" in dsn
+    assert f"sslrootcert={quote(str(root_cert), safe='')}" in dsn
     assert settings.host_description() == "db.example/acode"
     assert settings.is_remote_without_tls() is False
 
