@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from acode_sync import __version__
 from acode_sync.config import Config, load_config
 from acode_sync.discovery import discover
-from acode_sync.errors import ConfigError, PostgresUnavailableError
+from acode_sync.errors import ConfigError, PostgresUnavailableError, WorkspaceOpenError
 from acode_sync.log import configure_logging, get_logger
 from acode_sync.metrics import Metrics, MetricsServer
 from acode_sync.postgres import PostgresTarget
@@ -74,6 +74,7 @@ class Daemon:
         self.notifier = Notifier(environ)
         self.heartbeat = Heartbeat()
         self.workers: dict[Path, WorkspaceWorker] = {}
+        self.refused: dict[Path, WorkspaceOpenError] = {}
         self.started_at = datetime.now(UTC).isoformat()
         self.postgres_up: bool | None = None
         self.postgres_refused: str | None = None
@@ -258,9 +259,19 @@ class Daemon:
     # -- workspaces ---------------------------------------------------------------------
 
     async def _rescan(self) -> None:
-        found = await anyio.to_thread.run_sync(
+        discovery = await anyio.to_thread.run_sync(
             discover, self.config.daemon, self.cwd, frozenset(self.workers)
         )
+        found = discovery.workspaces
+        for workspace, error in sorted(discovery.refused.items()):
+            if workspace not in self.refused:
+                self.log.warning(
+                    "workspace refused",
+                    workspace=str(workspace),
+                    code=error.code,
+                    error=error.message,
+                )
+        self.refused = discovery.refused
         assert self._watcher is not None
         assert self._workers_tg is not None
         for workspace in sorted(found - set(self.workers)):
@@ -382,6 +393,9 @@ class Daemon:
                     "broken": w.broken_code,
                 }
                 for path, w in self.workers.items()
+            },
+            "refused": {
+                str(path): f"{error.code}: {error.message}" for path, error in self.refused.items()
             },
         }
 

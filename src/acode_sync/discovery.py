@@ -1,4 +1,5 @@
-"""Which workspaces to watch: config roots and patterns -> workspace directories.
+"""Which workspaces to watch: config roots and patterns -> workspace directories, and
+which were refused.
 
 Blocking (it walks directories): call it off the event loop.
 """
@@ -7,12 +8,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Final
 
 from acode_sync.config import DaemonSettings
-from acode_sync.workspace import AGENT_DIR, DATABASE_NAME
+from acode_sync.errors import WorkspaceOpenError
+from acode_sync.workspace import (
+    AGENT_DIR,
+    DATABASE_NAME,
+    DatabaseId,
+    check_workspace_files,
+    database_path,
+    mount_points,
+)
 
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
 SKIPPED_DIRS: Final = frozenset({"node_modules", "__pycache__", "venv", ".venv", ".git"})
@@ -20,10 +30,11 @@ SKIPPED_DIRS: Final = frozenset({"node_modules", "__pycache__", "venv", ".venv",
 
 def is_sqlite_file(path: Path) -> bool:
     try:
-        with path.open("rb") as file:
-            return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
+    with os.fdopen(fd, "rb") as file:
+        return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
 
 
 def _walk(root: Path, max_depth: int) -> Iterator[Path]:
@@ -47,30 +58,54 @@ def _matches(relative: str, settings: DaemonSettings) -> bool:
     return included and not any(fnmatch(relative, pattern) for pattern in settings.exclude)
 
 
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    workspaces: set[Path]
+    refused: dict[Path, WorkspaceOpenError] = field(default_factory=dict)
+
+
 def discover(
     settings: DaemonSettings, cwd: Path, known: frozenset[Path] = frozenset()
-) -> set[Path]:
+) -> Discovery:
     """Every directory holding a SQLite `.agent/workspace.db` under the roots. With no roots
     configured, only the current directory's workspace.
+
+    A workspace is its database file: paths that reach the same one (a root listed twice,
+    a bind mount, a symbolic link above the workspace) are one workspace, a known path
+    first. A workspace with a link or a foreign owner where its files should be is
+    refused (see check_workspace_files), with the reason.
 
     The header of a `known` workspace's database is not read again: this process may hold
     SQLite connections to it, and closing any other descriptor of that file would drop
     their POSIX locks, so another process closing its last connection would delete the
     WAL under them (their later commits lost)."""
     roots, depth = (settings.roots, settings.max_depth) if settings.roots else ((cwd,), 0)
-    found = set()
+    mounts = mount_points()
+    candidates: dict[Path, DatabaseId] = {}
+    refused: dict[Path, WorkspaceOpenError] = {}
     for root in roots:
         for directory in _walk(root, depth):
             database = directory / AGENT_DIR / DATABASE_NAME
-            if not database.is_file():
+            if not os.path.lexists(database):
+                continue
+            if not _matches(directory.relative_to(root).as_posix(), settings):
                 continue
             resolved = directory.resolve()
-            if resolved not in known and not is_sqlite_file(database):
-                continue
-            relative = directory.relative_to(root).as_posix()
-            if _matches(relative, settings):
-                found.add(resolved)
-    return found
+            try:
+                candidates[resolved] = check_workspace_files(resolved, mounts=mounts)
+            except WorkspaceOpenError as error:
+                refused[resolved] = error
+    known_ids = {candidates[path] for path in known if path in candidates}
+    paths: dict[DatabaseId, set[Path]] = {}
+    for path, database_id in candidates.items():
+        if database_id in known_ids or is_sqlite_file(database_path(path)):
+            paths.setdefault(database_id, set()).add(path)
+    return Discovery({_one_path(same, known) for same in paths.values()}, refused)
+
+
+def _one_path(paths: set[Path], known: frozenset[Path]) -> Path:
+    """The path a database is watched by: the one already watched, else the first name."""
+    return min(paths, key=lambda path: (path not in known, str(path)))
 
 
 Signature = tuple[tuple[int, int] | None, ...]

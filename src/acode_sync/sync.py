@@ -54,7 +54,14 @@ from acode_sync.postgres import (
     plan_batch,
 )
 from acode_sync.retry import RecordRetryPolicy
-from acode_sync.workspace import AGENT_DIR, FILE_MODE, database_path, translated
+from acode_sync.workspace import (
+    AGENT_DIR,
+    FILE_MODE,
+    check_workspace_files,
+    database_path,
+    open_in_agent_dir,
+    translated,
+)
 
 LOCK_NAME: Final = "sync.lock"
 LOCK_POLL_SECONDS: Final = 0.2
@@ -202,10 +209,18 @@ class _Shipped:
 
 
 class SyncLock:
-    """One syncer per workspace: an exclusive flock on .agent/sync.lock, released by the
-    kernel if the holder dies."""
+    """One syncer per database file: an exclusive flock on .agent/sync.lock, released by
+    the kernel if the holder dies.
+
+    The lock lives beside the database, not on it: SQLite's locks on the database are
+    POSIX locks, which this process would drop for all its connections by closing any
+    other descriptor of that file. check_workspace_files makes the two equivalent: it
+    refuses links and second names, so every path to the database is a path to the same
+    `.agent/` directory and its one sync.lock.
+    """
 
     def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
         self.path = workspace / AGENT_DIR / LOCK_NAME
         self._fd: int | None = None
 
@@ -214,7 +229,8 @@ class SyncLock:
         return self._fd is not None
 
     def try_acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        check_workspace_files(self.workspace)
+        fd = open_in_agent_dir(self.workspace, LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

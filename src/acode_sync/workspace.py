@@ -6,7 +6,9 @@ the CLI. One sqlite3 connection is used by one thread at a time.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -37,6 +39,10 @@ from acode_sync.migrations import (
 
 AGENT_DIR: Final = ".agent"
 DATABASE_NAME: Final = "workspace.db"
+SYNC_LOCK_NAME: Final = "sync.lock"
+# The files SQLite and the syncer open by name next to the database: none may be a link.
+SIDE_FILES: Final = (f"{DATABASE_NAME}-wal", f"{DATABASE_NAME}-shm", SYNC_LOCK_NAME)
+MOUNTINFO: Final = Path("/proc/self/mountinfo")
 DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
 DEFAULT_BUSY_TIMEOUT: Final = 30.0
@@ -67,6 +73,107 @@ class OpenOptions:
 
 def database_path(workspace: Path) -> Path:
     return workspace / AGENT_DIR / DATABASE_NAME
+
+
+DatabaseId = tuple[int, int]  # (st_dev, st_ino) of the database file
+
+REFUSED_HINT: Final = (
+    "acode-sync opens only a workspace's own files: `.agent/` a directory and "
+    "`.agent/workspace.db` a file with a single name, not symbolic links, both owned by the "
+    "user running it. Replace the link with the files themselves, or run acode-sync as the "
+    "workspace's owner (one daemon per user: acode-syncd@<user>)."
+)
+
+
+def refused(message: str) -> WorkspaceOpenError:
+    return WorkspaceOpenError(message, hint=REFUSED_HINT)
+
+
+_OCTAL_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
+
+
+def mount_points(mountinfo: Path = MOUNTINFO) -> frozenset[str]:
+    """Every mount point of this process (Linux); empty where /proc is not there."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return frozenset()
+    # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+    return frozenset(
+        _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4])
+        for line in lines
+        if len(fields := line.split(" ")) > 4
+    )
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
+
+
+def check_workspace_files(workspace: Path, *, mounts: frozenset[str] | None = None) -> DatabaseId:
+    """Refuse a workspace whose files could lead elsewhere; return its database's identity.
+
+    `.agent/` and `.agent/workspace.db` must be a real directory and a real file owned by
+    this process's effective user, and none of the database's side files a link. The
+    database must have one name only: SQLite names its WAL and the sync lock lives after
+    the path, so a second name (a hard link, a file bind-mounted elsewhere) would be a
+    second WAL and a second lock for the same data. Every path that reaches this database
+    then reaches the same `.agent/` directory, hence the same sync lock.
+    """
+    agent = workspace / AGENT_DIR
+    database = agent / DATABASE_NAME
+    user = os.geteuid()
+    agent_info = _lstat(agent)
+    if agent_info is None:
+        raise WorkspaceOpenError(f"no workspace database at {database}")
+    if stat.S_ISLNK(agent_info.st_mode):
+        raise refused(f"{agent} is a symbolic link")
+    if not stat.S_ISDIR(agent_info.st_mode):
+        raise refused(f"{agent} is not a directory")
+    if agent_info.st_uid != user:
+        raise refused(f"{agent} is owned by uid {agent_info.st_uid}, not uid {user}")
+    info = _lstat(database)
+    if info is None:
+        raise WorkspaceOpenError(f"no workspace database at {database}")
+    if stat.S_ISLNK(info.st_mode):
+        raise refused(f"{database} is a symbolic link")
+    if not stat.S_ISREG(info.st_mode):
+        raise refused(f"{database} is not a regular file")
+    if info.st_uid != user:
+        raise refused(f"{database} is owned by uid {info.st_uid}, not uid {user}")
+    if info.st_nlink != 1:
+        raise refused(f"{database} has {info.st_nlink} hard links (a second name)")
+    for name in SIDE_FILES:
+        side = _lstat(agent / name)
+        if side is not None and not stat.S_ISREG(side.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(side.st_mode) else "not a regular file"
+            raise refused(f"{agent / name} is {kind}")
+    mounts = mount_points() if mounts is None else mounts
+    if mounts and os.path.realpath(database) in mounts:
+        raise refused(f"{database} is a mount point (a second name)")
+    return info.st_dev, info.st_ino
+
+
+def open_in_agent_dir(workspace: Path, name: str, flags: int, mode: int = FILE_MODE) -> int:
+    """os.open `.agent/<name>` following no link, neither `.agent` nor `name`."""
+    agent = workspace / AGENT_DIR
+    try:
+        directory = os.open(agent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise refused(f"{agent} is a symbolic link or not a directory") from None
+        raise
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directory)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise refused(f"{agent / name} is a symbolic link") from None
+        raise
+    finally:
+        os.close(directory)
 
 
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
@@ -163,15 +270,16 @@ def _retry_while_busy(
         pause = min(pause * 2, max_pause)
 
 
-def _create_private_file(path: Path) -> None:
-    """Create .agent/ (0700) and an empty database file (0600) whatever the umask."""
-    agent_dir = path.parent
-    if not agent_dir.is_dir():
+def _create_private_file(workspace: Path) -> None:
+    """Create .agent/ (0700) and an empty database file (0600) whatever the umask, never
+    through a link."""
+    agent_dir = workspace / AGENT_DIR
+    if _lstat(agent_dir) is None:
         with suppress(FileExistsError):
             agent_dir.mkdir(mode=DIR_MODE)
             agent_dir.chmod(DIR_MODE)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, FILE_MODE)
+        fd = open_in_agent_dir(workspace, DATABASE_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
     try:
@@ -327,15 +435,20 @@ def open_workspace(
     path = database_path(workspace)
 
     def _open() -> sqlite3.Connection:
-        if not path.exists():
-            if not create:
-                raise WorkspaceOpenError(
-                    f"no workspace database at {path}",
-                    hint="Run `acode db migrate` in the workspace to create it.",
-                )
-            _create_private_file(path)
+        if create:
+            _create_private_file(workspace)
+        elif not os.path.lexists(path):
+            raise WorkspaceOpenError(
+                f"no workspace database at {path}",
+                hint="Run `acode db migrate` in the workspace to create it.",
+            )
+        mounts = mount_points()
+        checked = check_workspace_files(workspace, mounts=mounts)
         conn = _connect(path, options)
         try:
+            # SQLite opens by name: make sure the file it opened is still the one checked.
+            if check_workspace_files(workspace, mounts=mounts) != checked:
+                raise refused(f"{path} was replaced while it was opened")
             plan_migrations(applied_migrations(conn), load_migrations(DIALECT))
             if run_migrations:
                 upgrade(conn, path, clock=options.clock)

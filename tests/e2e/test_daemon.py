@@ -7,11 +7,14 @@ Every wait is for an event with a generous timeout; nothing asserts on speed.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -641,3 +644,36 @@ def test_acode_db_status_shows_the_daemons_view(rig: Rig) -> None:
     assert rig.stop(daemon) == 0
     assert json.loads(status(watched, "--json"))["daemon"] is None
     assert "daemon:          not running" in status(watched)
+
+
+def test_linked_and_foreign_workspaces_are_refused_and_aliases_synced_once(rig: Rig) -> None:
+    """A root listed twice and by a symbolic link, a workspace whose `.agent` is a link to
+    another's, and (as root) one owned by another user: one workspace is synced, once; the
+    refused ones are logged once each and listed in status.json, which is private."""
+    healthy = rig.root / "healthy"
+    save_sessions(healthy, 2)
+    linked = rig.root / "linked"
+    linked.mkdir()
+    (linked / ".agent").symlink_to(healthy / ".agent")
+    refused = {str(linked): f"ACODE-DB-001: {linked}/.agent is a symbolic link"}
+    if os.geteuid() == 0:
+        foreign = rig.root / "foreign"
+        save_sessions(foreign, 1)
+        os.chown(foreign / ".agent", 65534, 65534)
+        refused[str(foreign)] = f"ACODE-DB-001: {foreign}/.agent is owned by uid 65534, not uid 0"
+    (rig.tmp_path / "root-link").symlink_to(rig.root)
+    roots = [rig.root, rig.tmp_path / "root-link", rig.root]
+    daemon, _ = rig.start_ready(rig.config(roots=roots))
+    rig.wait_sessions(2)
+    wait_until(lambda: rig.status_file()["refused"] == refused, "the refused workspaces")
+    status = rig.status_file()
+    assert list(status["workspace_status"]) == [str(healthy)]
+    assert stat.S_IMODE((rig.state_dir / "status.json").stat().st_mode) == 0o600
+    time.sleep(2.0)  # four more rescans (rescan_seconds 0.5)
+    for workspace, line in refused.items():
+        logged = daemon.find("workspace refused", workspace=workspace)
+        assert len(logged) == 1, logged
+        assert f"{logged[0]['code']}: {logged[0]['error']}" == line
+    assert len(daemon.find("workspace added")) == 1
+    assert rig.stop(daemon) == 0
+    daemon.assert_no_traceback()

@@ -31,20 +31,20 @@ def test_discovery_walks_roots_to_a_bounded_depth(tmp_path: Path) -> None:
     fake.mkdir(parents=True)
     (fake / "workspace.db").write_text("not sqlite")
     settings = DaemonSettings(roots=(root,), max_depth=2)
-    assert discover(settings, tmp_path) == {shallow, deep}
-    assert too_deep not in discover(settings, tmp_path)
+    assert discover(settings, tmp_path).workspaces == {shallow, deep}
+    assert too_deep not in discover(settings, tmp_path).workspaces
     only_team = DaemonSettings(roots=(root,), max_depth=3, include=("team/*",))
-    assert discover(only_team, tmp_path) == {deep}
+    assert discover(only_team, tmp_path).workspaces == {deep}
     no_team = DaemonSettings(roots=(root,), max_depth=3, exclude=("team/*",))
-    assert discover(no_team, tmp_path) == {shallow, too_deep}
-    assert discover(settings, root / "missing") == {shallow, deep}
+    assert discover(no_team, tmp_path).workspaces == {shallow, too_deep}
+    assert discover(settings, root / "missing").workspaces == {shallow, deep}
 
 
 def test_without_roots_only_the_current_directory(tmp_path: Path) -> None:
     here = make_workspace(tmp_path / "here")
     make_workspace(here / "child")
-    assert discover(DaemonSettings(), here) == {here}
-    assert discover(DaemonSettings(), tmp_path) == set()
+    assert discover(DaemonSettings(), here).workspaces == {here}
+    assert discover(DaemonSettings(), tmp_path).workspaces == set()
 
 
 def test_known_workspaces_are_not_reopened(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_known_workspaces_are_not_reopened(tmp_path: Path) -> None:
     settings = DaemonSettings(roots=(tmp_path,), max_depth=1)
     database.chmod(0)  # unreadable: a header check would fail
     try:
-        assert discover(settings, tmp_path, frozenset({workspace})) == {workspace}
+        assert discover(settings, tmp_path, frozenset({workspace})).workspaces == {workspace}
         if os.geteuid() != 0:
             assert not is_sqlite_file(database)
     finally:
