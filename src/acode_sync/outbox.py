@@ -192,7 +192,11 @@ class Outbox:
                     self.conn.execute(
                         _Q["track_pending"], {"ids": json.dumps(pending), "now": stamp}
                     )
-                results = [self._fail(failure, now, stamp, policy) for failure in failures]
+                results = [
+                    result
+                    for failure in failures
+                    if (result := self._fail(failure, now, stamp, policy)) is not None
+                ]
                 if through is not None:
                     self.conn.execute(_Q["advance_mark"], {"through": through, "now": stamp})
                 return results
@@ -215,10 +219,14 @@ class Outbox:
 
     def _fail(
         self, failure: Failure, now: datetime, stamp: str, policy: RecordRetryPolicy
-    ) -> FailureResult:
-        attempts = 1 + int(  # the sync row exists: track_pending wrote it if need be
-            self.conn.execute(_Q["record_attempts"], (failure.outbox_id,)).fetchone()[0]
-        )
+    ) -> FailureResult | None:
+        """None if the record is gone (a writer deleted it since the claim) or no longer
+        pending (updated through the view): there is nothing left to fail."""
+        # track_pending wrote the sync row if the record had none and still exists.
+        current = self.conn.execute(_Q["record_attempts"], (failure.outbox_id,)).fetchone()
+        if current is None:
+            return None
+        attempts = 1 + int(current[0])
         next_attempt = format_timestamp(policy.next_attempt(now, attempts))
         row = self.conn.execute(
             _Q["mark_failed"],
@@ -230,6 +238,8 @@ class Outbox:
                 "now": stamp,
             },
         ).fetchone()
+        if row is None:
+            return None
         self.conn.execute(_Q["record_error"], (failure.outbox_id, attempts, failure.error, stamp))
         return FailureResult(failure.outbox_id, int(row[0]), row[1] == "dead")
 
