@@ -9,12 +9,14 @@ from contextlib import closing
 from pathlib import Path
 from typing import Final
 
+import pytest
+
 from acode_sync.outbox import Failure, Outbox
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.sql import queries
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.workspace import DIALECT, database_path
-from tests.records import session_payload
+from tests.records import enqueue_raw, session_payload
 
 _Q: Final = queries(DIALECT)
 T0: Final = "2026-01-15T10:30:00.000000Z"
@@ -96,3 +98,89 @@ def test_records_deleted_between_claim_and_mark_are_skipped_by_the_mark(
             (ids[1],),
             (ids[5],),
         ]
+
+
+# --- ids given again: re-inserted or gap-filling records are pending -------------------
+
+EXPLICIT_INSERT: Final = (
+    "INSERT INTO {table} (outbox_id, idempotency_key, entity_type, entity_id, payload,"
+    " created_at) VALUES (?, 'Session:sess_again:' || ?, 'Session', 'sess_again', '{{}}', ?)"
+)
+
+
+def insert_with_id(workspace: Path, outbox_id: int, *, table: str = "outbox") -> None:
+    with connect(workspace) as conn:
+        conn.execute(EXPLICIT_INSERT.format(table=table), (outbox_id, outbox_id, T0))
+
+
+def sync_rows(workspace: Path) -> dict[int, str]:
+    with connect(workspace) as conn:
+        return dict(conn.execute("SELECT outbox_id, state FROM outbox_sync"))
+
+
+@pytest.mark.parametrize("table", ["outbox", "outbox_records"])
+def test_the_last_id_re_inserted_below_the_mark_is_shipped(workspace: Path, table: str) -> None:
+    ids = fill_outbox(workspace, 5)
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        outbox.mark([], [], RecordRetryPolicy(), through=ids[-1])
+        with connect(workspace) as conn:
+            conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (ids[-1],))
+        insert_with_id(workspace, ids[-1], table=table)  # the largest id ever given, again
+        assert states(workspace)[ids[-1]] == "pending/0"
+        claimed = outbox.claim(max_records=10, max_bytes=10**9)
+        assert [(r.outbox_id, r.tracked) for r in claimed] == [(ids[-1], True)]
+    finally:
+        outbox.close()
+
+
+def test_the_last_id_re_inserted_while_its_batch_is_in_flight_is_shipped(
+    workspace: Path,
+) -> None:
+    ids = fill_outbox(workspace, 5)
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        claimed = outbox.claim(max_records=10, max_bytes=10**9)
+        assert [r.outbox_id for r in claimed] == ids
+        # Between the claim and the mark, a writer replaces the batch's last record.
+        with connect(workspace) as conn:
+            conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (ids[-1],))
+        insert_with_id(workspace, ids[-1])
+        outbox.mark([], [], RecordRetryPolicy(), through=ids[-1])
+        assert states(workspace) == {**dict.fromkeys(ids[:-1], "processed/0"), ids[-1]: "pending/0"}
+        assert [r.outbox_id for r in outbox.claim(max_records=10, max_bytes=10**9)] == [ids[-1]]
+    finally:
+        outbox.close()
+
+
+def test_an_id_at_or_below_the_mark_is_pending_even_if_the_counter_was_reset(
+    workspace: Path,
+) -> None:
+    ids = fill_outbox(workspace, 3)
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        outbox.mark([], [], RecordRetryPolicy(), through=ids[-1])
+        with connect(workspace) as conn:  # every record pruned, the counter edited back
+            conn.execute("DELETE FROM outbox")
+            conn.execute("UPDATE sqlite_sequence SET seq = 0 WHERE name = 'outbox_records'")
+            enqueue_raw(conn, f"Session:sess_new:{T0}", "Session", "sess_new", None, "{}", T0)
+        assert states(workspace) == {ids[0]: "pending/0"}  # the plain insert got id 1
+        assert sync_rows(workspace) == {ids[0]: "pending"}
+    finally:
+        outbox.close()
+
+
+def test_plain_inserts_and_ids_above_every_given_one_write_no_sync_row(workspace: Path) -> None:
+    ids = fill_outbox(workspace, 3)
+    with connect(workspace) as conn:
+        enqueue_raw(conn, f"Session:sess_a:{T0}", "Session", "sess_a", None, "{}", T0)
+        conn.execute(
+            "INSERT INTO outbox_records (idempotency_key, entity_type, entity_id, payload,"
+            " created_at) VALUES ('k1', 'Session', 's1', '{}', ?),"
+            " ('k2', 'Session', 's2', '{}', ?)",
+            (T0, T0),
+        )
+    insert_with_id(workspace, ids[-1] + 100)
+    insert_with_id(workspace, ids[-1] + 50)  # a gap below an id given: pending, tracked
+    assert sync_rows(workspace) == {ids[-1] + 50: "pending"}
+    assert set(states(workspace).values()) == {"pending/0"}
