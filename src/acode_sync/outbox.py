@@ -141,29 +141,52 @@ class Outbox:
         if tolerant:
             self.conn.text_factory = _decode_tolerantly
         try:
-            # One read transaction: both sides from one snapshot. Each is in outbox_id
-            # order; together they are sorted by it (a record is on one side only).
+            # One read transaction: both sides and the payloads from one snapshot. Each
+            # side is in outbox_id order; together they are sorted by it (a record is on one
+            # side only).
             self.conn.execute("BEGIN")
             try:
                 rows = self.conn.execute(CLAIM_STATEMENTS["claim_tracked"], params).fetchall()
                 rows += self.conn.execute(CLAIM_STATEMENTS["claim_past_mark"], params).fetchall()
+                if rows and rows[0][6]:  # records with a sync row come first: merge by id
+                    rows.sort(key=itemgetter(0))
+                return self._with_payloads(rows[:max_records], max_bytes, tolerant=tolerant)
             finally:
                 self.conn.execute("COMMIT")
-            if rows and rows[0][9]:  # records with a sync row come first: merge by id
-                rows.sort(key=itemgetter(0))
-            batch: list[OutboxRecord] = []
-            size = 0
-            for row in rows[:max_records]:
-                record = OutboxRecord(*row)
-                if tolerant and not _is_utf8(row):
-                    record = record._replace(readable=False)
-                size += len(record.payload)
-                if batch and size > max_bytes:
-                    break
-                batch.append(record)
-            return batch
         finally:
             self.conn.text_factory = str
+
+    def _with_payloads(
+        self, rows: Sequence[Any], max_bytes: int, *, tolerant: bool
+    ) -> list[OutboxRecord]:
+        """The claimed rows (in outbox_id order) with their payloads, up to `max_bytes` of
+        them (the first record always). The payloads are read one row at a time and the
+        read stops at the first that does not fit: a claim reads one batch of payload and
+        one payload more, whatever the backlog."""
+        batch: list[OutboxRecord] = []
+        size = 0
+        ids = json.dumps([row[0] for row in rows])
+        cursor = self.conn.execute(_Q["claim_payloads"], {"ids": ids})
+        try:
+            for claimed, stored in zip(rows, cursor, strict=False):
+                outbox_id, key, entity_type, entity_id, session_id, attempts, tracked, blocked = (
+                    claimed
+                )
+                stored_id, payload, base_updated_at, created_at = stored
+                assert stored_id == outbox_id  # the same snapshot, the same order
+                size += len(payload)
+                if batch and size > max_bytes:
+                    break
+                record = OutboxRecord(
+                    outbox_id, key, entity_type, entity_id, session_id, payload,
+                    base_updated_at, created_at, attempts, tracked, blocked,
+                )  # fmt: skip
+                if tolerant and not _is_utf8(record):
+                    record = record._replace(readable=False)
+                batch.append(record)
+        finally:
+            cursor.close()
+        return batch
 
     def mark(
         self,

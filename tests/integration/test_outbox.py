@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import tracemalloc
 from contextlib import closing
 from pathlib import Path
 from typing import Final
@@ -375,3 +376,32 @@ async def test_a_record_re_queued_through_the_view_is_shipped_again(
     state, processed_at, attempts, _ = row(workspace, outbox_id)
     assert (state, attempts) == ("processed", 0)
     assert processed_at is not None
+
+
+# --- a claim reads about one batch of payload (X-013) ----------------------------------
+
+MIB: Final = 1 << 20
+
+
+def test_a_claim_reads_one_batch_of_payload_whatever_the_backlog(workspace: Path) -> None:
+    """48 records of 1 MiB, batches of 4 MiB: the payload bytes a claim brings into Python
+    (traced by tracemalloc, the driver's own allocations) stay near one batch."""
+    ids = fill_outbox(workspace, 48, payload_bytes=MIB)
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        outbox.claim(max_records=1, max_bytes=1)  # warm: statements compiled, pages cached
+        tracemalloc.start()
+        try:
+            claimed = outbox.claim(max_records=1000, max_bytes=4 * MIB, with_blocked=True)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # Each payload is a little over 1 MiB: three fit in 4 MiB, the fourth is read.
+        assert [r.outbox_id for r in claimed] == ids[:3]
+        assert peak < 6 * MIB, peak  # was 48 MiB and more: every candidate's payload
+        # A record larger than the batch still makes a batch on its own.
+        alone = outbox.claim(max_records=1000, max_bytes=MIB)
+        assert [r.outbox_id for r in alone] == ids[:1]
+        assert len(alone[0].payload) > MIB
+    finally:
+        outbox.close()

@@ -569,6 +569,7 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
         for name in (
             "claim_tracked",
             "claim_past_mark",
+            "claim_payloads",
             "mark_processed",
             "mark_failed",
             "record_attempts",
