@@ -1,7 +1,7 @@
 """The syncer's side of a workspace database: claim, mark, fail, replay, prune.
 
 Synchronous; runs in a worker thread. Reads are single statements in autocommit mode
-(a claim's two reads share one short read transaction), so no read transaction stays
+(a claim's reads share one short read transaction), so no read transaction stays
 open between batches (it would hold back WAL checkpoints and grow the agent's -wal
 file). Writes never touch `outbox_records` (the pages holding
 the payloads): a shipped batch moves the mark in `outbox_progress` (one row per batch);
