@@ -1,7 +1,7 @@
 """The syncer's side of a workspace database: claim, mark, fail, replay, prune.
 
 Synchronous; runs in a worker thread. Reads are single statements in autocommit mode
-(a claim's two reads share one short read transaction), so no read transaction stays
+(a claim's reads share one short read transaction), so no read transaction stays
 open between batches (it would hold back WAL checkpoints and grow the agent's -wal
 file). Writes never touch `outbox_records` (the pages holding
 the payloads): a shipped batch moves the mark in `outbox_progress` (one row per batch);
@@ -141,29 +141,52 @@ class Outbox:
         if tolerant:
             self.conn.text_factory = _decode_tolerantly
         try:
-            # One read transaction: both sides from one snapshot. Each is in outbox_id
-            # order; together they are sorted by it (a record is on one side only).
+            # One read transaction: both sides and the payloads from one snapshot. Each
+            # side is in outbox_id order; together they are sorted by it (a record is on one
+            # side only).
             self.conn.execute("BEGIN")
             try:
                 rows = self.conn.execute(CLAIM_STATEMENTS["claim_tracked"], params).fetchall()
                 rows += self.conn.execute(CLAIM_STATEMENTS["claim_past_mark"], params).fetchall()
+                if rows and rows[0][6]:  # records with a sync row come first: merge by id
+                    rows.sort(key=itemgetter(0))
+                return self._with_payloads(rows[:max_records], max_bytes, tolerant=tolerant)
             finally:
                 self.conn.execute("COMMIT")
-            if rows and rows[0][9]:  # records with a sync row come first: merge by id
-                rows.sort(key=itemgetter(0))
-            batch: list[OutboxRecord] = []
-            size = 0
-            for row in rows[:max_records]:
-                record = OutboxRecord(*row)
-                if tolerant and not _is_utf8(row):
-                    record = record._replace(readable=False)
-                size += len(record.payload)
-                if batch and size > max_bytes:
-                    break
-                batch.append(record)
-            return batch
         finally:
             self.conn.text_factory = str
+
+    def _with_payloads(
+        self, rows: Sequence[Any], max_bytes: int, *, tolerant: bool
+    ) -> list[OutboxRecord]:
+        """The claimed rows (in outbox_id order) with their payloads, up to `max_bytes` of
+        them (the first record always). The payloads are read one row at a time and the
+        read stops at the first that does not fit: a claim reads one batch of payload and
+        one payload more, whatever the backlog."""
+        batch: list[OutboxRecord] = []
+        size = 0
+        ids = json.dumps([row[0] for row in rows])
+        cursor = self.conn.execute(_Q["claim_payloads"], {"ids": ids})
+        try:
+            for claimed, stored in zip(rows, cursor, strict=False):
+                outbox_id, key, entity_type, entity_id, session_id, attempts, tracked, blocked = (
+                    claimed
+                )
+                stored_id, payload, base_updated_at, created_at = stored
+                assert stored_id == outbox_id  # the same snapshot, the same order
+                size += len(payload)
+                if batch and size > max_bytes:
+                    break
+                record = OutboxRecord(
+                    outbox_id, key, entity_type, entity_id, session_id, payload,
+                    base_updated_at, created_at, attempts, tracked, blocked,
+                )  # fmt: skip
+                if tolerant and not _is_utf8(record):
+                    record = record._replace(readable=False)
+                batch.append(record)
+        finally:
+            cursor.close()
+        return batch
 
     def mark(
         self,
@@ -192,7 +215,11 @@ class Outbox:
                     self.conn.execute(
                         _Q["track_pending"], {"ids": json.dumps(pending), "now": stamp}
                     )
-                results = [self._fail(failure, now, stamp, policy) for failure in failures]
+                results = [
+                    result
+                    for failure in failures
+                    if (result := self._fail(failure, now, stamp, policy)) is not None
+                ]
                 if through is not None:
                     self.conn.execute(_Q["advance_mark"], {"through": through, "now": stamp})
                 return results
@@ -215,10 +242,14 @@ class Outbox:
 
     def _fail(
         self, failure: Failure, now: datetime, stamp: str, policy: RecordRetryPolicy
-    ) -> FailureResult:
-        attempts = 1 + int(  # the sync row exists: track_pending wrote it if need be
-            self.conn.execute(_Q["record_attempts"], (failure.outbox_id,)).fetchone()[0]
-        )
+    ) -> FailureResult | None:
+        """None if the record is gone (a writer deleted it since the claim) or no longer
+        pending (updated through the view): there is nothing left to fail."""
+        # track_pending wrote the sync row if the record had none and still exists.
+        current = self.conn.execute(_Q["record_attempts"], (failure.outbox_id,)).fetchone()
+        if current is None:
+            return None
+        attempts = 1 + int(current[0])
         next_attempt = format_timestamp(policy.next_attempt(now, attempts))
         row = self.conn.execute(
             _Q["mark_failed"],
@@ -230,6 +261,8 @@ class Outbox:
                 "now": stamp,
             },
         ).fetchone()
+        if row is None:
+            return None
         self.conn.execute(_Q["record_error"], (failure.outbox_id, attempts, failure.error, stamp))
         return FailureResult(failure.outbox_id, int(row[0]), row[1] == "dead")
 

@@ -569,6 +569,7 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
         for name in (
             "claim_tracked",
             "claim_past_mark",
+            "claim_payloads",
             "mark_processed",
             "mark_failed",
             "record_attempts",
@@ -608,3 +609,56 @@ def test_no_syncer_query_scans_the_processed_records(workspace: Path) -> None:
         assert [r.outbox_id for r in claimed] == [i for i in ids[1900:] if i != ids[1950]]
     finally:
         outbox.close()
+
+
+def test_a_schema_3_outbox_keeps_every_state_and_is_made_consistent(workspace: Path) -> None:
+    conn = open_workspace(workspace, run_migrations=False)
+    try:
+        assert migrate(conn, available=SHIPPED[:3]) == (0, 3)
+    finally:
+        conn.close()
+    ids = fill_outbox_at(workspace, 6)
+    with connect(workspace) as conn:
+        conn.execute("INSERT INTO outbox_progress VALUES (?, ?, ?, NULL)", (ids[3], T0, T0))
+        conn.execute(
+            "UPDATE outbox SET state = 'dead', attempts = 10 WHERE outbox_id = ?", (ids[4],)
+        )
+        # What the view of schema 3 let a person write: contradictions.
+        conn.execute("UPDATE outbox SET processed_at = NULL WHERE outbox_id = ?", (ids[0],))
+        conn.execute("UPDATE outbox SET state = 'pending' WHERE outbox_id = ?", (ids[1],))
+        before = conn.execute("SELECT outbox_id, state, attempts FROM outbox").fetchall()
+        assert conn.execute(
+            "SELECT count(*) FROM outbox WHERE (state = 'processed') <> (processed_at IS NOT NULL)"
+        ).fetchone() == (2,)
+    db = WorkspaceDatabase(workspace)  # migrates to the latest version
+    try:
+        assert schema_version(db.conn) == LATEST
+        assert db.conn.execute("SELECT outbox_id, state, attempts FROM outbox").fetchall() == before
+        assert db.conn.execute(
+            "SELECT outbox_id, state, processed_at FROM outbox ORDER BY outbox_id"
+        ).fetchall() == [
+            (ids[0], "processed", T0),  # its updated_at: when the mark passed it
+            (ids[1], "pending", None),
+            (ids[2], "processed", T0),
+            (ids[3], "processed", T0),
+            (ids[4], "dead", None),
+            (ids[5], "pending", None),
+        ]
+        assert db.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert db.conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        db.close()
+    outbox = Outbox(workspace, busy_timeout=5.0)
+    try:
+        claimed = outbox.claim(max_records=10, max_bytes=10**9)
+        assert [r.outbox_id for r in claimed] == [ids[1], ids[5]]
+    finally:
+        outbox.close()
+
+
+def fill_outbox_at(workspace: Path, count: int) -> list[int]:
+    """`count` plain-INSERT records, written without migrating the workspace."""
+    with connect(workspace) as conn:
+        for i in range(count):
+            enqueue(conn, f"sess_{i:06d}", T0)
+        return [int(i) for (i,) in conn.execute("SELECT outbox_id FROM outbox_records")]

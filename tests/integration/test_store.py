@@ -226,11 +226,12 @@ def test_migrations_run_once_and_are_recorded(raw: sqlite3.Connection) -> None:
         (1, "initial"),
         (2, "outbox_sync_state"),
         (3, "progress_mark"),
+        (4, "consistent_outbox"),
     ]
     schema_before = raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
-    assert migrate(raw) == (3, 3)
+    assert migrate(raw) == (4, 4)
     assert raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
-    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (3,)
+    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (4,)
 
 
 def test_every_table_is_strict_with_created_and_updated_at(raw: sqlite3.Connection) -> None:

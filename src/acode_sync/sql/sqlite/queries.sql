@@ -176,11 +176,12 @@ waiting (entity_type, entity_id, first_id) AS MATERIALIZED (
     WHERE w.state = 'pending' AND w.next_attempt_at IS NOT NULL AND w.next_attempt_at > :now
     GROUP BY r.entity_type, r.entity_id)
 
--- The payload comes as bytes: the syncer ships it as it is (no decoding, no copy).
+-- Both claim queries read only the columns stored before the payload (outbox_records'
+-- column order), so no payload page is read; claim_payloads then reads the payloads.
 -- name: claim_tracked
 WITH <waiting_entities>
 SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
-       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, s.attempts, 1, 0
+       s.attempts, 1, 0
 FROM outbox_sync AS s JOIN outbox_records AS r ON r.outbox_id = s.outbox_id
 WHERE s.state = 'pending'
   AND s.outbox_id > :after
@@ -194,8 +195,7 @@ LIMIT :limit;
 
 -- name: claim_past_mark
 WITH <waiting_entities>
-SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id,
-       CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, 0, 0,
+SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, 0, 0,
        EXISTS (SELECT 1 FROM waiting AS w
                WHERE w.entity_type = r.entity_type AND w.entity_id = r.entity_id
                  AND w.first_id < r.outbox_id) AS blocked
@@ -205,6 +205,15 @@ WHERE r.outbox_id > max(:after, (SELECT coalesce(max(through_id), 0) FROM outbox
   AND (:with_blocked OR NOT blocked)
 ORDER BY r.outbox_id
 LIMIT :limit;
+
+-- The claimed records' payloads (and the columns stored after them), in outbox_id order;
+-- Outbox._with_payloads reads the rows one at a time and stops at :max_bytes. The payload
+-- comes as bytes: the syncer ships it as it is (no decoding, no copy).
+-- name: claim_payloads
+SELECT outbox_id, CAST(payload AS BLOB), base_updated_at, created_at
+FROM outbox_records
+WHERE outbox_id IN (SELECT value FROM json_each(:ids))
+ORDER BY outbox_id;
 
 -- Records with a sync row, shipped.
 -- name: mark_processed
