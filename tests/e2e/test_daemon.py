@@ -433,7 +433,15 @@ def test_backlog_and_lag_are_reported_during_an_outage(rig: Rig) -> None:
 def test_a_read_only_server_is_a_named_refusal_that_heals_by_itself(rig: Rig) -> None:
     """A failover that leaves the DSN on a standby: the server answers and refuses every
     write. The daemon says so and charges nothing; fixed, everything ships."""
-    anyio.run(PostgresTarget(PostgresSettings(dsn=rig.pg_url)).ensure_schema)
+
+    async def migrate() -> None:
+        owner = PostgresTarget(PostgresSettings(dsn=rig.pg_url))
+        try:
+            await owner.ensure_schema()
+        finally:
+            await owner.close()
+
+    anyio.run(migrate)
     role = "acode_e2e_" + random.Random().randbytes(4).hex()
     pg_execute(
         rig.pg_url,
@@ -454,7 +462,10 @@ def test_a_read_only_server_is_a_named_refusal_that_heals_by_itself(rig: Rig) ->
         )
         assert sample(rig.metrics(), "acode_sync_postgres_up") == 0
         wait_until(lambda: len(daemon.find("postgres refused")) >= 6, "six refused turns")
-        assert rig.status_file()["postgres_refused_sqlstate"] == "25006"
+        wait_until(
+            lambda: rig.status_file()["postgres_refused_sqlstate"] == "25006",
+            "the refusal in status.json",
+        )
         attempts = "SELECT count(*) FROM outbox WHERE attempts > 0 OR state <> 'pending'"
         conn = sqlite3.connect(database_path(rig.root / "w"))
         assert conn.execute(attempts).fetchone()[0] == 0
