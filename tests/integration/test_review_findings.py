@@ -1,0 +1,163 @@
+"""Holes found in the hardening claims (docs/reliability.md, docs/sync.md, docs/schema.md).
+
+Each test shows one hole on the real SQLite files and the real PostgreSQL, and is marked
+`xfail(strict=True)` until it is closed: the day the fix lands, the marker must go."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+import pytest
+
+from acode_sync.config import PostgresSettings, SyncSettings
+from acode_sync.domain import Session, format_timestamp, utc_now
+from acode_sync.errors import PostgresRefusedError, PostgresUnavailableError
+from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, lock_key
+from acode_sync.store import WorkspaceDatabase
+from acode_sync.sync import WorkspaceSyncer
+from acode_sync.workspace import database_path
+from tests.records import enqueue_raw, run_sql, session_payload
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+NO_BACKOFF: Final = {"retry_base_seconds": 0.0, "retry_cap_seconds": 0.0}
+
+
+@contextmanager
+def writer(workspace: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's connection to the workspace, autocommit, as a person's tool has."""
+    with closing(sqlite3.connect(database_path(workspace), isolation_level=None)) as conn:
+        conn.execute("PRAGMA foreign_keys = ON")
+        yield conn
+
+
+async def applied_keys(pg_url: str) -> set[str]:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetch("SELECT idempotency_key FROM acode.applied_keys")
+    finally:
+        await conn.close()
+    return {row[0] for row in rows}
+
+
+def queue_session(conn: sqlite3.Connection, session_id: str, stamp: str) -> int:
+    payload = json.dumps(session_payload(session_id, stamp))
+    key = f"Session:{session_id}:{stamp}"
+    return enqueue_raw(conn, key, "Session", session_id, session_id, payload, stamp)
+
+
+# --- 1. A record re-inserted with the id of a retried record in flight is never sent ----
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="mark_processed marks by outbox_id: a record re-inserted with the id of a "
+    "tracked record in flight is marked processed, never sent",
+)
+async def test_a_record_re_inserted_with_the_id_of_a_retried_record_in_flight_is_shipped(
+    workspace: Path, pg_url: str
+) -> None:
+    """docs/reliability.md: "A record inserted with an outbox_id given before (deleted and
+    inserted again ...) is pending and shipped, whatever the mark or a batch in flight has
+    passed". That holds for a record past the mark, not for one with a sync row (a
+    retried or re-queued record): the mark's `mark_processed` finds the new record's fresh
+    pending sync row by id and marks it processed."""
+    WorkspaceDatabase(workspace).close()
+    stamp = format_timestamp(utc_now())
+    with writer(workspace) as conn:
+        first = queue_session(conn, "sess_first", stamp)
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        assert (await WorkspaceSyncer(workspace=workspace, target=target).drain()).applied == 1
+        # A person re-queues it (docs/schema.md: state = 'pending'): it has a sync row now.
+        run_sql(workspace, "UPDATE outbox SET state = 'pending' WHERE outbox_id = ?", (first,))
+
+        def replace_the_record(point: str) -> None:
+            # PostgreSQL has committed the resend; before the mark, a writer replaces the
+            # record with a new one under the same id (the backfill trigger gives it a
+            # pending sync row, as documented).
+            if point != "after_commit":
+                return
+            with writer(workspace) as conn:
+                conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (first,))
+                payload = json.dumps(session_payload("sess_new", stamp, title="new"))
+                conn.execute(
+                    "INSERT INTO outbox (outbox_id, idempotency_key, entity_type, entity_id,"
+                    " session_id, payload, created_at) VALUES (?, ?, 'Session', 'sess_new',"
+                    " 'sess_new', ?, ?)",
+                    (first, f"Session:sess_new:{stamp}", payload, stamp),
+                )
+
+        syncer = WorkspaceSyncer(workspace=workspace, target=target, fault_hook=replace_the_record)
+        await syncer.drain()
+        await WorkspaceSyncer(workspace=workspace, target=target).drain()
+    finally:
+        await target.close()
+    # Expected: the new record is pending, then shipped. Actual: it is `processed` without
+    # ever reaching PostgreSQL.
+    state = run_sql(workspace, "SELECT state FROM outbox WHERE outbox_id = ?", (first,))
+    assert f"Session:sess_new:{stamp}" in await applied_keys(pg_url), state
+
+
+# --- 2. A batch lock held by a stalled peer: no lock_timeout, and records are charged ----
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lock_entities takes the advisory locks before its own set_config calls run, "
+    "so lock_timeout does not bound the wait: a stalled peer's session lock times the batch "
+    "out client-side (suspect) and isolation charges that session's records",
+)
+async def test_a_session_lock_held_by_a_stalled_peer_charges_no_record(
+    workspace: Path, pg_url: str
+) -> None:
+    """docs/sync.md: each batch sets lock_timeout so that a lock wait fails with 55P03, a
+    refusal, "before the statement timeout could make it look like a slow record". The
+    batch's first statement is `SELECT (SELECT set_config(... lock_timeout ...)), ...,
+    count(pg_advisory_xact_lock($1, k)) FROM unnest($2)`: the aggregate takes every
+    advisory lock before the scalar subqueries run, so the wait for a session lock has the
+    role's lock_timeout (none). A peer syncer whose transaction stalls mid-batch (its
+    laptop suspended, its process stopped) holds that session's lock: this syncer's batch
+    runs into the client-side timeout, a suspect failure; after three strikes the batch is
+    bisected, the other session's record is applied and the locked session's record,
+    "failing alone while the server took other work", is charged."""
+    db = WorkspaceDatabase(workspace)
+    try:
+        locked = db.save(Session(title="locked by a stalled peer")).session_id
+        db.save(Session(title="free"))
+    finally:
+        db.close()
+    owner = PostgresTarget(PostgresSettings(dsn=pg_url))
+    await owner.ensure_schema()
+    await owner.close()
+    peer = await asyncpg.connect(pg_url)  # a peer's batch, stalled while it holds the lock
+    await peer.execute("BEGIN")
+    await peer.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, lock_key(locked))
+    settings = PostgresSettings(dsn=pg_url, statement_timeout=0.4, connect_timeout=0.4)
+    target = PostgresTarget(settings)
+    syncer = WorkspaceSyncer(
+        workspace=workspace, target=target, settings=SyncSettings(max_attempts=3, **NO_BACKOFF)
+    )
+    errors: list[PostgresUnavailableError] = []
+    try:
+        for _ in range(4):  # past the three strikes that isolate a suspect batch
+            try:
+                await syncer.drain()
+            except PostgresUnavailableError as error:
+                errors.append(error)
+    finally:
+        await target.close()
+        await peer.close()
+    # Expected: a refusal (55P03, lock not available) every time, nothing charged.
+    # Actual: client-side timeouts (suspect), then the locked session's record charged.
+    charged = run_sql(workspace, "SELECT state, attempts FROM outbox WHERE attempts > 0")
+    assert charged == []
+    assert errors and all(
+        isinstance(e, PostgresRefusedError) and e.sqlstate == "55P03" for e in errors
+    )
