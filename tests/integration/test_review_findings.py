@@ -158,6 +158,5 @@ async def test_a_session_lock_held_by_a_stalled_peer_charges_no_record(
     # Actual: client-side timeouts (suspect), then the locked session's record charged.
     charged = run_sql(workspace, "SELECT state, attempts FROM outbox WHERE attempts > 0")
     assert charged == []
-    assert errors and all(
-        isinstance(e, PostgresRefusedError) and e.sqlstate == "55P03" for e in errors
-    )
+    assert errors
+    assert all(isinstance(e, PostgresRefusedError) and e.sqlstate == "55P03" for e in errors)
