@@ -5,9 +5,10 @@ Each test shows one hole on the real SQLite files and the real PostgreSQL, and i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Final
@@ -22,6 +23,7 @@ from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, lock_key
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import database_path
+from tests.pg import ADMIN_URL, create_database_async, database_url, drop_database_async
 from tests.records import enqueue_raw, run_sql, session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -160,3 +162,61 @@ async def test_a_session_lock_held_by_a_stalled_peer_charges_no_record(
     assert charged == []
     assert errors
     assert all(isinstance(e, PostgresRefusedError) and e.sqlstate == "55P03" for e in errors)
+
+
+# --- 3. A central database that is not UTF-8: its encoding is charged to the records ----
+
+
+@pytest.fixture
+async def latin1_url() -> AsyncIterator[str]:
+    """A database created LATIN1 (as `createdb -E LATIN1`, or a cluster initialised with a
+    single-byte locale): the server's configuration, not any record's."""
+    name = await create_database_async()
+    await drop_database_async(name)
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    finally:
+        await admin.close()
+    try:
+        yield database_url(name)
+    finally:
+        await drop_database_async(name)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a database encoding other than UTF8 makes convert_from() fail with 22P05, a "
+    "record failure: valid records are charged and die for the server's configuration",
+)
+async def test_a_central_database_that_is_not_utf8_charges_no_record(
+    workspace: Path, latin1_url: str
+) -> None:
+    """docs/sync.md's rule: "a failure is charged to a record only if it follows that
+    record". The round statement decodes each payload with convert_from(..., 'UTF8'),
+    which converts to the database's encoding: in a LATIN1 database any character outside
+    LATIN1 fails with 22P05 (untranslatable character), class 22, so the record is
+    bisected out and charged, and dies after max_attempts, though any UTF-8 database takes
+    it. Nothing checks the database's encoding when the schema is made or checked."""
+    db = WorkspaceDatabase(workspace)
+    try:
+        db.save(Session(title="会话"))
+        db.save(Session(title="plain"))
+    finally:
+        db.close()
+    target = PostgresTarget(PostgresSettings(dsn=latin1_url))
+    try:
+        syncer = WorkspaceSyncer(
+            workspace=workspace, target=target, settings=SyncSettings(**NO_BACKOFF)
+        )
+        # Expected: a refusal that names the database's encoding, nothing charged.
+        with contextlib.suppress(PostgresUnavailableError):
+            await syncer.drain()
+    finally:
+        await target.close()
+    # Actual: the first record is charged 22P05 on every pass (no backoff here) and is
+    # dead after its 10 attempts, within the one drain.
+    assert run_sql(workspace, "SELECT attempts, last_error FROM outbox WHERE attempts > 0") == []
