@@ -10,6 +10,8 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -22,7 +24,7 @@ from acode_sync.errors import PostgresRefusedError, PostgresUnavailableError
 from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, lock_key
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
-from acode_sync.workspace import database_path
+from acode_sync.workspace import OpenOptions, database_path
 from tests.pg import ADMIN_URL, create_database_async, database_url, drop_database_async
 from tests.records import enqueue_raw, run_sql, session_payload
 
@@ -220,3 +222,50 @@ async def test_a_central_database_that_is_not_utf8_charges_no_record(
     # Actual: the first record is charged 22P05 on every pass (no backoff here) and is
     # dead after its 10 attempts, within the one drain.
     assert run_sql(workspace, "SELECT attempts, last_error FROM outbox WHERE attempts > 0") == []
+
+
+# --- 4. A clock stepped back: the store's own next versions are dead letters -------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="prepare() compares each version with the syncer's clock alone; after the "
+    "machine's clock steps back, next_version() keeps every entity's versions after the "
+    "ones already shipped, and the skew check charges them until they die",
+)
+async def test_saves_after_the_clock_stepped_back_are_shipped(workspace: Path, pg_url: str) -> None:
+    """The machine's clock runs an hour ahead, then NTP steps it back. Saves made meanwhile
+    were shipped (the syncer's clock, on the same machine, was ahead too). The next save of
+    such an entity gets next_version(): its previous version plus 1 us, by design, so its
+    keys never go backwards; that version is still about an hour ahead of the corrected
+    clock, so prepare() refuses it as "ahead of this machine's clock" and charges it on
+    each try. With the default backoff (5 s ... 1280 s, 10 attempts, about 43 minutes) it
+    is dead long before the clock catches up: every entity touched during the hour ahead
+    loses its later changes to the dead-letter queue. The version is based on the one
+    PostgreSQL holds from this very origin: it cannot win anything it should not."""
+    ahead = timedelta(hours=1)
+
+    def ahead_clock() -> datetime:
+        return utc_now() + ahead
+
+    db = WorkspaceDatabase(workspace, OpenOptions(clock=ahead_clock))
+    try:
+        session = db.save(Session(title="while the clock was ahead"))
+    finally:
+        db.close()
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        shipped = WorkspaceSyncer(workspace=workspace, target=target, clock=ahead_clock)
+        assert (await shipped.drain()).applied == 1
+        db = WorkspaceDatabase(workspace)  # the clock is right again
+        try:
+            db.save(replace(session, title="after the clock stepped back"))
+        finally:
+            db.close()
+        summary = await WorkspaceSyncer(
+            workspace=workspace, target=target, settings=SyncSettings(**NO_BACKOFF)
+        ).drain()
+    finally:
+        await target.close()
+    # Actual: retried (and, without backoff, dead within the drain), never applied.
+    assert (summary.applied, summary.retried, summary.dead) == (1, 0, 0)
