@@ -13,7 +13,7 @@ from contextlib import closing, contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import pytest
@@ -30,7 +30,7 @@ from tests.records import enqueue_raw, run_sql, session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
-NO_BACKOFF: Final = {"retry_base_seconds": 0.0, "retry_cap_seconds": 0.0}
+NO_BACKOFF: Final[dict[str, Any]] = {"retry_base_seconds": 0.0, "retry_cap_seconds": 0.0}
 
 
 @contextmanager
