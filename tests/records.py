@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+from acode_sync.outbox import Failure, FailureResult, Outbox, OutboxRecord
+from acode_sync.retry import RecordRetryPolicy
 from acode_sync.workspace import database_path
 
 CONTRACT_INSERT = (
@@ -55,3 +58,44 @@ def session_payload(session_id: str, stamp: str, **fields: Any) -> dict[str, Any
         "updated_at": stamp,
         **fields,
     }
+
+
+def claimed_records(outbox: Outbox, ids: list[int]) -> dict[int, OutboxRecord]:
+    """The records as a claim would have returned them, by id, whatever their state."""
+    rows = outbox.conn.execute(
+        "SELECT r.outbox_id, r.idempotency_key, r.entity_type, r.entity_id, r.session_id, "
+        "CAST(r.payload AS BLOB), r.base_updated_at, r.created_at, coalesce(s.attempts, 0), "
+        "s.outbox_id IS NOT NULL FROM outbox_records AS r "
+        "LEFT JOIN outbox_sync AS s ON s.outbox_id = r.outbox_id "
+        "WHERE r.outbox_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),),
+    ).fetchall()
+    return {
+        row[0]: OutboxRecord(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            row[8],
+            tracked=bool(row[9]),
+        )
+        for row in rows
+    }
+
+
+def mark_ids(
+    outbox: Outbox,
+    processed: list[int],
+    failures: list[Failure],
+    policy: RecordRetryPolicy,
+    **options: Any,
+) -> list[FailureResult]:
+    """Mark records by id, as the syncer marks the records it claimed."""
+    claimed = claimed_records(outbox, [*processed, *(f.outbox_id for f in failures)])
+    return outbox.mark(
+        [claimed[i] for i in processed], failures, policy, claimed=claimed, **options
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from operator import itemgetter
@@ -190,17 +190,23 @@ class Outbox:
 
     def mark(
         self,
-        processed: Sequence[int],
+        processed: Sequence[OutboxRecord],
         failures: Sequence[Failure],
         policy: RecordRetryPolicy,
         *,
+        claimed: Mapping[int, OutboxRecord],
         held: Sequence[int] = (),
         through: int | None = None,
     ) -> list[FailureResult]:
         """Record a batch's outcome, after PostgreSQL committed. `processed`: the shipped
-        records that have a sync row; `held`: records left pending (a sync row is written
-        for those with none); `through`: the batch's last record past the mark, which
-        becomes the mark: every record up to it without a sync row was shipped."""
+        records that have a sync row; `failures`: of records in `claimed` (the batch as
+        claimed); `held`: records left pending (a sync row is written for those with
+        none); `through`: the batch's last record past the mark, which becomes the mark:
+        every record up to it without a sync row was shipped.
+
+        A record is marked or failed only if it is still the one claimed (same id, key
+        and payload): one deleted, re-inserted under its id or edited through the view
+        since the claim is left as it is now, pending, and shipped again."""
 
         def _mark() -> list[FailureResult]:
             now = self.clock()
@@ -218,7 +224,12 @@ class Outbox:
                 results = [
                     result
                     for failure in failures
-                    if (result := self._fail(failure, now, stamp, policy)) is not None
+                    if (
+                        result := self._fail(
+                            failure, claimed[failure.outbox_id], now, stamp, policy
+                        )
+                    )
+                    is not None
                 ]
                 if through is not None:
                     self.conn.execute(_Q["advance_mark"], {"through": through, "now": stamp})
@@ -226,27 +237,48 @@ class Outbox:
 
         return translated(self.path, _mark)
 
-    def _mark_processed(self, processed: Sequence[int], stamp: str) -> None:
+    def _mark_processed(self, processed: Sequence[OutboxRecord], stamp: str) -> None:
         """Mark records with a sync row processed, MARK_CHUNK at a time (a workspace
-        upgraded from schema 2 may have many). Each chunk is one statement, its
-        own transaction: the write lock is held only while SQLite runs it (~0.1 ms), never
-        across Python code waiting for the GIL. Between chunks the lock is left free a
-        moment, long enough for a save polling for it (workspace.FINE_LOCK_PAUSE) to take it.
-        A crash between chunks is harmless: the unmarked records are sent again and end as
-        duplicates."""
+        upgraded from schema 2 may have many). Each chunk is one short transaction: the
+        write lock is held only while SQLite runs it, never across Python code waiting for
+        the GIL. Between chunks the lock is left free a moment, long enough for a save
+        polling for it (workspace.FINE_LOCK_PAUSE) to take it. A crash between chunks is
+        harmless: the unmarked records are sent again and end as duplicates."""
         for start in range(0, len(processed), MARK_CHUNK):  # pragma: no branch
             if start:
                 time.sleep(MARK_PAUSE)
-            chunk = json.dumps(list(processed[start : start + MARK_CHUNK]))
-            self.conn.execute(_Q["mark_processed"], {"now": stamp, "ids": chunk})
+            rows = [
+                {
+                    "now": stamp,
+                    "outbox_id": r.outbox_id,
+                    "key": _stored(r),
+                    "payload": r.payload,
+                }
+                for r in processed[start : start + MARK_CHUNK]
+            ]
+            with write_transaction(self.conn):
+                self.conn.executemany(_Q["mark_processed"], rows)
 
     def _fail(
-        self, failure: Failure, now: datetime, stamp: str, policy: RecordRetryPolicy
+        self,
+        failure: Failure,
+        record: OutboxRecord,
+        now: datetime,
+        stamp: str,
+        policy: RecordRetryPolicy,
     ) -> FailureResult | None:
-        """None if the record is gone (a writer deleted it since the claim) or no longer
-        pending (updated through the view): there is nothing left to fail."""
+        """None if the record is gone (a writer deleted it since the claim), is another
+        record now (re-inserted under its id, edited) or no longer pending (updated
+        through the view): there is nothing left to fail."""
         # track_pending wrote the sync row if the record had none and still exists.
-        current = self.conn.execute(_Q["record_attempts"], (failure.outbox_id,)).fetchone()
+        current = self.conn.execute(
+            _Q["record_attempts"],
+            {
+                "outbox_id": record.outbox_id,
+                "key": _stored(record),
+                "payload": record.payload,
+            },
+        ).fetchone()
         if current is None:
             return None
         attempts = 1 + int(current[0])
@@ -301,6 +333,11 @@ class Outbox:
 
         translated(self.path, _progress)
         return total
+
+
+def _stored(record: OutboxRecord) -> bytes:
+    """The record's key as the bytes stored (see _decode_tolerantly)."""
+    return record.idempotency_key.encode(errors="surrogateescape")
 
 
 def _decode_tolerantly(data: bytes) -> str:

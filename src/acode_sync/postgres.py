@@ -362,6 +362,14 @@ class PostgresTarget:
         pool = await self._get_pool()
         with self._classified("migrating"), anyio.fail_after(self.settings.statement_timeout * 4):
             async with pool.acquire() as conn, conn.transaction():
+                encoding = await conn.fetchval(_Q["server_encoding"])
+                if encoding != "UTF8":
+                    raise PostgresSchemaMismatchError(
+                        f"the PostgreSQL database's encoding is {encoding}; acode-sync needs "
+                        "UTF8 (records' text would be refused)",
+                        hint="Create the central database with ENCODING 'UTF8' (for example "
+                        "`createdb -E UTF8 -T template0 acode`), then point the DSN at it.",
+                    )
                 await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
                 exists = await conn.fetchval(_Q["schema_exists"])
                 applied = []
@@ -451,9 +459,8 @@ class PostgresTarget:
     ) -> BatchOutcome:
         timeout_ms = int(self.settings.statement_timeout * 1000)
         lock_timeout_ms = str(max(1, int(timeout_ms * LOCK_TIMEOUT_SHARE)))
-        await conn.fetchval(
-            _Q["lock_entities"], LOCK_NAMESPACE, plan.locks, str(timeout_ms), lock_timeout_ms
-        )
+        await conn.fetchval(_Q["batch_settings"], str(timeout_ms), lock_timeout_ms)
+        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, plan.locks)
         outcome = BatchOutcome()
         by_key = {r.idempotency_key: r for r in plan.records}
         for arguments in plan.rounds:

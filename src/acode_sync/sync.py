@@ -32,6 +32,7 @@ from acode_sync.domain import (
     Clock,
     format_timestamp,
     is_canonical_shape,
+    parse_timestamp,
     utc_now,
 )
 from acode_sync.errors import (
@@ -83,9 +84,11 @@ def tune_interpreter() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
-def prepare(record: OutboxRecord, *, max_payload_bytes: int, latest: str) -> PreparedRecord:
+def prepare(
+    record: OutboxRecord, *, max_payload_bytes: int, latest: str, skew: timedelta
+) -> PreparedRecord:
     """Check a record before shipping (docs/sync.md, what a record must be). `latest`: the
-    latest version this syncer ships now (its clock plus the allowed skew, canonical)."""
+    latest version this syncer ships now (its clock plus `skew`, canonical)."""
     if not record.readable:
         raise RecordRejectedError("a text column of the record is not valid UTF-8")
     if record.entity_type not in TABLES:
@@ -114,7 +117,7 @@ def prepare(record: OutboxRecord, *, max_payload_bytes: int, latest: str) -> Pre
                 f"the {name} {stamp[:40]!r} is not a canonical RFC 3339 UTC time "
                 "(YYYY-MM-DDTHH:MM:SS.ffffffZ)"
             )
-    if version > latest:
+    if version > latest and not _follows_its_base(version, base, skew):
         raise RecordRejectedError(
             f"the version {version} is ahead of this machine's clock by more than "
             "sync.max_clock_skew_seconds: it would win every later change; not shipped"
@@ -130,6 +133,15 @@ def prepare(record: OutboxRecord, *, max_payload_bytes: int, latest: str) -> Pre
         base,
         hashlib.sha256(payload).digest(),
     )
+
+
+def _follows_its_base(version: str, base: str | None, skew: timedelta) -> bool:
+    """A version ahead of the clock ships if it is within the skew of its base: the store's
+    versions only go forward, so after the clock stepped back an entity's next version
+    is its previous one plus a microsecond, as far ahead as that one was."""
+    if base is None or base >= version:
+        return False
+    return version <= format_timestamp(parse_timestamp(base) + skew)
 
 
 def retry_policy(settings: SyncSettings) -> RecordRetryPolicy:
@@ -452,7 +464,10 @@ class WorkspaceSyncer:
             try:
                 batch.ready.append(
                     prepare(
-                        record, max_payload_bytes=self.settings.max_payload_bytes, latest=latest
+                        record,
+                        max_payload_bytes=self.settings.max_payload_bytes,
+                        latest=latest,
+                        skew=skew,
                     )
                 )
             except AcodeError as error:
@@ -467,15 +482,15 @@ class WorkspaceSyncer:
         batch, outcome = shipped.batch, shipped.outcome
         delivered = {r.outbox_id for r in outcome.delivered}
         failed = {f.outbox_id for f in batch.failures}
-        tracked = [r.outbox_id for r in batch.records if r.tracked]
         past_mark = [r.outbox_id for r in batch.records if not r.tracked]
         policy = self.policy
         assert policy is not None
         results = await anyio.to_thread.run_sync(
             lambda: outbox.mark(
-                [i for i in tracked if i in delivered],
+                [r for r in batch.records if r.tracked and r.outbox_id in delivered],
                 batch.failures,
                 policy,
+                claimed={r.outbox_id: r for r in batch.records},
                 # Left pending (held back or blocked) as the mark passes them.
                 held=[i for i in past_mark if i not in delivered and i not in failed],
                 through=max(past_mark, default=None),

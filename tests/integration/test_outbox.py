@@ -23,7 +23,7 @@ from acode_sync.sql import queries
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import DIALECT, database_path
-from tests.records import enqueue_raw, session_payload
+from tests.records import enqueue_raw, mark_ids, session_payload
 
 _Q: Final = queries(DIALECT)
 T0: Final = "2026-01-15T10:30:00.000000Z"
@@ -69,8 +69,11 @@ def test_records_deleted_between_claim_and_mark_are_skipped_by_the_mark(
     outbox = Outbox(workspace, busy_timeout=5.0)
     try:
         # ids[0] and ids[1] have sync rows of their own (they failed once).
-        outbox.mark(
-            [], [Failure(ids[0], "refused"), Failure(ids[1], "refused")], RecordRetryPolicy()
+        mark_ids(
+            outbox,
+            [],
+            [Failure(ids[0], "refused"), Failure(ids[1], "refused")],
+            RecordRetryPolicy(),
         )
         with connect(workspace) as conn:
             conn.execute("UPDATE outbox SET next_attempt_at = NULL")
@@ -82,10 +85,12 @@ def test_records_deleted_between_claim_and_mark_are_skipped_by_the_mark(
             for gone in (ids[0], ids[2], ids[3], ids[7]):
                 conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (gone,))
             conn.execute("UPDATE outbox SET state = 'dead' WHERE outbox_id = ?", (ids[4],))
+        by_id = {r.outbox_id: r for r in claimed}
         results = outbox.mark(
-            [ids[0], ids[1]],  # shipped, with sync rows (ids[0] is gone)
+            [by_id[ids[0]], by_id[ids[1]]],  # shipped, with sync rows (ids[0] is gone)
             [Failure(ids[2], "refused"), Failure(ids[4], "refused"), Failure(ids[5], "refused")],
             RecordRetryPolicy(),
+            claimed=by_id,
             held=[ids[3], ids[6]],
             through=ids[7],  # the batch's last record, gone too
         )
@@ -130,7 +135,7 @@ def test_the_last_id_re_inserted_below_the_mark_is_shipped(workspace: Path, tabl
     ids = fill_outbox(workspace, 5)
     outbox = Outbox(workspace, busy_timeout=5.0)
     try:
-        outbox.mark([], [], RecordRetryPolicy(), through=ids[-1])
+        mark_ids(outbox, [], [], RecordRetryPolicy(), through=ids[-1])
         with connect(workspace) as conn:
             conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (ids[-1],))
         insert_with_id(workspace, ids[-1], table=table)  # the largest id ever given, again
@@ -153,7 +158,7 @@ def test_the_last_id_re_inserted_while_its_batch_is_in_flight_is_shipped(
         with connect(workspace) as conn:
             conn.execute("DELETE FROM outbox WHERE outbox_id = ?", (ids[-1],))
         insert_with_id(workspace, ids[-1])
-        outbox.mark([], [], RecordRetryPolicy(), through=ids[-1])
+        mark_ids(outbox, [], [], RecordRetryPolicy(), through=ids[-1])
         assert states(workspace) == {**dict.fromkeys(ids[:-1], "processed/0"), ids[-1]: "pending/0"}
         assert [r.outbox_id for r in outbox.claim(max_records=10, max_bytes=10**9)] == [ids[-1]]
     finally:
@@ -166,7 +171,7 @@ def test_an_id_at_or_below_the_mark_is_pending_even_if_the_counter_was_reset(
     ids = fill_outbox(workspace, 3)
     outbox = Outbox(workspace, busy_timeout=5.0)
     try:
-        outbox.mark([], [], RecordRetryPolicy(), through=ids[-1])
+        mark_ids(outbox, [], [], RecordRetryPolicy(), through=ids[-1])
         with connect(workspace) as conn:  # every record pruned, the counter edited back
             conn.execute("DELETE FROM outbox")
             conn.execute("UPDATE sqlite_sequence SET seq = 0 WHERE name = 'outbox_records'")
@@ -211,10 +216,10 @@ def one_of_each(workspace: Path) -> dict[str, int]:
     try:
         policy = RecordRetryPolicy(max_attempts=2)
         for failing in ([ids[1], ids[2]], [ids[2]]):
-            outbox.mark([], [Failure(i, "refused") for i in failing], policy)
+            mark_ids(outbox, [], [Failure(i, "refused") for i in failing], policy)
             with connect(workspace) as conn:
                 conn.execute("UPDATE outbox_sync SET next_attempt_at = NULL")
-        outbox.mark([ids[1]], [], policy, through=ids[2])
+        mark_ids(outbox, [ids[1]], [], policy, through=ids[2])
     finally:
         outbox.close()
     named = dict(zip(["processed", "retried", "dead", "pending"], ids, strict=True))

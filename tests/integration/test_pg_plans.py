@@ -7,6 +7,8 @@ slower as PostgreSQL fills up.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import asyncpg
 import pytest
 
@@ -17,6 +19,7 @@ from acode_sync.sync import prepare
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
+SKEW = timedelta(minutes=5)
 LATEST = "9999-12-31T23:59:59.999999Z"
 ROWS_ADDED = 20_000
 
@@ -56,7 +59,9 @@ async def test_a_plan_made_on_an_empty_table_still_probes_by_key(pg_url: str) ->
         stamp = "2026-01-15T10:30:00.000000Z"
         for round_ in range(6):  # past the 5 custom plans PostgreSQL may try first
             records = session_records(round_ * 10, 10, stamp)
-            ready = [prepare(r, max_payload_bytes=10_000, latest=LATEST) for r in records]
+            ready = [
+                prepare(r, max_payload_bytes=10_000, latest=LATEST, skew=SKEW) for r in records
+            ]
             await target.apply("origin-a", plan_batch(ready))
         conn = await asyncpg.connect(pg_url)
         try:
@@ -71,7 +76,7 @@ async def test_a_plan_made_on_an_empty_table_still_probes_by_key(pg_url: str) ->
             await conn.close()
         later = "2026-01-15T10:31:00.000000Z"
         updates = session_records(0, 10, later) + session_records(1_000, 10, later)
-        ready = [prepare(r, max_payload_bytes=10_000, latest=LATEST) for r in updates]
+        ready = [prepare(r, max_payload_bytes=10_000, latest=LATEST, skew=SKEW) for r in updates]
         before = await sequential_reads(pg_url)
         outcome = await target.apply("origin-a", plan_batch(ready))
         assert len(outcome.applied) == 20

@@ -1,11 +1,10 @@
 """Holes found in the hardening claims (docs/reliability.md, docs/sync.md, docs/schema.md).
 
 Each test shows one hole on the real SQLite files and the real PostgreSQL, and is marked
-`xfail(strict=True)` until it is closed: the day the fix lands, the marker must go."""
+fails on the code before its fix."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +19,11 @@ import pytest
 
 from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, format_timestamp, utc_now
-from acode_sync.errors import PostgresRefusedError, PostgresUnavailableError
+from acode_sync.errors import (
+    PostgresRefusedError,
+    PostgresSchemaMismatchError,
+    PostgresUnavailableError,
+)
 from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, lock_key
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
@@ -59,11 +62,6 @@ def queue_session(conn: sqlite3.Connection, session_id: str, stamp: str) -> int:
 # --- 1. A record re-inserted with the id of a retried record in flight is never sent ----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mark_processed marks by outbox_id: a record re-inserted with the id of a "
-    "tracked record in flight is marked processed, never sent",
-)
 async def test_a_record_re_inserted_with_the_id_of_a_retried_record_in_flight_is_shipped(
     workspace: Path, pg_url: str
 ) -> None:
@@ -112,12 +110,6 @@ async def test_a_record_re_inserted_with_the_id_of_a_retried_record_in_flight_is
 # --- 2. A batch lock held by a stalled peer: no lock_timeout, and records are charged ----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lock_entities takes the advisory locks before its own set_config calls run, "
-    "so lock_timeout does not bound the wait: a stalled peer's session lock times the batch "
-    "out client-side (suspect) and isolation charges that session's records",
-)
 async def test_a_session_lock_held_by_a_stalled_peer_charges_no_record(
     workspace: Path, pg_url: str
 ) -> None:
@@ -189,11 +181,6 @@ async def latin1_url() -> AsyncIterator[str]:
         await drop_database_async(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a database encoding other than UTF8 makes convert_from() fail with 22P05, a "
-    "record failure: valid records are charged and die for the server's configuration",
-)
 async def test_a_central_database_that_is_not_utf8_charges_no_record(
     workspace: Path, latin1_url: str
 ) -> None:
@@ -214,12 +201,12 @@ async def test_a_central_database_that_is_not_utf8_charges_no_record(
         syncer = WorkspaceSyncer(
             workspace=workspace, target=target, settings=SyncSettings(**NO_BACKOFF)
         )
-        # Expected: a refusal that names the database's encoding, nothing charged.
-        with contextlib.suppress(PostgresUnavailableError):
+        # A refusal that names the database's encoding, nothing charged.
+        with pytest.raises(PostgresSchemaMismatchError, match="encoding is LATIN1"):
             await syncer.drain()
     finally:
         await target.close()
-    # Actual: the first record is charged 22P05 on every pass (no backoff here) and is
+    # Before: the first record was charged 22P05 on every pass (no backoff here) and was
     # dead after its 10 attempts, within the one drain.
     assert run_sql(workspace, "SELECT attempts, last_error FROM outbox WHERE attempts > 0") == []
 
@@ -227,12 +214,6 @@ async def test_a_central_database_that_is_not_utf8_charges_no_record(
 # --- 4. A clock stepped back: the store's own next versions are dead letters -------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prepare() compares each version with the syncer's clock alone; after the "
-    "machine's clock steps back, next_version() keeps every entity's versions after the "
-    "ones already shipped, and the skew check charges them until they die",
-)
 async def test_saves_after_the_clock_stepped_back_are_shipped(workspace: Path, pg_url: str) -> None:
     """The machine's clock runs an hour ahead, then NTP steps it back. Saves made meanwhile
     were shipped (the syncer's clock, on the same machine, was ahead too). The next save of

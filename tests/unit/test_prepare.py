@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from acode_sync.errors import RecordRejectedError
@@ -9,6 +11,7 @@ from acode_sync.outbox import OutboxRecord
 from acode_sync.sync import prepare
 
 NOW = "2026-12-01T12:00:00.000000Z"
+SKEW = timedelta(minutes=5)
 LATEST = "2026-12-01T12:05:00.000000Z"  # the clock plus five minutes of skew
 VERSION = "2026-12-01T11:00:00.000000Z"
 
@@ -26,7 +29,7 @@ def record(
 
 
 def test_a_canonical_record_is_prepared_as_it_is() -> None:
-    prepared = prepare(record(base=VERSION), max_payload_bytes=100, latest=LATEST)
+    prepared = prepare(record(base=VERSION), max_payload_bytes=100, latest=LATEST, skew=SKEW)
     assert prepared.idempotency_key == f"Session:sess_x:{VERSION}"
     assert prepared.version == VERSION
     assert prepared.base_updated_at == VERSION
@@ -51,44 +54,64 @@ def test_a_canonical_record_is_prepared_as_it_is() -> None:
 )
 def test_a_time_that_is_not_canonical_rfc3339_utc_is_refused(stamp: str) -> None:
     with pytest.raises(RecordRejectedError, match=r"canonical RFC 3339 UTC|idempotency key"):
-        prepare(record(key=f"Session:sess_x:{stamp}"), max_payload_bytes=100, latest=LATEST)
+        prepare(
+            record(key=f"Session:sess_x:{stamp}"), max_payload_bytes=100, latest=LATEST, skew=SKEW
+        )
     with pytest.raises(RecordRejectedError, match="base_updated_at"):
-        prepare(record(base=stamp), max_payload_bytes=100, latest=LATEST)
+        prepare(record(base=stamp), max_payload_bytes=100, latest=LATEST, skew=SKEW)
 
 
 def test_a_version_far_ahead_of_the_clock_is_not_shipped() -> None:
     future = "2099-01-01T00:00:00.000000Z"
     with pytest.raises(RecordRejectedError, match="ahead of this machine's clock"):
-        prepare(record(key=f"Session:sess_x:{future}"), max_payload_bytes=100, latest=LATEST)
+        prepare(
+            record(key=f"Session:sess_x:{future}"), max_payload_bytes=100, latest=LATEST, skew=SKEW
+        )
     near = "2026-12-01T12:04:59.999999Z"  # within the skew
-    assert prepare(record(key=f"Session:sess_x:{near}"), max_payload_bytes=100, latest=LATEST)
+    assert prepare(
+        record(key=f"Session:sess_x:{near}"), max_payload_bytes=100, latest=LATEST, skew=SKEW
+    )
 
 
 @pytest.mark.parametrize("payload", [b"[1, 2]", b'"text"', b"42", b"null", b" \n[]", b""])
 def test_a_payload_that_is_not_a_json_object_is_refused(payload: bytes) -> None:
     with pytest.raises(RecordRejectedError, match="not a JSON object"):
-        prepare(record(payload=payload), max_payload_bytes=100, latest=LATEST)
+        prepare(record(payload=payload), max_payload_bytes=100, latest=LATEST, skew=SKEW)
 
 
 def test_ids_past_the_documented_limit_are_refused() -> None:
     long_id = "s" * 201
     with pytest.raises(RecordRejectedError, match="entity_id is 201 characters"):
-        prepare(record(entity_id=long_id), max_payload_bytes=100, latest=LATEST)
+        prepare(record(entity_id=long_id), max_payload_bytes=100, latest=LATEST, skew=SKEW)
     with pytest.raises(RecordRejectedError, match="session_id is 10000 characters"):
-        prepare(record(session_id="s" * 10_000), max_payload_bytes=100, latest=LATEST)
+        prepare(record(session_id="s" * 10_000), max_payload_bytes=100, latest=LATEST, skew=SKEW)
     with pytest.raises(RecordRejectedError, match="entity_id is 0 characters"):
-        prepare(record(entity_id=""), max_payload_bytes=100, latest=LATEST)
-    assert prepare(record(entity_id="s" * 200), max_payload_bytes=100, latest=LATEST)
+        prepare(record(entity_id=""), max_payload_bytes=100, latest=LATEST, skew=SKEW)
+    assert prepare(record(entity_id="s" * 200), max_payload_bytes=100, latest=LATEST, skew=SKEW)
 
 
 def test_other_bad_records_are_refused() -> None:
     unknown = OutboxRecord(1, f"X:1:{VERSION}", "X", "1", None, b"{}", None, NOW, 0)
     with pytest.raises(RecordRejectedError, match="unknown entity type"):
-        prepare(unknown, max_payload_bytes=100, latest=LATEST)
+        prepare(unknown, max_payload_bytes=100, latest=LATEST, skew=SKEW)
     with pytest.raises(RecordRejectedError, match="max_payload_bytes"):
-        prepare(record(), max_payload_bytes=1, latest=LATEST)
+        prepare(record(), max_payload_bytes=1, latest=LATEST, skew=SKEW)
     with pytest.raises(RecordRejectedError, match="idempotency key"):
-        prepare(record(key=f"Session:other:{VERSION}"), max_payload_bytes=100, latest=LATEST)
+        prepare(
+            record(key=f"Session:other:{VERSION}"), max_payload_bytes=100, latest=LATEST, skew=SKEW
+        )
     unreadable = record()._replace(readable=False)
     with pytest.raises(RecordRejectedError, match="UTF-8"):
-        prepare(unreadable, max_payload_bytes=100, latest=LATEST)
+        prepare(unreadable, max_payload_bytes=100, latest=LATEST, skew=SKEW)
+
+
+def test_the_next_version_after_the_clock_stepped_back_ships() -> None:
+    """The clock ran an hour ahead, a version was shipped, then the clock stepped back: the
+    store's next version is the previous one plus a microsecond, as far ahead as it."""
+    ahead = "2026-12-01T13:00:00.000000Z"  # an hour past NOW
+    after = "2026-12-01T13:00:00.000001Z"
+    ok = record(key=f"Session:sess_x:{after}", base=ahead)
+    assert prepare(ok, max_payload_bytes=100, latest=LATEST, skew=SKEW).version == after
+    jump = record(key="Session:sess_x:2099-01-01T00:00:00.000000Z", base=ahead)
+    with pytest.raises(RecordRejectedError, match="ahead of this machine's clock"):
+        prepare(jump, max_payload_bytes=100, latest=LATEST, skew=SKEW)

@@ -32,22 +32,24 @@ SELECT set_config('search_path', 'acode', true);
 SELECT pg_advisory_xact_lock($1, $2);
 
 -- The first statement of a batch: its statement and lock timeouts and planner settings,
--- per transaction so they also hold behind a transaction-pooling PgBouncer; then the
--- batch's session locks, taken in ascending order. They keep concurrent batches of one
--- session apart; correctness does not rest on them (a round locks the rows it judges).
+-- per transaction so they also hold behind a transaction-pooling PgBouncer. Set in a
+-- statement of their own, before any lock is waited for (in one statement the locks
+-- would be taken before the settings).
 -- Every batch statement is a set of primary-key probes, right at any table size, so its
 -- plan is made once and reused (planning them per batch cost a third of the server's
 -- time); with sequential scans, hash and merge joins off, a plan made while the tables
 -- were small cannot turn into whole-table scans as they grow.
+-- name: batch_settings
+SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true),
+       set_config('plan_cache_mode', 'force_generic_plan', true),
+       set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
+       set_config('enable_mergejoin', 'off', true);
+
+-- Then the batch's session locks, taken in ascending order. They keep concurrent batches
+-- of one session apart; correctness does not rest on them (a round locks the rows it
+-- judges).
 -- name: lock_entities
-SELECT (SELECT set_config('statement_timeout', $3, true)),
-       (SELECT set_config('lock_timeout', $4, true)),
-       (SELECT set_config('plan_cache_mode', 'force_generic_plan', true)),
-       (SELECT set_config('enable_seqscan', 'off', true)),
-       (SELECT set_config('enable_hashjoin', 'off', true)),
-       (SELECT set_config('enable_mergejoin', 'off', true)),
-       count(pg_advisory_xact_lock($1, k))
-FROM unnest($2::int[]) AS k;
+SELECT count(pg_advisory_xact_lock($1, k)) FROM unnest($2::int[]) AS k;
 
 -- A key PostgreSQL already holds: delivered before if its digest matches the applied
 -- one, or if this very change was settled as a conflict earlier.
@@ -206,3 +208,8 @@ WHERE ctid = ANY (ARRAY(SELECT ctid FROM acode.applied_keys WHERE applied_at < $
 
 -- name: probe
 SELECT 1;
+
+-- The apply path converts payloads from UTF-8 into the database's encoding: any other
+-- encoding would refuse valid records' text.
+-- name: server_encoding
+SELECT current_setting('server_encoding');

@@ -217,9 +217,16 @@ ORDER BY outbox_id;
 
 -- Records with a sync row, shipped.
 -- name: mark_processed
+-- Only the record as claimed: a record re-inserted under its id or edited since the claim
+-- (another key or payload) stays pending. The payload is compared only for records with
+-- a sync row, which are few. Both compare as the bytes stored (a key a writer stored as
+-- text that is not UTF-8 comes back from a tolerant claim with its bytes escaped).
 UPDATE outbox_sync
 SET state = 'processed', processed_at = :now, next_attempt_at = NULL, updated_at = :now
-WHERE outbox_id IN (SELECT value FROM json_each(:ids)) AND state = 'pending';
+WHERE outbox_id = :outbox_id AND state = 'pending'
+  AND EXISTS (SELECT 1 FROM outbox_records AS r
+              WHERE r.outbox_id = :outbox_id AND CAST(r.idempotency_key AS BLOB) = :key
+                AND CAST(r.payload AS BLOB) = :payload);
 
 -- Records that stay pending while the mark passes them (held back, or about to fail):
 -- each gets a sync row of its own, if it has none.
@@ -237,8 +244,11 @@ INSERT INTO outbox_progress (through_id, processed_at, created_at)
 SELECT :through, :now, :now
 WHERE :through > (SELECT coalesce(max(through_id), 0) FROM outbox_progress);
 
+-- A failing record's attempts so far, if it is still the record as claimed.
 -- name: record_attempts
-SELECT attempts FROM outbox_sync WHERE outbox_id = ?;
+SELECT s.attempts FROM outbox_sync AS s JOIN outbox_records AS r USING (outbox_id)
+WHERE s.outbox_id = :outbox_id AND CAST(r.idempotency_key AS BLOB) = :key
+  AND CAST(r.payload AS BLOB) = :payload;
 
 -- name: mark_failed
 UPDATE outbox_sync

@@ -10,6 +10,8 @@
 --   Rows that broke it (written through the old view) keep their state: a processed row
 --   without processed_at takes its updated_at (when the state last changed), any other
 --   row loses its processed_at.
+-- - a record edited through the view gets a sync row of its own (the mark passes only
+--   records without one), so a batch that claimed it before the edit leaves it pending.
 -- - the view's INSERT and UPDATE triggers mean what the columns say (docs/schema.md):
 --   clearing processed_at or setting state 'pending' re-queues a record (attempts reset),
 --   setting state 'processed' stamps processed_at, and a processed_at without state
@@ -149,6 +151,14 @@ BEGIN
        OR NEW.last_error IS NOT OLD.last_error
        OR NEW.created_at IS NOT OLD.created_at
        OR NEW.updated_at IS NOT OLD.updated_at
+       -- An edited record gets a sync row of its own: a batch in flight that claimed it
+       -- before the edit cannot take it for shipped as the mark passes it.
+       OR NEW.idempotency_key IS NOT OLD.idempotency_key
+       OR NEW.payload IS NOT OLD.payload
+       OR NEW.entity_type IS NOT OLD.entity_type
+       OR NEW.entity_id IS NOT OLD.entity_id
+       OR NEW.session_id IS NOT OLD.session_id
+       OR NEW.base_updated_at IS NOT OLD.base_updated_at
     ON CONFLICT (outbox_id) DO UPDATE SET
         state = excluded.state, processed_at = excluded.processed_at,
         attempts = excluded.attempts, next_attempt_at = excluded.next_attempt_at,
