@@ -222,8 +222,9 @@ def final_problems(model: Model, seen: Observed) -> list[str]:
         if ident in model.withdrawn and ident not in applied:
             continue  # deleted before it was shipped
         if version.poison or version.stamp_mismatch:
-            if ident not in dead:
-                problems.append(f"{ident}: must end dead (its own fault), is not")
+            # A losing version is never written, so nothing refuses it: it lost LWW.
+            if ident not in dead and ident not in lost_lww:
+                problems.append(f"{ident}: must end dead (its own fault) or lose LWW")
             continue
         if ident not in applied and ident not in lost_lww:
             problems.append(f"{ident}: lost (never applied, no conflict recorded)")

@@ -203,8 +203,9 @@ def payload(version: Version, created_at: str) -> str:
     return json.dumps({**row, "created_at": created_at, "updated_at": stamp})
 
 
-def insert(writer: Writer, version: Version, outbox_id: int | None, created_at: str) -> None:
+def insert(writer: Writer, version: Version, outbox_id: int | None, body: str) -> None:
     """The plain INSERT of docs/schema.md, with base_updated_at and optionally outbox_id."""
+    created_at = json.loads(body)["created_at"]
     columns = [
         "idempotency_key",
         "entity_type",
@@ -219,7 +220,7 @@ def insert(writer: Writer, version: Version, outbox_id: int | None, created_at: 
         version.entity_type,
         version.entity_id,
         version.session_id,
-        payload(version, created_at),
+        body,
         version.base,
         created_at,
     ]
@@ -288,6 +289,7 @@ class Simulation:
         self.ticks = 0
         self.texts = 0
         self.planned = 0
+        self.payloads: dict[tuple[str, str], str] = {}
 
     def has(self, feature: str) -> bool:
         return feature in self.features
@@ -347,7 +349,8 @@ class Simulation:
         )
 
     def write(self, writer: Writer, version: Version, outbox_id: int | None = None) -> None:
-        insert(writer, version, outbox_id, self.tick())
+        self.payloads[version.ident] = payload(version, self.tick())
+        insert(writer, version, outbox_id, self.payloads[version.ident])
         writer.last[version.entity] = version.updated_at
         self.model.accept(version)
         where = "" if outbox_id is None else f" at outbox_id {outbox_id}"
@@ -382,7 +385,7 @@ class Simulation:
         ]
         if gone:
             version = self.rng.choice(gone)
-            insert(writer, version, None, self.tick())
+            insert(writer, version, None, self.payloads[version.ident])  # the same change
             self.model.accept(version)
             self.log(f"{writer.name} inserts {version.key} again")
 
