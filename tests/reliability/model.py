@@ -137,7 +137,9 @@ def invariants(model: Model, seen: Observed) -> list[str]:
     versions = model.versions
     applied = Counter(w.ident for w in seen.writes)
     problems += [f"{ident} applied {n} times" for ident, n in applied.items() if n > 1]
-    problems += [f"{w.ident} applied but never accepted" for w in seen.writes if w.ident not in versions]
+    problems += [
+        f"{w.ident} applied but never accepted" for w in seen.writes if w.ident not in versions
+    ]
     for w in seen.writes:
         version = versions.get(w.ident)
         if version is not None and (version.poison or version.stamp_mismatch):
@@ -150,12 +152,14 @@ def invariants(model: Model, seen: Observed) -> list[str]:
     for c in seen.conflicts:
         given[c.entity].add((c.incoming_updated_at, c.incoming))
     for entity, candidates in given.items():
-        best_stamp, best = max(candidates, key=lambda c: _order(*c))
+        _, best = max(candidates, key=lambda c: _order(*c))
         row = seen.held.get(entity)
         if row is None or (row.key, row.origin) != best:
             problems.append(f"{entity}: holds {row and (row.key, row.origin)}, winner is {best}")
         elif best in versions and row.text != versions[best].text:
-            problems.append(f"{entity}: holds {row.text!r}, the winner's is {versions[best].text!r}")
+            problems.append(
+                f"{entity}: holds {row.text!r}, the winner's is {versions[best].text!r}"
+            )
 
     for c in seen.conflicts:
         if c.incoming == c.current:
@@ -234,5 +238,7 @@ def final_problems(model: Model, seen: Observed) -> list[str]:
     for entity, winner in expected.items():
         row = seen.held.get(entity)
         if row is None or (row.key, row.origin) != winner.ident:
-            problems.append(f"{entity}: holds {row and (row.key, row.origin)}, LWW winner {winner.ident}")
+            problems.append(
+                f"{entity}: holds {row and (row.key, row.origin)}, LWW winner {winner.ident}"
+            )
     return problems

@@ -41,7 +41,14 @@ from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import database_path
 from tests.faults import AtNth
-from tests.pg import ADMIN_URL, AUDIT_TABLE, install_audit
+from tests.pg import (
+    ADMIN_URL,
+    AUDIT_TABLE,
+    create_database_async,
+    database_url,
+    drop_database_async,
+    install_audit,
+)
 from tests.proxy import TcpProxy
 from tests.reliability import plugin
 from tests.reliability.model import (
@@ -331,7 +338,9 @@ class Simulation:
             sid = f"sess_gen{writer_index}"
         return ("Artifact", f"art_gen{n}"), sid
 
-    def new_version(self, writer: Writer, **flags: bool) -> Version:
+    def new_version(
+        self, writer: Writer, *, poison: bool = False, stamp_mismatch: bool = False
+    ) -> Version:
         index = self.writers.index(writer)
         entity, session_id = self.entity(index)
         stamp = self.tick()
@@ -339,13 +348,24 @@ class Simulation:
             others = [
                 w.last[entity]
                 for w in self.writers
-                if w is not writer and entity in w.last and w.last[entity] > writer.last.get(entity, "")
+                if w is not writer
+                and entity in w.last
+                and w.last[entity] > writer.last.get(entity, "")
             ]
             stamp = max(others, default=stamp)
         base = writer.last.get(entity) if self.has("base") and self.rng.random() < 0.6 else None
         self.texts += 1
+        entity_type, entity_id = entity
         return Version(
-            *entity, session_id, writer.origin, stamp, base, f"{writer.name}-{self.texts}", **flags
+            entity_type,
+            entity_id,
+            session_id,
+            writer.origin,
+            stamp,
+            base,
+            f"{writer.name}-{self.texts}",
+            poison=poison,
+            stamp_mismatch=stamp_mismatch,
         )
 
     def write(self, writer: Writer, version: Version, outbox_id: int | None = None) -> None:
@@ -360,11 +380,10 @@ class Simulation:
         outbox_id = None
         if self.has("explicit_ids") and self.rng.random() < 0.15:
             outbox_id = writer.top() + self.rng.randint(1, 5)
-        flags = {
-            "poison": self.has("poison") and self.rng.random() < 0.05,
-            "stamp_mismatch": self.has("payload_stamp_mismatch") and self.rng.random() < 0.1,
-        }
-        self.write(writer, self.new_version(writer, **flags), outbox_id)
+        poison = self.has("poison") and self.rng.random() < 0.05
+        mismatch = self.has("payload_stamp_mismatch") and self.rng.random() < 0.1
+        version = self.new_version(writer, poison=poison, stamp_mismatch=mismatch)
+        self.write(writer, version, outbox_id)
 
     def step_delete_pending(self, writer: Writer) -> None:
         pending = [r for r in writer.rows() if r.state == "pending"]
@@ -520,8 +539,8 @@ class Simulation:
     async def run(self, steps: int) -> None:
         self.planned = steps
         faults = sorted(
-            self.features & {"cut", "down", "raise_before_commit", "raise_after_commit",
-                             "kill_after_mark"}
+            self.features
+            & {"cut", "down", "raise_before_commit", "raise_after_commit", "kill_after_mark"}
         )
         refusals = sorted(self.features & {"read_only", "revoke", "lock"})
         choices: list[tuple[float, str]] = [
@@ -602,7 +621,9 @@ def role_url(url: str, role: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
 
 
-async def simulate(seed: int, features: frozenset[str], steps: int, root: Path, pg_url: str) -> None:
+async def simulate(
+    seed: int, features: frozenset[str], steps: int, root: Path, pg_url: str
+) -> None:
     admin_target = PostgresTarget(PostgresSettings(dsn=pg_url))
     try:
         await admin_target.ensure_schema()
@@ -652,3 +673,27 @@ async def test_generated_histories_match_the_model(seed: int, tmp_path: Path, pg
     started = time.monotonic()
     await simulate(seed, features, _steps(), tmp_path, pg_url)
     plugin.add_row(fault=f"generative seed {seed}", runs=1, recovery_s=time.monotonic() - started)
+
+
+def soak_minutes() -> float:
+    return float(os.environ.get("ACODE_GEN_MINUTES", 10 if plugin.soak() else 0))
+
+
+@pytest.mark.timeout(0)
+@pytest.mark.skipif(not soak_minutes(), reason="soak only (--soak, or ACODE_GEN_MINUTES)")
+async def test_generated_histories_for_minutes(tmp_path: Path) -> None:
+    """Fresh seeds, each in a database of its own, until ACODE_GEN_MINUTES have passed."""
+    features = features_from(os.environ.get("ACODE_GEN_FEATURES", ""))
+    deadline = time.monotonic() + soak_minutes() * 60
+    seed = int(os.environ.get("ACODE_GEN_FIRST_SEED", 1000))
+    runs = 0
+    while time.monotonic() < deadline:
+        name = await create_database_async()
+        try:
+            root = tmp_path / str(seed)
+            root.mkdir()
+            await simulate(seed, features, _steps(), root, database_url(name))
+        finally:
+            await drop_database_async(name)
+        seed, runs = seed + 1, runs + 1
+    plugin.add_row(fault=f"generative, {runs} seeds from {seed - runs}", runs=runs)
