@@ -96,8 +96,8 @@ KNOWN_HOLES: Final = {
     "requeue_processed_at_only": "(11) SET processed_at = NULL leaves contradictory state",
 }
 ALL_FEATURES: Final = FEATURES | frozenset(KNOWN_HOLES)
-CI_SEEDS: Final = (1, 2, 3, 4)
-CI_STEPS: Final = 60
+CI_SEEDS: Final = (1, 2, 3, 4, 5, 6)
+CI_STEPS: Final = 80
 SESSIONS: Final = 4
 ARTIFACTS: Final = 3
 ORIGINS: Final = 3
@@ -339,10 +339,15 @@ class Simulation:
         return ("Artifact", f"art_gen{n}"), sid
 
     def new_version(
-        self, writer: Writer, *, poison: bool = False, stamp_mismatch: bool = False
+        self,
+        writer: Writer,
+        *,
+        poison: bool = False,
+        stamp_mismatch: bool = False,
+        filed: tuple[Entity, str] | None = None,
     ) -> Version:
         index = self.writers.index(writer)
-        entity, session_id = self.entity(index)
+        entity, session_id = filed or self.entity(index)
         stamp = self.tick()
         if self.has("ties") and self.rng.random() < 0.25:
             others = [
@@ -384,6 +389,12 @@ class Simulation:
         mismatch = self.has("payload_stamp_mismatch") and self.rng.random() < 0.1
         version = self.new_version(writer, poison=poison, stamp_mismatch=mismatch)
         self.write(writer, version, outbox_id)
+
+    def race_on_one_artifact(self, writers: list[Writer]) -> None:
+        """Each writer changes the same artifact, filed under a session of its own."""
+        for writer in writers:
+            filed = (("Artifact", "art_gen0"), f"sess_gen{self.writers.index(writer)}")
+            self.write(writer, self.new_version(writer, filed=filed))
 
     def step_delete_pending(self, writer: Writer) -> None:
         pending = [r for r in writer.rows() if r.state == "pending"]
@@ -548,7 +559,7 @@ class Simulation:
             (4, "drain"),
             (3 if self.has("concurrent") else 0, "concurrent"),
             (4 if faults else 0, "fault"),
-            (1 if refusals else 0, "refusal"),
+            (2 if refusals else 0, "refusal"),
             (1 if self.has("delete_reinsert") else 0, "delete"),
             (1 if self.has("delete_reinsert") else 0, "reinsert"),
             (1 if self.has("explicit_ids") else 0, "replace"),
@@ -565,7 +576,10 @@ class Simulation:
             elif kind == "drain":
                 await self.step_drain([writer], None)
             elif kind == "concurrent":
-                await self.step_drain(self.rng.sample(self.writers, 2), None)
+                racers = self.rng.sample(self.writers, 2)
+                if self.has("entity_across_sessions"):
+                    self.race_on_one_artifact(racers)
+                await self.step_drain(racers, None)
             elif kind == "fault":
                 fault = self.rng.choice(faults)
                 pair = self.has("concurrent") and self.rng.random() < 0.4
