@@ -107,7 +107,11 @@ SYNC: Final = SyncSettings(
 
 
 class InjectedFault(Exception):
-    """Raised at an engine fault point: a failure, or a process dying there."""
+    """Raised at an engine fault point: a failure there."""
+
+
+class InjectedKill(InjectedFault):
+    """Raised at an engine fault point: the process dies there (the writer restarts)."""
 
 
 def features_from(text: str) -> frozenset[str]:
@@ -465,9 +469,9 @@ class Simulation:
         try:
             summary = await writer.syncer.drain()
         except (AcodeError, InjectedFault) as error:
-            if isinstance(error, InjectedFault) and "restart" in str(error):
+            if isinstance(error, InjectedKill):
                 writer.restart()
-            return f"{type(error).__name__}"
+            return type(error).__name__
         finally:
             writer.syncer.fault_hook = None
         return summary.line()
@@ -476,21 +480,21 @@ class Simulation:
         nth = self.rng.randint(1, 3)
         restart = self.rng.random() < 0.5
 
-        def fail(message: str) -> Callable[[], None]:
+        def fail(fault: type[InjectedFault]) -> Callable[[], None]:
             def action() -> None:
-                raise InjectedFault(message)
+                raise fault(kind)
 
             return action
 
         point, action = {
             "cut": ("before_commit", self.proxy.cut),
             "down": ("before_commit", self.proxy.down),
-            "raise_before_commit": ("before_commit", fail("failure")),
+            "raise_before_commit": ("before_commit", fail(InjectedFault)),
             "raise_after_commit": (
                 "after_commit",
-                fail("restart" if restart else "reply lost"),
+                fail(InjectedKill if restart else InjectedFault),
             ),
-            "kill_after_mark": ("after_mark", fail("restart")),
+            "kill_after_mark": ("after_mark", fail(InjectedKill)),
         }[kind]
         return AtNth(point, nth, action), f"{kind} at {point} #{nth}" + (
             " + restart" if kind == "raise_after_commit" and restart else ""
