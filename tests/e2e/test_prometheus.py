@@ -15,7 +15,8 @@ Prometheus' own evaluation, and back to inactive once PostgreSQL answers again, 
 other alert along the way. The lag rule keeps its real threshold (600 s): the records
 written during the outage carry an hour-old `created_at`, as an outbox that had waited
 an hour would. Last, every metric the Grafana dashboard and the rules query is one the
-daemon really serves, and every dashboard query runs in Prometheus.
+daemon really serves, every dashboard query runs in Prometheus, and the DSN's password
+is in no series Prometheus stored.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from tests.daemon_harness import (
     write_config,
 )
 from tests.proxy import TcpProxy
+from tests.reliability.rig import SECRET, with_password
 from tests.unit.test_monitoring import SYNTHETIC, alert_rules, promql_metric_names
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes, pytest.mark.timeout(120)]
@@ -155,6 +157,11 @@ class Prometheus:
 
     def alerts(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = self._get("/api/v1/alerts")["alerts"]
+        return found
+
+    def series(self, selector: str) -> list[dict[str, str]]:
+        """The label sets of every series Prometheus stores for `selector`."""
+        found: list[dict[str, str]] = self._get("/api/v1/series", **{"match[]": selector})
         return found
 
     def metric_names(self) -> set[str]:
@@ -277,7 +284,7 @@ def test_prometheus_counts_the_records_and_fires_the_outage_alerts(
         prometheus(tmp_path / "prometheus", metrics_port) as server,
     ):
         config = daemon_config(
-            dsn=proxy.dsn(pg_url),
+            dsn=proxy.dsn(with_password(pg_url)),  # trust auth ignores the password
             roots=[root],
             state_dir=tmp_path / "state",
             metrics_port=metrics_port,
@@ -322,6 +329,9 @@ def test_prometheus_counts_the_records_and_fires_the_outage_alerts(
             assert all(states == ["inactive"] for states in quiet.values()), quiet
 
             _dashboard_and_rules_query_what_the_daemon_serves(server, scrape(metrics_port))
+            stored = json.dumps(server.series('{job="acode-syncd"}'))
+            assert "acode_sync_records_total" in stored
+            assert SECRET not in stored
             daemon.signal(signal.SIGTERM)
             assert daemon.wait() == 0
             daemon.assert_no_traceback()
