@@ -14,6 +14,7 @@ from acode_sync.domain import Session
 from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.workspace import DIALECT, database_path
+from tests.integration.test_outbox_migration import version_1_workspace
 
 LATEST = latest_version(load_migrations(DIALECT))
 
@@ -108,6 +109,26 @@ def test_newer_schema_is_refused_with_its_code(
         assert code == 1
         assert err.startswith("ACODE-DB-003: schema version 99 is newer than this program")
         assert "Traceback" not in err
+
+
+def test_status_of_an_older_schema_says_how_to_upgrade(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version_1_workspace(workspace).close()
+    code, out, err = run_cli(capsys, "db", "status", "--workspace", str(workspace))
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"ACODE-DB-003: {database_path(workspace)}: schema version 1, this program reports "
+        f"on version {LATEST}",
+        f"hint: Run `acode db migrate --workspace {workspace}` to upgrade it (opening it with "
+        "the agent does too); status never migrates a workspace.",
+    ]
+    assert run_cli(capsys, "db", "schema", "version", "--workspace", str(workspace))[1] == "1\n"
+
+    assert run_cli(capsys, "db", "migrate", "--workspace", str(workspace))[0] == 0
+    code, out, _ = run_cli(capsys, "db", "status", "--workspace", str(workspace))
+    assert code == 0
+    assert f"schema version:  {LATEST} (latest {LATEST})" in out
 
 
 @pytest.mark.processes

@@ -105,6 +105,11 @@ def test_retry_needs_ids_or_all_failed(workspace: Path, capsys: pytest.CaptureFi
     code, _, err = cli(capsys, "db", "outbox", "retry", "--workspace", str(workspace))
     assert code == 1
     assert err.startswith("ACODE-DB-006: give outbox ids or --all-failed")
+    hint = err.splitlines()[-1]
+    assert hint == (
+        "hint: List the dead letters with `acode db outbox list --failed`, then replay them "
+        "by id (`acode db outbox retry ID...`) or all at once (`--all-failed`)."
+    )
 
 
 def test_sync_beside_a_running_syncer_says_so(
