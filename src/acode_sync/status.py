@@ -61,10 +61,11 @@ def _collect(conn: sqlite3.Connection, path: Path, clock: Clock) -> WorkspaceSta
     if version != latest:
         # The report's queries need the current tables. (A newer schema is refused earlier,
         # when the workspace is opened.)
+        workspace = shlex.quote(str(path.parent.parent))
         raise SchemaMismatchError(
             f"{path}: schema version {version}, this program reports on version {latest}",
-            hint=f"Run `acode db migrate --workspace {shlex.quote(str(path.parent.parent))}` to upgrade it "
-            "(opening it with the agent does too); status never migrates a workspace.",
+            hint=f"Run `acode db migrate --workspace {workspace}` to upgrade it (opening it "
+            "with the agent does too); status never migrates a workspace.",
         )
     q = queries(DIALECT)
     rows = {str(table): int(count) for table, count in conn.execute(q["table_counts"])}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from acode_sync import __version__
+from acode_sync import __version__, daemon_cli
 from acode_sync.cli import main
 from acode_sync.domain import Session
 from acode_sync.migrations import latest_version, load_migrations
@@ -166,3 +166,25 @@ def test_console_scripts_run_as_processes(workspace: Path) -> None:
         [bin_dir / "acode-syncd", "--help"], capture_output=True, text=True, check=True
     )
     assert "usage: acode-syncd" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("[sync]\nmax_attemps = 3\n", "hint: Did you mean sync.max_attempts?"),
+        ("[sync\n", "hint: Fix the syntax at the line and column named above"),
+        (None, "hint: Check the path given with --config or $ACODE_SYNC_CONFIG"),
+    ],
+)
+def test_check_config_hints_at_the_fix_not_at_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, hint: str
+) -> None:
+    config = tmp_path / "acode-syncd.toml"
+    if text is not None:
+        config.write_text(text)
+    assert daemon_cli.main(["check-config", "--config", str(config)]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("ACODE-DB-007: ")
+    assert err.splitlines()[1].startswith(hint)
+    assert "check-config" not in err
