@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from acode_sync import cli, daemon_cli, launchd
-from acode_sync.config import MetricsSettings
+from acode_sync.config import MetricsSettings, read_config_file
 from tests.unit.test_monitoring import PROMTOOL_COMMANDS, github_anchors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,6 +241,14 @@ def check_host_details(words: list[str]) -> str | None:
         port = re.search(r"(?:127\.0\.0\.1|localhost):(\d+)/metrics", word)
         if port and int(port[1]) != MetricsSettings().port:
             return f"{word}: the metrics port is {MetricsSettings().port}"
+    if words[:2] == ["docker", "run"]:
+        published = [
+            words[i + 1] for i, word in enumerate(words[:-1]) if word in ("-p", "--publish")
+        ]
+        image_port = read_config_file(ROOT / "packaging" / "container.toml").metrics.port
+        wrong = [p for p in published if p.rpartition(":")[2] != str(image_port)]
+        if wrong:
+            return f"-p {wrong[0]}: the image's metrics port is {image_port}"
     return None
 
 
@@ -383,6 +391,8 @@ def test_relative_links_and_anchors_resolve() -> None:
         "curl -s http://127.0.0.1:9100/metrics",
         ".ci/nope",
         "python -m tests.bench.bench_store --no-such-option",
+        "docker build -f packaging/Containerfile .",
+        "docker run -p 127.0.0.1:9100:9100 acode-syncd",
     ],
 )
 def test_the_check_refuses_what_it_cannot_vouch_for(line: str) -> None:
@@ -400,6 +410,7 @@ def test_the_check_refuses_what_it_cannot_vouch_for(line: str) -> None:
         "make run WORKSPACE=DIR",
         "sudo systemctl enable --now acode-syncd@USER",
         "launchctl kill SIGHUP gui/$(id -u)/dev.acode.acode-syncd",
+        "docker run -d -p 127.0.0.1:9464:9464 acode-syncd",
     ],
 )
 def test_the_check_accepts_real_commands(line: str) -> None:
