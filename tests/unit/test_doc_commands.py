@@ -46,6 +46,7 @@ DOCS = sorted(
         *(ROOT / "docs").glob("*.md"),
         ROOT / "config" / "README.md",
         ROOT / "launchd" / "README.md",
+        ROOT / "packaging" / "README.md",
         ROOT / "systemd" / "README.md",
     ]
 )
@@ -326,6 +327,20 @@ def test_every_host_only_entry_is_used() -> None:
     assert not stale, f"docs/host-only-commands.txt: no documented command starts with {stale}"
     checked = {"acode", "acode-syncd", "make", "promtool", "python", "python3"}
     assert not [e for e in host_only_entries() if e[0] in checked | {"sudo"}]
+
+
+def test_a_doc_with_sudo_says_how_to_run_it_as_root() -> None:
+    """`sudo` is absent from a root shell (a container, a fresh machine): every document
+    that shows it says to leave it out there."""
+    with_sudo = {
+        block.path
+        for block in all_blocks()
+        for command in commands_of(block)
+        if re.search(r"(^|&&|\|\||;)\s*sudo\s", command.line)
+    }
+    assert with_sudo
+    silent = [p.relative_to(ROOT) for p in with_sudo if "in a root shell" not in p.read_text()]
+    assert not silent, f"sudo without the note for a root shell: {silent}"
 
 
 def test_usage_synopses_parse() -> None:
