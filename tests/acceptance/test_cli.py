@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -188,3 +189,32 @@ def test_check_config_hints_at_the_fix_not_at_itself(
     assert err.startswith("ACODE-DB-007: ")
     assert err.splitlines()[1].startswith(hint)
     assert "check-config" not in err
+
+
+@pytest.mark.processes
+def test_check_config_shows_that_a_password_file_is_set_never_its_content(
+    tmp_path: Path,
+) -> None:
+    secret = "pw-from-the-file-7f3a"
+    password_file = tmp_path / "pg-password"
+    password_file.write_text(secret + "\n")
+    password_file.chmod(0o600)
+    config = tmp_path / "acode-syncd.toml"
+    config.write_text(f'[postgres]\npassword_file = "{password_file}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACODE_")}
+    for argv, extra in (
+        (["--config", str(config)], {}),
+        ([], {"ACODE_POSTGRES_PASSWORD_FILE": str(password_file)}),
+    ):
+        done = subprocess.run(
+            [Path(sys.executable).parent / "acode-syncd", "check-config", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**env, "XDG_CONFIG_HOME": str(tmp_path / "none"), **extra},
+        )
+        assert done.returncode == 0, done.stderr
+        shown = json.loads(done.stdout)["postgres"]
+        assert shown["password"] == "******** (from password_file)"
+        assert shown["password_file"] == str(password_file)
+        assert secret not in done.stdout + done.stderr

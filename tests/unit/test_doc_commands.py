@@ -441,3 +441,11 @@ def test_synopsis_variants() -> None:
         "acode db outbox retry --workspace DIR ID ID",
         "acode db outbox retry ID ID",
     ]
+
+
+def test_contributing_names_every_test_directory() -> None:
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    directories = sorted(p.name for p in (ROOT / "tests").iterdir() if (p / "__init__.py").exists())
+    assert directories
+    missing = [d for d in directories if f"`tests/{d}`" not in text]
+    assert not missing, f"CONTRIBUTING.md does not name tests/{missing}"
