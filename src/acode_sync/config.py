@@ -577,8 +577,13 @@ def find_config_file(explicit: Path | None, environ: Mapping[str, str]) -> Path 
         return Path(named)
     xdg = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     for candidate in (xdg / "acode-sync" / CONFIG_NAME, Path("/etc/acode-sync") / CONFIG_NAME):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as error:  # a directory on the way that the user may not search
+            raise ConfigError(
+                f"cannot read {candidate}: {error.strerror or error}", hint=_unreadable_hint(error)
+            ) from None
     return None
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from urllib.parse import quote
 
@@ -258,3 +259,22 @@ def test_an_unreadable_password_file_says_what_to_put_there(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as info:
         settings.resolved_password()
     assert info.value.hint.startswith("Put the password alone in that file")
+
+
+def test_a_config_path_that_cannot_be_looked_at_is_a_config_error(tmp_path: Path) -> None:
+    """A user's config path that stat() refuses (a directory on the way the user may not
+    search; a name too long, which refuses root too) is reported with the path, not as a
+    traceback."""
+    too_long = tmp_path / ("x" * 300)
+    with pytest.raises(ConfigError, match=r"cannot read .*/acode-syncd\.toml: File name too long"):
+        find_config_file(None, {"XDG_CONFIG_HOME": str(too_long)})
+    closed = tmp_path / "closed"
+    (closed / "acode-sync").mkdir(parents=True)
+    closed.chmod(0)
+    try:
+        if not os.access(closed, os.X_OK):  # not root
+            with pytest.raises(ConfigError, match="Permission denied") as info:
+                find_config_file(None, {"XDG_CONFIG_HOME": str(closed)})
+            assert info.value.hint.startswith("Give the daemon's user read access")
+    finally:
+        closed.chmod(0o700)
