@@ -190,7 +190,11 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
 
 def cmd_outbox_retry(args: argparse.Namespace) -> int:
     if bool(args.ids) == bool(args.all_failed):
-        raise RecordRejectedError("give outbox ids or --all-failed, not both or neither")
+        raise RecordRejectedError(
+            "give outbox ids or --all-failed, not both or neither",
+            hint="List the dead letters with `acode db outbox list --failed`, then replay them "
+            "by id (`acode db outbox retry ID...`) or all at once (`--all-failed`).",
+        )
     conn = _open_existing(args)
     try:
         path = database_path(_workspace(args))

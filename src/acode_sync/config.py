@@ -6,6 +6,7 @@ objects. Every key has a default; an invalid value raises ConfigError naming its
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -264,7 +265,10 @@ class PostgresSettings:
             except OSError as error:
                 raise ConfigError(
                     f"postgres.password_file: cannot read {self.password_file}: "
-                    f"{error.strerror or type(error).__name__}"
+                    f"{error.strerror or type(error).__name__}",
+                    hint="Put the password alone in that file, readable by the user who runs "
+                    "this (mode 0600), or point postgres.password_file or "
+                    f"{ENV_POSTGRES_PASSWORD_FILE} at the right file.",
                 ) from None
         return None
 
@@ -395,7 +399,7 @@ def _parse_section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
     values = {}
     for key, value in table.items():
         if key not in kinds:
-            raise ConfigError(f"{name}.{key} is not a known setting")
+            raise ConfigError(f"{name}.{key} is not a known setting", hint=_key_hint(name, key))
         values[key] = _convert(f"{name}.{key}", kinds[key], value)
         if isinstance(values[key], int | float) and not isinstance(values[key], bool):
             minimum = 0 if key in _MAY_BE_ZERO else 1e-9
@@ -476,13 +480,52 @@ def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     return replace(config, postgres=_check_postgres(postgres, origin))
 
 
-SECTIONS: Final = ("postgres", "sync", "daemon", "metrics")
+SECTION_SETTINGS: Final[Mapping[str, type[Any]]] = {
+    "postgres": PostgresSettings,
+    "sync": SyncSettings,
+    "daemon": DaemonSettings,
+    "metrics": MetricsSettings,
+}
+SECTIONS: Final = tuple(SECTION_SETTINGS)
+
+
+def _settings_of(section: str) -> list[str]:
+    return [f.name for f in fields(SECTION_SETTINGS[section])]
+
+
+def _close(name: str, candidates: list[str]) -> str | None:
+    matches = difflib.get_close_matches(name, candidates, n=1)
+    return matches[0] if matches else None
+
+
+def _key_hint(section: str, key: str) -> str:
+    """For an unknown key: the setting it is probably a typo of, in its own section or
+    another one, else the section's settings."""
+    own = _settings_of(section)
+    if match := _close(key, own):
+        return f"Did you mean {section}.{match}?"
+    owner = {k: other for other in SECTIONS if other != section for k in _settings_of(other)}
+    if key in owner:
+        return f"{key} is a setting of [{owner[key]}]: move it below that header."
+    if match := _close(key, list(owner)):
+        return f"Did you mean {owner[match]}.{match}? (it belongs in [{owner[match]}])"
+    return f"The settings of [{section}] are: {', '.join(own)}."
+
+
+def _section_hint(name: str, value: Any) -> str:
+    if not isinstance(value, dict):
+        owners = [section for section in SECTIONS if name in _settings_of(section)]
+        if owners:
+            return f"{name} is a setting of [{owners[0]}]: move it below that header."
+    if match := _close(name, list(SECTIONS)):
+        return f"Did you mean [{match}]?"
+    return "The sections are " + ", ".join(f"[{section}]" for section in SECTIONS) + "."
 
 
 def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
-    for name in raw:
+    for name, value in raw.items():
         if name not in SECTIONS:
-            raise ConfigError(f"[{name}] is not a known section")
+            raise ConfigError(f"[{name}] is not a known section", hint=_section_hint(name, value))
     return Config(
         postgres=_parse_postgres(raw),
         sync=_parse_section(raw, "sync", SyncSettings),
@@ -492,13 +535,37 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     )
 
 
+TOML_HINT: Final = (
+    "Fix the syntax at the line and column named above: `[section]` headers, one "
+    '`key = value` per line, strings in double quotes ("..."), lists in brackets.'
+)
+
+
+def _unreadable_hint(error: OSError) -> str:
+    if isinstance(error, FileNotFoundError):
+        return (
+            f"Check the path given with --config or ${ENV_CONFIG}; without either, "
+            f"~/.config/acode-sync/{CONFIG_NAME}, then /etc/acode-sync/{CONFIG_NAME}, are "
+            "read if they exist."
+        )
+    if isinstance(error, PermissionError):
+        return (
+            "Give the daemon's user read access without making the file world-readable (it "
+            "may hold a password): a group it is in (mode 0640), or a file of its own in "
+            f"~/.config/acode-sync/{CONFIG_NAME}, which is read first."
+        )
+    return "Name a TOML file (the commented sample is config/acode-syncd.toml)."
+
+
 def read_config_file(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
     except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+        raise ConfigError(
+            f"cannot read {path}: {error.strerror or error}", hint=_unreadable_hint(error)
+        ) from None
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        raise ConfigError(f"{path} is not valid TOML: {error}", hint=TOML_HINT) from None
     return parse_config(raw, source=path)
 
 
@@ -510,8 +577,13 @@ def find_config_file(explicit: Path | None, environ: Mapping[str, str]) -> Path 
         return Path(named)
     xdg = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     for candidate in (xdg / "acode-sync" / CONFIG_NAME, Path("/etc/acode-sync") / CONFIG_NAME):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as error:  # a directory on the way that the user may not search
+            raise ConfigError(
+                f"cannot read {candidate}: {error.strerror or error}", hint=_unreadable_hint(error)
+            ) from None
     return None
 
 

@@ -24,6 +24,9 @@ from acode_sync.runtime import read_status, state_dir
 from acode_sync.secret import MASK, Secret
 
 RELOAD_TIMEOUT = 30.0
+# check-config's `password` when the password comes from postgres.password_file: that one
+# is set, never what it holds.
+PASSWORD_FROM_FILE = f"{MASK} (from password_file)"
 RELOAD_POLL = 0.1
 
 
@@ -49,6 +52,8 @@ def effective_config(config: Config) -> dict[str, Any]:
     for section in ("postgres", "sync", "daemon", "metrics"):
         settings = getattr(config, section)
         shown[section] = {f.name: _shown(getattr(settings, f.name)) for f in fields(settings)}
+    if config.postgres.password is None and config.postgres.password_file is not None:
+        shown["postgres"]["password"] = PASSWORD_FROM_FILE
     return shown
 
 

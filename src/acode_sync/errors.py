@@ -132,7 +132,8 @@ class ConfigError(AcodeError):
 
     code = "ACODE-DB-007"
     default_hint = (
-        "Correct the key named above; `acode-syncd check-config` validates a config file."
+        "Correct the key named above; configuration.md (in docs/, or /usr/share/doc/acode-sync/) "
+        "gives every key's type and default."
     )
     exit_code = EX_CONFIG
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from acode_sync.domain import Clock, parse_timestamp, utc_now
+from acode_sync.errors import SchemaMismatchError
 from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.sql import queries
 from acode_sync.workspace import (
@@ -54,6 +56,17 @@ class WorkspaceStatus:
 
 
 def _collect(conn: sqlite3.Connection, path: Path, clock: Clock) -> WorkspaceStatus:
+    version = schema_version(conn)
+    latest = latest_version(load_migrations(DIALECT))
+    if version != latest:
+        # The report's queries need the current tables. (A newer schema is refused earlier,
+        # when the workspace is opened.)
+        workspace = shlex.quote(str(path.parent.parent))
+        raise SchemaMismatchError(
+            f"{path}: schema version {version}, this program reports on version {latest}",
+            hint=f"Run `acode db migrate --workspace {workspace}` to upgrade it (opening it "
+            "with the agent does too); status never migrates a workspace.",
+        )
     q = queries(DIALECT)
     rows = {str(table): int(count) for table, count in conn.execute(q["table_counts"])}
     pending, dead, processed = conn.execute(q["outbox_counts"]).fetchone()
@@ -64,8 +77,8 @@ def _collect(conn: sqlite3.Connection, path: Path, clock: Clock) -> WorkspaceSta
     return WorkspaceStatus(
         database=str(path),
         origin_id=origin_id(conn),
-        schema_version=schema_version(conn),
-        latest_schema_version=latest_version(load_migrations(DIALECT)),
+        schema_version=version,
+        latest_schema_version=latest,
         journal_mode=str(conn.execute("PRAGMA journal_mode").fetchone()[0]),
         file_mode=f"{file_mode(path):04o}",
         rows=rows,

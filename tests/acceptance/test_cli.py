@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from acode_sync import __version__
+from acode_sync import __version__, daemon_cli
 from acode_sync.cli import main
 from acode_sync.domain import Session
 from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.workspace import DIALECT, database_path
+from tests.integration.test_outbox_migration import version_1_workspace
 
 LATEST = latest_version(load_migrations(DIALECT))
 
@@ -110,6 +112,26 @@ def test_newer_schema_is_refused_with_its_code(
         assert "Traceback" not in err
 
 
+def test_status_of_an_older_schema_says_how_to_upgrade(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version_1_workspace(workspace).close()
+    code, out, err = run_cli(capsys, "db", "status", "--workspace", str(workspace))
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"ACODE-DB-003: {database_path(workspace)}: schema version 1, this program reports "
+        f"on version {LATEST}",
+        f"hint: Run `acode db migrate --workspace {workspace}` to upgrade it (opening it with "
+        "the agent does too); status never migrates a workspace.",
+    ]
+    assert run_cli(capsys, "db", "schema", "version", "--workspace", str(workspace))[1] == "1\n"
+
+    assert run_cli(capsys, "db", "migrate", "--workspace", str(workspace))[0] == 0
+    code, out, _ = run_cli(capsys, "db", "status", "--workspace", str(workspace))
+    assert code == 0
+    assert f"schema version:  {LATEST} (latest {LATEST})" in out
+
+
 @pytest.mark.processes
 def test_console_scripts_run_as_processes(workspace: Path) -> None:
     bin_dir = Path(sys.executable).parent
@@ -145,3 +167,54 @@ def test_console_scripts_run_as_processes(workspace: Path) -> None:
         [bin_dir / "acode-syncd", "--help"], capture_output=True, text=True, check=True
     )
     assert "usage: acode-syncd" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("[sync]\nmax_attemps = 3\n", "hint: Did you mean sync.max_attempts?"),
+        ("[sync\n", "hint: Fix the syntax at the line and column named above"),
+        (None, "hint: Check the path given with --config or $ACODE_SYNC_CONFIG"),
+    ],
+)
+def test_check_config_hints_at_the_fix_not_at_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, hint: str
+) -> None:
+    config = tmp_path / "acode-syncd.toml"
+    if text is not None:
+        config.write_text(text)
+    assert daemon_cli.main(["check-config", "--config", str(config)]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("ACODE-DB-007: ")
+    assert err.splitlines()[1].startswith(hint)
+    assert "check-config" not in err
+
+
+@pytest.mark.processes
+def test_check_config_shows_that_a_password_file_is_set_never_its_content(
+    tmp_path: Path,
+) -> None:
+    secret = "pw-from-the-file-7f3a"
+    password_file = tmp_path / "pg-password"
+    password_file.write_text(secret + "\n")
+    password_file.chmod(0o600)
+    config = tmp_path / "acode-syncd.toml"
+    config.write_text(f'[postgres]\npassword_file = "{password_file}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACODE_")}
+    for argv, extra in (
+        (["--config", str(config)], {}),
+        ([], {"ACODE_POSTGRES_PASSWORD_FILE": str(password_file)}),
+    ):
+        done = subprocess.run(
+            [Path(sys.executable).parent / "acode-syncd", "check-config", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**env, "XDG_CONFIG_HOME": str(tmp_path / "none"), **extra},
+        )
+        assert done.returncode == 0, done.stderr
+        shown = json.loads(done.stdout)["postgres"]
+        assert shown["password"] == "******** (from password_file)"
+        assert shown["password_file"] == str(password_file)
+        assert secret not in done.stdout + done.stderr

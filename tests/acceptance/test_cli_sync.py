@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -105,6 +106,11 @@ def test_retry_needs_ids_or_all_failed(workspace: Path, capsys: pytest.CaptureFi
     code, _, err = cli(capsys, "db", "outbox", "retry", "--workspace", str(workspace))
     assert code == 1
     assert err.startswith("ACODE-DB-006: give outbox ids or --all-failed")
+    hint = err.splitlines()[-1]
+    assert hint == (
+        "hint: List the dead letters with `acode db outbox list --failed`, then replay them "
+        "by id (`acode db outbox retry ID...`) or all at once (`--all-failed`)."
+    )
 
 
 def test_sync_beside_a_running_syncer_says_so(
@@ -143,3 +149,31 @@ def test_migrate_postgres(env: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert first == f"PostgreSQL schema version 0 -> {latest}\n"
     again = cli(capsys, "db", "migrate", "--postgres")[1]
     assert again == f"PostgreSQL schema version {latest} -> {latest}\n"
+
+
+def test_conflicts_list_json_prints_canonical_times_and_versions_as_objects(
+    tmp_path: Path, env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What docs/cli.md says `conflicts list --json` prints, from a real conflict."""
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    older.mkdir()
+    newer.mkdir()
+    for workspace, title in ((older, "older"), (newer, "newer")):
+        db = WorkspaceDatabase(workspace)
+        if workspace == older:
+            session_id = db.save(Session(title=title)).session_id
+        else:
+            db.save(Session(session_id=session_id, title=title))
+        db.close()
+    for workspace in (newer, older):  # the older version arrives second: a conflict
+        assert cli(capsys, "db", "sync", "--workspace", str(workspace))[0] == 0
+
+    code, out, _ = cli(capsys, "db", "conflicts", "list", "--json")
+    assert code == 0
+    (conflict,) = json.loads(out)
+    assert conflict["winner"] == "current"
+    for key in ("incoming_updated_at", "current_updated_at", "detected_at"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", conflict[key]), key
+    assert conflict["incoming_version"]["title"] == "older"
+    assert conflict["current_version"]["title"] == "newer"
+    assert conflict["incoming_key"].startswith(f"Session:{session_id}:")

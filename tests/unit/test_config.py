@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from urllib.parse import quote
 
@@ -8,6 +10,7 @@ import pytest
 from acode_sync.config import (
     Config,
     PostgresSettings,
+    _unreadable_hint,
     apply_environment,
     find_config_file,
     load_config,
@@ -200,3 +203,78 @@ def test_load_config_without_a_file_uses_defaults_and_environment(tmp_path: Path
         None, {"XDG_CONFIG_HOME": str(tmp_path), "ACODE_POSTGRES_URL": "postgresql://h/d"}
     )
     assert config.postgres.dsn == "postgresql://h/d"
+
+
+@pytest.mark.parametrize(
+    ("raw", "hint"),
+    [
+        ({"postgres": {"sslmod": "require"}}, "Did you mean postgres.sslmode?"),
+        ({"daemon": {"root": ["/srv"]}}, "Did you mean daemon.roots?"),
+        ({"metrics": {"prot": 9464}}, "Did you mean metrics.port?"),
+        (
+            {"sync": {"pool_max": 4}},
+            "pool_max is a setting of [postgres]: move it below that header.",
+        ),
+        (
+            {"sync": {"pool_mx": 4}},
+            "Did you mean postgres.pool_max? (it belongs in [postgres])",
+        ),
+        ({"metrics": {"colour": "blue"}}, "The settings of [metrics] are: enabled, address, port."),
+        ({"postgress": {"dsn": "postgresql://h/d"}}, "Did you mean [postgres]?"),
+        (
+            {"dsn": "postgresql://h/d"},
+            "dsn is a setting of [postgres]: move it below that header.",
+        ),
+        ({"colour": {}}, "The sections are [postgres], [sync], [daemon], [metrics]."),
+    ],
+)
+def test_an_unknown_name_gets_the_likely_one(raw: dict[str, object], hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.hint == hint
+
+
+def test_file_errors_get_hints_of_their_own(tmp_path: Path) -> None:
+    hints = []
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[postgres]\ndsn = postgresql://h/d"\n')
+    for path in (tmp_path / "missing.toml", bad, tmp_path):
+        with pytest.raises(ConfigError) as info:
+            read_config_file(path)
+        hints.append(info.value.hint)
+    # Root reads any file, so the hint for a file the user may not read is asked directly.
+    hints.append(_unreadable_hint(PermissionError(errno.EACCES, "Permission denied")))
+    missing, syntax, directory, denied = hints
+    assert missing.startswith("Check the path given with --config or $ACODE_SYNC_CONFIG")
+    assert syntax.startswith("Fix the syntax at the line and column named above")
+    assert directory.startswith("Name a TOML file")
+    assert denied.startswith("Give the daemon's user read access")
+    assert len(set(hints)) == len(hints)
+    assert ConfigError.default_hint not in hints
+    assert not [hint for hint in hints if "check-config" in hint or "key named" in hint]
+
+
+def test_an_unreadable_password_file_says_what_to_put_there(tmp_path: Path) -> None:
+    settings = PostgresSettings(password_file=tmp_path / "absent")
+    with pytest.raises(ConfigError) as info:
+        settings.resolved_password()
+    assert info.value.hint.startswith("Put the password alone in that file")
+
+
+def test_a_config_path_that_cannot_be_looked_at_is_a_config_error(tmp_path: Path) -> None:
+    """A user's config path that stat() refuses (a directory on the way the user may not
+    search; a name too long, which refuses root too) is reported with the path, not as a
+    traceback."""
+    too_long = tmp_path / ("x" * 300)
+    with pytest.raises(ConfigError, match=r"cannot read .*/acode-syncd\.toml: File name too long"):
+        find_config_file(None, {"XDG_CONFIG_HOME": str(too_long)})
+    closed = tmp_path / "closed"
+    (closed / "acode-sync").mkdir(parents=True)
+    closed.chmod(0)
+    try:
+        if not os.access(closed, os.X_OK):  # not root
+            with pytest.raises(ConfigError, match="Permission denied") as info:
+                find_config_file(None, {"XDG_CONFIG_HOME": str(closed)})
+            assert info.value.hint.startswith("Give the daemon's user read access")
+    finally:
+        closed.chmod(0o700)

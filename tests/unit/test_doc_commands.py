@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from acode_sync import cli, daemon_cli, launchd
-from acode_sync.config import MetricsSettings
+from acode_sync.config import MetricsSettings, read_config_file
 from tests.unit.test_monitoring import PROMTOOL_COMMANDS, github_anchors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +46,7 @@ DOCS = sorted(
         *(ROOT / "docs").glob("*.md"),
         ROOT / "config" / "README.md",
         ROOT / "launchd" / "README.md",
+        ROOT / "packaging" / "README.md",
         ROOT / "systemd" / "README.md",
     ]
 )
@@ -241,6 +242,14 @@ def check_host_details(words: list[str]) -> str | None:
         port = re.search(r"(?:127\.0\.0\.1|localhost):(\d+)/metrics", word)
         if port and int(port[1]) != MetricsSettings().port:
             return f"{word}: the metrics port is {MetricsSettings().port}"
+    if words[:2] == ["docker", "run"]:
+        published = [
+            words[i + 1] for i, word in enumerate(words[:-1]) if word in ("-p", "--publish")
+        ]
+        image_port = read_config_file(ROOT / "packaging" / "container.toml").metrics.port
+        wrong = [p for p in published if p.rpartition(":")[2] != str(image_port)]
+        if wrong:
+            return f"-p {wrong[0]}: the image's metrics port is {image_port}"
     return None
 
 
@@ -320,6 +329,20 @@ def test_every_host_only_entry_is_used() -> None:
     assert not [e for e in host_only_entries() if e[0] in checked | {"sudo"}]
 
 
+def test_a_doc_with_sudo_says_how_to_run_it_as_root() -> None:
+    """`sudo` is absent from a root shell (a container, a fresh machine): every document
+    that shows it says to leave it out there."""
+    with_sudo = {
+        block.path
+        for block in all_blocks()
+        for command in commands_of(block)
+        if re.search(r"(^|&&|\|\||;)\s*sudo\s", command.line)
+    }
+    assert with_sudo
+    silent = [p.relative_to(ROOT) for p in with_sudo if "in a root shell" not in p.read_text()]
+    assert not silent, f"sudo without the note for a root shell: {silent}"
+
+
 def test_usage_synopses_parse() -> None:
     synopses = [
         (block.where, line)
@@ -383,6 +406,8 @@ def test_relative_links_and_anchors_resolve() -> None:
         "curl -s http://127.0.0.1:9100/metrics",
         ".ci/nope",
         "python -m tests.bench.bench_store --no-such-option",
+        "docker build -f packaging/Containerfile .",
+        "docker run -p 127.0.0.1:9100:9100 acode-syncd",
     ],
 )
 def test_the_check_refuses_what_it_cannot_vouch_for(line: str) -> None:
@@ -400,6 +425,7 @@ def test_the_check_refuses_what_it_cannot_vouch_for(line: str) -> None:
         "make run WORKSPACE=DIR",
         "sudo systemctl enable --now acode-syncd@USER",
         "launchctl kill SIGHUP gui/$(id -u)/dev.acode.acode-syncd",
+        "docker run -d -p 127.0.0.1:9464:9464 acode-syncd",
     ],
 )
 def test_the_check_accepts_real_commands(line: str) -> None:
@@ -415,3 +441,11 @@ def test_synopsis_variants() -> None:
         "acode db outbox retry --workspace DIR ID ID",
         "acode db outbox retry ID ID",
     ]
+
+
+def test_contributing_names_every_test_directory() -> None:
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    directories = sorted(p.name for p in (ROOT / "tests").iterdir() if (p / "__init__.py").exists())
+    assert directories
+    missing = [d for d in directories if f"`tests/{d}`" not in text]
+    assert not missing, f"CONTRIBUTING.md does not name tests/{missing}"
