@@ -206,3 +206,24 @@ WHERE ctid = ANY (ARRAY(SELECT ctid FROM acode.applied_keys WHERE applied_at < $
 
 -- name: probe
 SELECT 1;
+
+-- `acode-syncd check-config --connect`: who and where this connection is.
+-- name: connection_facts
+SELECT current_user AS role, current_setting('server_version') AS version,
+       coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false) AS tls,
+       has_database_privilege(current_database(), 'CREATE') AS may_create_schema;
+
+-- The privileges asked for ($1 kind: schema, table or function; $2 its name; $3 the
+-- privilege) that the current role lacks; a missing object lacks them all.
+-- name: missing_privileges
+SELECT w.kind, w.object, w.privilege
+FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS w(kind, object, privilege, n)
+WHERE NOT CASE w.kind
+    WHEN 'schema' THEN CASE WHEN to_regnamespace(w.object) IS NULL THEN false
+                            ELSE has_schema_privilege(w.object, w.privilege) END
+    WHEN 'table' THEN CASE WHEN to_regclass(w.object) IS NULL THEN false
+                           ELSE has_table_privilege(w.object, w.privilege) END
+    ELSE CASE WHEN to_regprocedure(w.object) IS NULL THEN false
+              ELSE has_function_privilege(w.object, w.privilege) END
+END
+ORDER BY w.n;
