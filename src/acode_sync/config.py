@@ -341,6 +341,8 @@ class MetricsSettings:
     enabled: bool = True
     address: str = "127.0.0.1"
     port: int = 9464
+    # /readyz fails while the oldest pending record is older (AcodeSyncLagHigh's threshold).
+    ready_max_lag_seconds: float = 600.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -25,7 +25,7 @@ from acode_sync.config import Config, load_config
 from acode_sync.discovery import discover
 from acode_sync.errors import ConfigError, PostgresUnavailableError, WorkspaceOpenError
 from acode_sync.log import configure_logging, get_logger
-from acode_sync.metrics import Metrics, MetricsServer
+from acode_sync.metrics import Health, Metrics, MetricsServer
 from acode_sync.postgres import PostgresTarget
 from acode_sync.runtime import remove_status, state_dir, write_status
 from acode_sync.sync import tune_interpreter
@@ -36,6 +36,9 @@ from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
 STATUS_SECONDS: Final = 2.0
 PROBE_SECONDS: Final = 30.0
 PRUNE_SECONDS: Final = 3600.0
+LOOP_BEAT_SECONDS: Final = 1.0
+# /healthz fails when the event loop has not run its beat for this long.
+LOOP_STALL_SECONDS: Final = 10.0
 # PostgreSQL keeps applied keys twice as long as the outboxes keep processed records, so a
 # record resent from any outbox is still recognised as a duplicate.
 KEY_RETENTION_FACTOR: Final = 2
@@ -44,6 +47,12 @@ KEY_RETENTION_FACTOR: Final = 2
 def concurrent_syncs(config: Config) -> int:
     """How many workspaces ship batches at once: never more than the pool has connections."""
     return min(config.postgres.pool_max, config.daemon.max_concurrent_syncs)
+
+
+def _listener(config: Config) -> tuple[bool, str, int]:
+    """The metrics settings that need a new listener when they change."""
+    metrics = config.metrics
+    return metrics.enabled, metrics.address, metrics.port
 
 
 def configure_daemon_logging(config: Config) -> None:
@@ -79,6 +88,9 @@ class Daemon:
         self.postgres_up: bool | None = None
         self.postgres_refused: str | None = None
         self.last_postgres_report = 0.0
+        self.lag_seconds = 0
+        self.loop_beat = time.monotonic()
+        self.loop_stall_seconds = LOOP_STALL_SECONDS
         self.reload: dict[str, Any] = {"generation": 0, "ok": True, "error": None, "at": None}
         self._stop = anyio.Event()
         self._watcher: Watcher | None = None
@@ -110,6 +122,7 @@ class Daemon:
         try:
             async with anyio.create_task_group() as services:
                 self._services = services
+                services.start_soon(self._beat_loop)
                 await services.start(self._signal_loop)
                 with anyio.CancelScope() as workers_scope:
                     self._workers_scope = workers_scope
@@ -197,7 +210,7 @@ class Daemon:
             new = await anyio.to_thread.run_sync(load_config, self.config_path, self.environ)
             await anyio.to_thread.run_sync(new.postgres.resolved_password)  # file readable?
             metrics_server = self._metrics_server
-            if new.metrics != self.config.metrics:
+            if _listener(new) != _listener(self.config):
                 metrics_server = await self._start_metrics(new)
         except ConfigError as error:
             self.metrics.reloads.labels("failure").inc()
@@ -248,7 +261,13 @@ class Daemon:
         settings = config.metrics
         try:
             return await anyio.to_thread.run_sync(
-                MetricsServer, self.metrics, settings.address, settings.port
+                lambda: MetricsServer(
+                    self.metrics,
+                    settings.address,
+                    settings.port,
+                    alive=self.liveness,
+                    ready=self.readiness,
+                )
             )
         except OSError as error:
             raise ConfigError(
@@ -305,6 +324,47 @@ class Daemon:
                     worker.notify_change()
 
     # -- health -------------------------------------------------------------------------
+
+    async def _beat_loop(self) -> None:
+        """The event loop's sign of life, read by /healthz from the HTTP thread."""
+        while True:
+            self.loop_beat = time.monotonic()
+            await anyio.sleep(LOOP_BEAT_SECONDS)
+
+    def liveness(self) -> Health:
+        """/healthz (called in the HTTP thread): the event loop beats."""
+        stalled = time.monotonic() - self.loop_beat
+        if stalled > self.loop_stall_seconds:
+            return Health(
+                False,
+                {"status": "stalled", "reason": f"the event loop has not run for {stalled:.0f} s"},
+            )
+        return Health(True, {"status": "ok"})
+
+    def readiness(self) -> Health:
+        """/readyz (called in the HTTP thread): alive, PostgreSQL answers and takes the
+        work, and the oldest pending record is younger than ready_max_lag_seconds."""
+        reasons = []
+        alive = self.liveness()
+        if not alive.ok:
+            reasons.append(alive.body["reason"])
+        if self.postgres_refused is not None:
+            reasons.append(f"PostgreSQL refuses the work (SQLSTATE {self.postgres_refused})")
+        elif self.postgres_up is None:
+            reasons.append("PostgreSQL not contacted yet")
+        elif not self.postgres_up:
+            reasons.append("PostgreSQL unreachable")
+        limit = self.config.metrics.ready_max_lag_seconds
+        if self.lag_seconds > limit:
+            reasons.append(
+                f"the oldest pending record is {self.lag_seconds} s old "
+                f"(ready_max_lag_seconds {limit:g})"
+            )
+        body: dict[str, Any] = {"status": "not ready" if reasons else "ready"}
+        if reasons:
+            body["reason"] = "; ".join(reasons)
+        body["lag_seconds"] = self.lag_seconds
+        return Health(not reasons, body)
 
     def _on_postgres(self, up: bool, refused: str | None = None) -> None:
         """A worker's (or the probe's) news of PostgreSQL. `refused`: the SQLSTATE of a
@@ -412,8 +472,9 @@ class Daemon:
     async def _status_loop(self) -> None:
         while True:
             status = self.status()
+            self.lag_seconds = status["lag_seconds"]
             self.metrics.backlog.set(status["backlog"])
-            self.metrics.lag.set(status["lag_seconds"])
+            self.metrics.lag.set(self.lag_seconds)
             self.metrics.pool_in_use.set(self.shared.target.connections_in_use)
             line = self.status_line()
             if line != self._status_line:

@@ -1,6 +1,7 @@
 """`acode-syncd`: run the daemon, check its configuration, reload it, install its LaunchAgent.
 
-Exit codes: 0 ok; 78 (EX_CONFIG) a bad configuration; 1 anything else.
+Exit codes: 0 ok; 78 (EX_CONFIG) a bad configuration; 69 (EX_UNAVAILABLE) `check-config
+--connect` cannot connect to PostgreSQL or found a problem there; 1 anything else.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from acode_sync.errors import ConfigError
 from acode_sync.runtime import read_status, state_dir
 from acode_sync.secret import MASK, Secret
 
+EX_UNAVAILABLE = 69
 RELOAD_TIMEOUT = 30.0
 # check-config's `password` when the password comes from postgres.password_file: that one
 # is set, never what it holds.
@@ -62,6 +64,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config.postgres.resolved_password()  # a password file must be readable
     print(json.dumps(effective_config(config), indent=2))
     print("configuration is valid", file=sys.stderr)
+    if not args.connect:
+        return 0
+    import anyio
+
+    from acode_sync.preflight import check_postgres
+
+    found = anyio.run(check_postgres, config.postgres, backend="asyncio")
+    for line in found.passed:
+        print(f"ok: {line}", file=sys.stderr)
+    for line in found.problems:
+        print(f"problem: {line}", file=sys.stderr)
+    if found.problems:
+        count = len(found.problems)
+        print(f"PostgreSQL: {count} problem{'s' if count > 1 else ''}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    print("PostgreSQL is ready for this syncer", file=sys.stderr)
     return 0
 
 
@@ -153,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--config", type=Path, metavar="FILE", help="acode-syncd.toml")
         sub.set_defaults(handler=handler)
+        if name == "check-config":
+            sub.add_argument(
+                "--connect",
+                action="store_true",
+                help="also connect to PostgreSQL and check its schema and the role's privileges",
+            )
         if name == "reload":
             sub.add_argument("--timeout", type=float, default=RELOAD_TIMEOUT, metavar="SECONDS")
     text = "write the macOS LaunchAgent (~/Library/LaunchAgents/dev.acode.acode-syncd.plist)"

@@ -1,17 +1,34 @@
-"""Every Prometheus collector of the daemon, on its own registry, and the /metrics server.
+"""Every Prometheus collector of the daemon, on its own registry, and the HTTP server of
+/metrics, /healthz and /readyz.
 
 Gauges are kept current by the workers; nothing here opens a database at scrape time.
 Labels are bounded: the only per-workspace series is `acode_sync_workspace_broken`, which
-exists only while that workspace is broken.
+exists only while that workspace is broken. The health checks are answered from what the
+event loop last recorded, never by calling into it.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 
 from acode_sync import __version__
 
@@ -113,15 +130,68 @@ class Metrics:
         )
         build = Gauge("acode_sync_build_info", "Build information.", ["version"], registry=r)
         build.labels(__version__).set(1)
+        # The standard process_* (CPU, memory, open files, start time) and python_*
+        # (version, garbage collector) series, as every Prometheus client exposes them.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A health check's answer: 200 when `ok`, else 503; `body` is sent as JSON."""
+
+    ok: bool
+    body: dict[str, Any]
+
+
+HealthCheck = Callable[[], Health]
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: scrapes and probes come every few seconds."""
 
 
 class MetricsServer:
-    """/metrics over HTTP in its own thread (prometheus-client's WSGI server)."""
+    """/metrics, /healthz and /readyz over HTTP, in a thread of its own."""
 
-    def __init__(self, metrics: Metrics, address: str, port: int) -> None:
-        self._server: WSGIServer
-        self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, address, registry=metrics.registry)
+    def __init__(
+        self,
+        metrics: Metrics,
+        address: str,
+        port: int,
+        *,
+        alive: HealthCheck,
+        ready: HealthCheck,
+    ) -> None:
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._checks = {"/healthz": alive, "/readyz": ready}
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_Server", (_Server,), {"address_family": family})
+        self._server: WSGIServer = make_server(
+            address, port, self._app, server_class, _QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
+
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        check = self._checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            body: Iterable[bytes] = self._metrics_app(environ, start_response)
+            return body
+        health = check()
+        text = json.dumps(health.body).encode()
+        status = "200 OK" if health.ok else "503 Service Unavailable"
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(text)))]
+        start_response(status, headers)
+        return [text]
 
     @property
     def port(self) -> int:

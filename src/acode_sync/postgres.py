@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from itertools import accumulate
+from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import anyio
@@ -267,6 +269,72 @@ def _server_message(error: BaseException) -> str:
     return str(message)[:300] if message else type(error).__name__
 
 
+TLS_FILE_KEYS: Final = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+TLS_REQUIRED_MODES: Final = frozenset({"require", "verify-ca", "verify-full"})
+INVALID_PASSWORD: Final = "28P01"  # noqa: S105 - a SQLSTATE
+
+
+def _tls_files(settings: PostgresSettings) -> list[tuple[str, Path]]:
+    """(key, path) of every TLS file the connection will read."""
+    named = dict(settings.parsed_dsn().parameters)
+    if settings.sslrootcert is not None:
+        named["sslrootcert"] = str(settings.sslrootcert)
+    # asyncpg reads this variable when nothing else names a CA file.
+    if "sslrootcert" not in named and os.environ.get("PGSSLROOTCERT"):
+        named["sslrootcert"] = os.environ["PGSSLROOTCERT"]
+    return [(key, Path(named[key]).expanduser()) for key in TLS_FILE_KEYS if key in named]
+
+
+def _unreadable_tls_file(settings: PostgresSettings) -> str:
+    files = _tls_files(settings)
+    for key, path in files:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            reason = "not a readable file" if path.exists() else "no such file"
+            return f"{path} ({key}): {reason}"
+    return "one of " + (", ".join(str(path) for _, path in files) or "its files")
+
+
+def connection_advice(error: BaseException, settings: PostgresSettings) -> str | None:
+    """What a connection failure means and how to fix it, where the error alone does not
+    say (a TLS file, a server without TLS, a missing or rejected password); never quotes
+    the password."""
+    mode = settings.effective_sslmode() or "prefer"
+    if isinstance(error, FileNotFoundError | PermissionError | NotADirectoryError):
+        return (
+            f"TLS (sslmode={mode}) cannot read {_unreadable_tls_file(settings)}; put the "
+            "file there or point postgres.sslrootcert (or the DSN's ssl... parameter) at it"
+        )
+    if isinstance(error, asyncpg.ClientConfigurationError):
+        # asyncpg's own text: it names the file it looked for.
+        advice = f"{str(error).splitlines()[0][:300]} (sslmode={mode})"
+        if mode in ("verify-ca", "verify-full"):
+            advice += (
+                "; set postgres.sslrootcert to the CA file that signed the server's certificate"
+            )
+        return advice
+    if type(error) is ConnectionError and mode in TLS_REQUIRED_MODES:
+        if "rejected SSL upgrade" in str(error):  # asyncpg's own text: nothing else tells
+            return (
+                f"the server does not offer TLS, and sslmode={mode} requires it; turn ssl on "
+                "in the server (ssl = on, with a certificate), or, only on a link you trust, "
+                'set postgres.sslmode = "prefer"'
+            )
+        return f"the TLS negotiation failed (sslmode={mode}); see the server's log"
+    if _sqlstate(error) == INVALID_PASSWORD:
+        if settings.password is None and settings.password_file is None:
+            return (
+                "the server asks for a password and none is configured; set "
+                "postgres.password_file (or ACODE_POSTGRES_PASSWORD_FILE)"
+            )
+        given = (
+            f"from postgres.password_file {settings.password_file}"
+            if settings.password is None
+            else "from postgres.password, the DSN or ACODE_POSTGRES_PASSWORD"
+        )
+        return f"the server rejected the password ({given}) for the DSN's user; correct it"
+    return None
+
+
 class PostgresTarget:
     """The pool and everything the syncers do against PostgreSQL."""
 
@@ -283,16 +351,20 @@ class PostgresTarget:
         state = _sqlstate(error)
         where = f"PostgreSQL at {self.description}: {doing}"
         fault = fault_of(error)
+        advice = connection_advice(error, self.settings)
+        advised = f": {advice}" if advice else ""
         if state and fault is Fault.SERVER and not _is_connection_error(error):
             if state in SCHEMA_GONE_SQLSTATES:
                 self._schema_ready = False  # dropped or changed: check it again
             return PostgresRefusedError(
                 f"{where}: the server refused: SQLSTATE {state} ({type(error).__name__}): "
-                f"{_server_message(error)}",
+                f"{_server_message(error)}{advised}",
                 sqlstate=state,
             )
         detail = type(error).__name__ + (f" (SQLSTATE {state})" if state else "")
-        return PostgresUnavailableError(f"{where}: {detail}", suspect=fault is Fault.SUSPECT)
+        return PostgresUnavailableError(
+            f"{where}: {detail}{advised}", suspect=fault is Fault.SUSPECT
+        )
 
     @contextmanager
     def _classified(self, doing: str) -> Iterator[None]:

@@ -50,6 +50,7 @@ from tests.daemon_harness import (
     wait_until,
     write_config,
 )
+from tests.integration.test_health import get
 from tests.pg import AUDIT_TABLE, install_audit
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes]
@@ -461,6 +462,9 @@ def test_a_read_only_server_is_a_named_refusal_that_heals_by_itself(rig: Rig) ->
             "the refusing gauge",
         )
         assert sample(rig.metrics(), "acode_sync_postgres_up") == 0
+        assert get(rig.port, "/readyz")[1]["reason"] == (
+            "PostgreSQL refuses the work (SQLSTATE 25006)"
+        )
         wait_until(lambda: len(daemon.find("postgres refused")) >= 6, "six refused turns")
         wait_until(
             lambda: rig.status_file()["postgres_refused_sqlstate"] == "25006",

@@ -213,3 +213,24 @@ SELECT 1;
 -- encoding would refuse valid records' text.
 -- name: server_encoding
 SELECT current_setting('server_encoding');
+
+-- `acode-syncd check-config --connect`: who and where this connection is.
+-- name: connection_facts
+SELECT current_user AS role, current_setting('server_version') AS version,
+       coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false) AS tls,
+       has_database_privilege(current_database(), 'CREATE') AS may_create_schema;
+
+-- The privileges asked for ($1 kind: schema, table or function; $2 its name; $3 the
+-- privilege) that the current role lacks; a missing object lacks them all.
+-- name: missing_privileges
+SELECT w.kind, w.object, w.privilege
+FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS w(kind, object, privilege, n)
+WHERE NOT CASE w.kind
+    WHEN 'schema' THEN CASE WHEN to_regnamespace(w.object) IS NULL THEN false
+                            ELSE has_schema_privilege(w.object, w.privilege) END
+    WHEN 'table' THEN CASE WHEN to_regclass(w.object) IS NULL THEN false
+                           ELSE has_table_privilege(w.object, w.privilege) END
+    ELSE CASE WHEN to_regprocedure(w.object) IS NULL THEN false
+              ELSE has_function_privilege(w.object, w.privilege) END
+END
+ORDER BY w.n;
