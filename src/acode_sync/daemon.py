@@ -95,6 +95,7 @@ class Daemon:
         self._rescan_wanted = anyio.Event()
         self._rescan_lock = anyio.Lock()
         self._outage_seen = anyio.Event()
+        self._status_soon = anyio.Event()
         self._rng = random.Random()  # noqa: S311 - jitter, not secrets
         self._watcher: Watcher | None = None
         self._metrics_server: MetricsServer | None = None
@@ -315,6 +316,7 @@ class Daemon:
             self.workers.pop(workspace).stop()
             self.log.info("workspace removed", workspace=str(workspace))
         self.metrics.workspaces.set(len(self.workers))
+        self._status_soon.set()
 
     async def _rescan_loop(self) -> None:
         """Every rescan_seconds, and soon after the watcher saw a directory or a
@@ -350,8 +352,10 @@ class Daemon:
             if refused is not None:
                 self.metrics.postgres_refusing.labels(refused).set(1)
             self.postgres_refused = refused
+            self._status_soon.set()
         if up == self.postgres_up:
             return
+        self._status_soon.set()
         was, self.postgres_up = self.postgres_up, up
         self.metrics.postgres_up.set(1 if up else 0)
         if not up:
@@ -384,7 +388,9 @@ class Daemon:
         while True:
             quiet = time.monotonic() - self.last_postgres_report >= PROBE_SECONDS
             if self._in_outage() or (quiet and self.postgres_refused is None):
-                self._on_postgres(await self.shared.target.probe())
+                up = await self.shared.target.probe()
+                if self.postgres_refused is None:  # a refusal reported meanwhile stands
+                    self._on_postgres(up)
             self._outage_seen = anyio.Event()
             with anyio.move_on_after(OUTAGE_PROBE_SECONDS if self._in_outage() else PROBE_SECONDS):
                 await self._outage_seen.wait()
@@ -484,7 +490,9 @@ class Daemon:
                 self.notifier.status(line)
                 self._status_line = line
             await anyio.to_thread.run_sync(self._write_status)
-            await anyio.sleep(STATUS_SECONDS)
+            with anyio.move_on_after(STATUS_SECONDS):
+                await self._status_soon.wait()
+            self._status_soon = anyio.Event()
 
 
 def run_daemon(config_path: Path | None) -> int:

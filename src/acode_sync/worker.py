@@ -161,14 +161,15 @@ class WorkspaceWorker:
         self.outage.cap_seconds = sync.outage_cap_seconds
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self._refresh_backlog()  # true in the status from the moment it is known
         task_status.started()
         delay: float | None = 0.0
         try:
-            await self._refresh_backlog()  # known from the moment the workspace is
             while not self.is_stopping():
                 if delay is None:
                     await self._idle()
                 elif delay > 0:
+                    await self.syncer.release()  # waiting holds no connection either
                     await self._sleep(delay, wake_on_change=False)
                 self.waiting_out_outage = False
                 if self.is_stopping():
@@ -183,7 +184,8 @@ class WorkspaceWorker:
     async def _sleep(self, seconds: float, *, wake_on_change: bool) -> None:
         """Until the time is up, sync_now()/stop(), or (if asked) a change of the files.
         A change that does not end the wait still refreshes the backlog: records written
-        during an outage count at once."""
+        during an outage count at once. The read's connection is closed again, so that
+        the writer's last close (its checkpoint) is seen as a change too."""
         deadline = anyio.current_time() + seconds
         while not (self._stopping or self._force):
             with anyio.move_on_at(deadline):
@@ -193,6 +195,7 @@ class WorkspaceWorker:
                 break
             if not (self._stopping or self._force):
                 await self._refresh_backlog()
+                await self.syncer.release()
         self._force = False
 
     async def _idle(self) -> None:

@@ -161,7 +161,9 @@ def test_ready_watchdog_and_wake_up_on_write(rig: Rig) -> None:
     first = rig.root / "alpha"
     save_sessions(first, 3)
     # An idle sweep far beyond every wait below: only inotify can wake the worker.
-    daemon, ready = rig.start_ready(rig.config(daemon={"sweep_seconds": 300.0}))
+    daemon, ready = rig.start_ready(
+        rig.config(daemon={"sweep_seconds": 300.0, "log_level": "debug"})
+    )
 
     ready_lines = rig.notify.messages[ready].split("\n")
     assert ready_lines[0] == "READY=1"
