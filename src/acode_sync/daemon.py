@@ -112,6 +112,7 @@ class Daemon:
             limiter=anyio.CapacityLimiter(concurrent_syncs(config)),
             on_postgres=self._on_postgres,
             watchdog=self.heartbeat,
+            on_backlog=lambda: self._status_soon.set(),
         )
 
     # -- the three phases -------------------------------------------------------------

@@ -45,6 +45,7 @@ class Shared:
     limiter: anyio.CapacityLimiter
     on_postgres: Callable[[bool, str | None], None]
     watchdog: Heartbeat
+    on_backlog: Callable[[], None] = lambda: None  # a worker's backlog was read afresh
 
 
 @dataclass
@@ -161,10 +162,11 @@ class WorkspaceWorker:
         self.outage.cap_seconds = sync.outage_cap_seconds
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self._refresh_backlog()  # true in the status from the moment it is known
         task_status.started()
         delay: float | None = 0.0
         try:
+            await self._refresh_backlog()  # in the status from the moment it is known
+            self.shared.on_backlog()
             while not self.is_stopping():
                 if delay is None:
                     await self._idle()
