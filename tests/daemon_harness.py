@@ -245,9 +245,12 @@ class DaemonProcess:
         workdir: Path,
         watchdog_usec: int = 400_000,
         name: str = "daemon",
+        extra_env: Mapping[str, str] | None = None,
     ) -> DaemonProcess:
         stdout, stderr = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
-        env = child_env(NOTIFY_SOCKET=notify.address, WATCHDOG_USEC=str(watchdog_usec))
+        env = child_env(
+            NOTIFY_SOCKET=notify.address, WATCHDOG_USEC=str(watchdog_usec), **(extra_env or {})
+        )
         with stdout.open("wb") as out, stderr.open("wb") as err:
             process = subprocess.Popen(
                 [SYNCD, "run", "--config", str(config)],
@@ -337,6 +340,11 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def sample(text: str, name: str, **labels: str) -> float | None:
     return samples(text).get((name, tuple(sorted(labels.items()))))
+
+
+def records_applied(port: int) -> float:
+    """acode_sync_records_total{result="applied"} of the daemon on that metrics port."""
+    return sample(scrape(port), "acode_sync_records_total", result="applied") or 0.0
 
 
 def run_cli(*argv: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:

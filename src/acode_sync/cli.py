@@ -23,7 +23,7 @@ from acode_sync.errors import AcodeError, RecordRejectedError
 from acode_sync.log import configure_logging
 from acode_sync.outbox import list_records, replay
 from acode_sync.postgres import PostgresTarget
-from acode_sync.runtime import read_status, state_dir
+from acode_sync.runtime import find_state_dir, read_status
 from acode_sync.status import workspace_status
 from acode_sync.sync import WorkspaceSyncer, tune_interpreter
 from acode_sync.workspace import (
@@ -101,15 +101,16 @@ def cmd_schema_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def daemon_view(workspace: Path, config_path: Path | None) -> dict[str, Any] | None:
-    """What a running acode-syncd says about this workspace (from its status file)."""
-    try:
-        config = load_config(config_path, os.environ)
-    except AcodeError:
-        return None
-    status = read_status(state_dir(config.daemon, os.environ))
+def daemon_view(
+    workspace: Path, config_path: Path | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """What a running acode-syncd says about this workspace (from its status file), and
+    the configuration file's error if it is invalid: the daemon is found anyway."""
+    directory, invalid = find_state_dir(config_path, os.environ)
+    config_error = None if invalid is None else f"{invalid.code}: {invalid.message}"
+    status = read_status(directory)
     if status is None:
-        return None
+        return None, config_error
     mine = status.get("workspace_status", {}).get(str(workspace))
     last_sync = None if mine is None or mine["last_sync"] is None else mine["last_sync"]
     return {
@@ -121,17 +122,19 @@ def daemon_view(workspace: Path, config_path: Path | None) -> dict[str, Any] | N
         if last_sync is None
         else datetime.fromtimestamp(last_sync, UTC).isoformat(),
         "broken": None if mine is None else mine["broken"],
-    }
+    }, config_error
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
     status = workspace_status(workspace)
-    daemon = daemon_view(workspace, args.config)
+    daemon, config_error = daemon_view(workspace, args.config)
     if args.json:
-        _print_json({**status.as_dict(), "daemon": daemon})
+        _print_json({**status.as_dict(), "daemon": daemon, "config_error": config_error})
         return 0
     print("\n".join(status.lines()))
+    if config_error is not None:
+        print(f"config:          invalid: {config_error}")
     if daemon is None:
         print("daemon:          not running (or not for this configuration)")
         return 0

@@ -329,6 +329,8 @@ class DaemonSettings:
     # about twice the cores only adds memory and contention.
     max_concurrent_syncs: int = 4
     broken_retry_seconds: float = 30.0
+    # Each workspace's `sync summary` log line covers this long (none for an idle one).
+    summary_interval_seconds: float = 60.0
     log_level: str = "info"
     log_format: str = "auto"
     state_dir: Path | None = None

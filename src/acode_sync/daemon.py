@@ -8,6 +8,7 @@ commit within the drain timeout, close the pool, exit 0).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from acode_sync.errors import ConfigError, PostgresUnavailableError, WorkspaceOp
 from acode_sync.log import configure_logging, get_logger
 from acode_sync.metrics import Health, Metrics, MetricsServer
 from acode_sync.postgres import PostgresTarget
-from acode_sync.runtime import remove_status, state_dir, write_status
+from acode_sync.runtime import hold_state_dir, remove_status, state_dir, write_status
 from acode_sync.sync import tune_interpreter
 from acode_sync.systemd import Notifier, watchdog_interval
 from acode_sync.watcher import Watcher, make_watcher
@@ -35,6 +36,14 @@ from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
 
 STATUS_SECONDS: Final = 2.0
 PROBE_SECONDS: Final = 30.0
+# While PostgreSQL is down (not refusing), probe it this often, so its return is seen
+# at once rather than when each workspace's own outage backoff (up to a minute) ends.
+OUTAGE_PROBE_SECONDS: Final = 1.0
+# The workspaces waiting out an outage resume spread over this long, not all at once.
+RESUME_SPREAD_SECONDS: Final = 1.5
+# A directory event under a root: rescan after this pause, so that a burst of creations
+# (mkdir -p, a database's first commits) costs one walk.
+TREE_SETTLE_SECONDS: Final = 0.2
 PRUNE_SECONDS: Final = 3600.0
 LOOP_BEAT_SECONDS: Final = 1.0
 # /healthz fails when the event loop has not run its beat for this long.
@@ -76,6 +85,8 @@ class Daemon:
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # Fixed for the process's life: the directory it holds the lock of.
+        self.state_dir = state_dir(config.daemon, environ, config_path)
         self.environ = environ
         self.cwd = cwd
         self.log = get_logger()
@@ -93,6 +104,11 @@ class Daemon:
         self.loop_stall_seconds = LOOP_STALL_SECONDS
         self.reload: dict[str, Any] = {"generation": 0, "ok": True, "error": None, "at": None}
         self._stop = anyio.Event()
+        self._rescan_wanted = anyio.Event()
+        self._rescan_lock = anyio.Lock()
+        self._outage_seen = anyio.Event()
+        self._status_soon = anyio.Event()
+        self._rng = random.Random()  # noqa: S311 - jitter, not secrets
         self._watcher: Watcher | None = None
         self._metrics_server: MetricsServer | None = None
         self._workers_tg: TaskGroup | None = None
@@ -108,6 +124,7 @@ class Daemon:
             limiter=anyio.CapacityLimiter(concurrent_syncs(config)),
             on_postgres=self._on_postgres,
             watchdog=self.heartbeat,
+            on_backlog=lambda: self._status_soon.set(),
         )
 
     # -- the three phases -------------------------------------------------------------
@@ -153,6 +170,7 @@ class Daemon:
         services.start_soon(self._status_loop)
         services.start_soon(self._probe_loop)
         services.start_soon(self._prune_loop)
+        services.start_soon(self._summary_loop)
         interval = watchdog_interval(self.environ, os.getpid())
         if interval:
             services.start_soon(self._watchdog_loop, interval)
@@ -173,7 +191,7 @@ class Daemon:
             if self._metrics_server is not None:
                 await anyio.to_thread.run_sync(self._metrics_server.close)
             await self.shared.target.close()
-            remove_status(state_dir(self.config.daemon, self.environ))
+            remove_status(self.state_dir)
 
     # -- signals ------------------------------------------------------------------------
 
@@ -278,9 +296,19 @@ class Daemon:
     # -- workspaces ---------------------------------------------------------------------
 
     async def _rescan(self) -> None:
-        discovery = await anyio.to_thread.run_sync(
-            discover, self.config.daemon, self.cwd, frozenset(self.workers)
-        )
+        async with self._rescan_lock:
+            await self._rescan_once()
+
+    async def _rescan_once(self) -> None:
+        assert self._watcher is not None
+        while True:
+            discovery = await anyio.to_thread.run_sync(
+                discover, self.config.daemon, self.cwd, frozenset(self.workers)
+            )
+            # What was created under a new directory before its watch was added has
+            # sent no event: walk again until no new directory is watched.
+            if not self._watcher.watch_tree(discovery.directories):
+                break
         found = discovery.workspaces
         for workspace, error in sorted(discovery.refused.items()):
             if workspace not in self.refused:
@@ -291,7 +319,6 @@ class Daemon:
                     error=error.message,
                 )
         self.refused = discovery.refused
-        assert self._watcher is not None
         assert self._workers_tg is not None
         for workspace in sorted(found - set(self.workers)):
             try:
@@ -309,16 +336,25 @@ class Daemon:
             self.workers.pop(workspace).stop()
             self.log.info("workspace removed", workspace=str(workspace))
         self.metrics.workspaces.set(len(self.workers))
+        self._status_soon.set()
 
     async def _rescan_loop(self) -> None:
+        """Every rescan_seconds, and soon after the watcher saw a directory or a
+        database appear under a root (the periodic scan is the safety net)."""
         while True:
-            await anyio.sleep(self.config.daemon.rescan_seconds)
+            with anyio.move_on_after(self.config.daemon.rescan_seconds):
+                await self._rescan_wanted.wait()
+                await anyio.sleep(TREE_SETTLE_SECONDS)
+            self._rescan_wanted = anyio.Event()
             await self._rescan()
 
     async def _watch_loop(self) -> None:
         assert self._watcher is not None
         while True:
-            for workspace in await self._watcher.changed():
+            changes = await self._watcher.changed()
+            if changes.tree:
+                self._rescan_wanted.set()
+            for workspace in changes.workspaces:
                 worker = self.workers.get(workspace)
                 if worker is not None:
                     worker.notify_change()
@@ -377,19 +413,54 @@ class Daemon:
             if refused is not None:
                 self.metrics.postgres_refusing.labels(refused).set(1)
             self.postgres_refused = refused
-        if up != self.postgres_up:
-            self.metrics.postgres_up.set(1 if up else 0)
-            if self.postgres_up is not None:
-                self.log.info("postgres up" if up else "postgres down")
-            self.postgres_up = up
+            self._status_soon.set()
+        if up == self.postgres_up:
+            return
+        self._status_soon.set()
+        was, self.postgres_up = self.postgres_up, up
+        self.metrics.postgres_up.set(1 if up else 0)
+        if not up:
+            self._outage_seen.set()
+            if was is not None:
+                self.log.info("postgres down")
+            return
+        waiting = [w for w in self.workers.values() if w.waiting_out_outage]
+        if was is not None:
+            self.log.info("postgres up", resuming_workspaces=len(waiting))
+        if waiting and self._services is not None:
+            self._services.start_soon(self._resume, waiting)
+
+    async def _resume(self, workers: list[WorkspaceWorker]) -> None:
+        """End the outage waits, each at a random time within RESUME_SPREAD_SECONDS."""
+        times = sorted((self._rng.uniform(0, RESUME_SPREAD_SECONDS), w) for w in workers)
+        start = anyio.current_time()
+        for at, worker in times:
+            await anyio.sleep_until(start + at)
+            worker.resume_after_outage()
+
+    def _in_outage(self) -> bool:
+        """PostgreSQL unreachable. A refusal is not an outage: the server answers the
+        probe while it refuses the work, and only an applied batch ends a refusal."""
+        return self.postgres_up is False and self.postgres_refused is None
 
     async def _probe_loop(self) -> None:
-        """Keep acode_sync_postgres_up true when no worker has talked to PostgreSQL lately."""
+        """Keep acode_sync_postgres_up true when no worker has talked to PostgreSQL
+        lately, and during an outage probe every OUTAGE_PROBE_SECONDS to see it end."""
         while True:
             quiet = time.monotonic() - self.last_postgres_report >= PROBE_SECONDS
-            if quiet and self.postgres_refused is None:
-                self._on_postgres(await self.shared.target.probe())
-            await anyio.sleep(PROBE_SECONDS)
+            if self._in_outage() or (quiet and self.postgres_refused is None):
+                up = await self.shared.target.probe()
+                if self.postgres_refused is None:  # a refusal reported meanwhile stands
+                    self._on_postgres(up)
+            self._outage_seen = anyio.Event()
+            with anyio.move_on_after(OUTAGE_PROBE_SECONDS if self._in_outage() else PROBE_SECONDS):
+                await self._outage_seen.wait()
+
+    async def _summary_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.daemon.summary_interval_seconds)
+            for worker in self.workers.values():
+                worker.log_summary()
 
     async def _prune_loop(self) -> None:
         """Forget applied keys older than the key retention, in small deletes, hourly."""
@@ -464,7 +535,7 @@ class Daemon:
         if status == self._status_written:
             return
         try:
-            write_status(state_dir(self.config.daemon, self.environ), status)
+            write_status(self.state_dir, status)
         except OSError as error:
             self.log.warning("cannot write the status file", error=error.strerror)
         self._status_written = status
@@ -481,7 +552,9 @@ class Daemon:
                 self.notifier.status(line)
                 self._status_line = line
             await anyio.to_thread.run_sync(self._write_status)
-            await anyio.sleep(STATUS_SECONDS)
+            with anyio.move_on_after(STATUS_SECONDS):
+                await self._status_soon.wait()
+            self._status_soon = anyio.Event()
 
 
 def run_daemon(config_path: Path | None) -> int:
@@ -491,4 +564,8 @@ def run_daemon(config_path: Path | None) -> int:
     daemon = Daemon(
         config, config_path=config_path or config.source, environ=os.environ, cwd=Path.cwd()
     )
-    return anyio.run(daemon.run, backend="asyncio")
+    lock = hold_state_dir(daemon.state_dir)
+    try:
+        return anyio.run(daemon.run, backend="asyncio")
+    finally:
+        os.close(lock)

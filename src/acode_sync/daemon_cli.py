@@ -19,9 +19,9 @@ from typing import Any
 
 from acode_sync import __version__
 from acode_sync.cli import dispatch
-from acode_sync.config import Config, DaemonSettings, load_config
+from acode_sync.config import Config, load_config
 from acode_sync.errors import ConfigError
-from acode_sync.runtime import read_status, state_dir
+from acode_sync.runtime import find_state_dir, read_status
 from acode_sync.secret import MASK, Secret
 
 EX_UNAVAILABLE = 69
@@ -84,21 +84,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Send SIGHUP and wait for the daemon to say how the reload went (for ExecReload)."""
-    try:
-        daemon_settings = load_config(args.config, os.environ).daemon
-        invalid = None
-    except ConfigError as error:
-        # Still ask the daemon (found where it is by default): it logs and counts the
-        # rejection, and keeps its configuration.
-        daemon_settings, invalid = DaemonSettings(), error
-    directory = state_dir(daemon_settings, os.environ)
+    """Send SIGHUP and wait for the daemon to say how the reload went (for ExecReload).
+    An invalid file is sent too: the daemon, the judge, rejects it, logs and counts the
+    rejection and keeps its configuration; the error found here is printed first."""
+    directory, invalid = find_state_dir(args.config, os.environ)
     status = read_status(directory)
     if status is None:
         if invalid is not None:
             raise invalid
         print(f"acode-syncd is not running (no live status in {directory})", file=sys.stderr)
         return 1
+    if invalid is not None:
+        print(f"{invalid.code}: {invalid.message}", file=sys.stderr)
     generation = status["reload"]["generation"]
     os.kill(int(status["pid"]), signal.SIGHUP)
     deadline = time.monotonic() + args.timeout

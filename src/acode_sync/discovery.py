@@ -37,9 +37,14 @@ def is_sqlite_file(path: Path) -> bool:
         return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
 
 
-def _walk(root: Path, max_depth: int) -> Iterator[Path]:
-    """Directories under root (root included) down to max_depth, never following links."""
-    yield root
+def is_skipped(name: str) -> bool:
+    return name.startswith(".") or name in SKIPPED_DIRS
+
+
+def _walk(root: Path, max_depth: int) -> Iterator[tuple[Path, int]]:
+    """Directories under root (root included) down to max_depth, never following links,
+    each with the levels left below it."""
+    yield root, max_depth
     if max_depth == 0:
         return
     try:
@@ -47,7 +52,7 @@ def _walk(root: Path, max_depth: int) -> Iterator[Path]:
     except OSError:
         return
     for entry in entries:
-        if entry.name.startswith(".") or entry.name in SKIPPED_DIRS:
+        if is_skipped(entry.name):
             continue
         if entry.is_dir(follow_symlinks=False):
             yield from _walk(Path(entry.path), max_depth - 1)
@@ -62,6 +67,9 @@ def _matches(relative: str, settings: DaemonSettings) -> bool:
 class Discovery:
     workspaces: set[Path]
     refused: dict[Path, WorkspaceOpenError] = field(default_factory=dict)
+    # Every directory examined, and whether a new directory in it could hold a
+    # workspace (it is above max_depth): what the watcher watches for new workspaces.
+    directories: dict[Path, bool] = field(default_factory=dict)
 
 
 def discover(
@@ -83,8 +91,10 @@ def discover(
     mounts = mount_points()
     candidates: dict[Path, DatabaseId] = {}
     refused: dict[Path, WorkspaceOpenError] = {}
+    directories: dict[Path, bool] = {}
     for root in roots:
-        for directory in _walk(root, depth):
+        for directory, levels_left in _walk(root, depth):
+            directories[directory] = levels_left > 0
             database = directory / AGENT_DIR / DATABASE_NAME
             if not os.path.lexists(database):
                 continue
@@ -100,7 +110,7 @@ def discover(
     for path, database_id in candidates.items():
         if database_id in known_ids or is_sqlite_file(database_path(path)):
             paths.setdefault(database_id, set()).add(path)
-    return Discovery({_one_path(same, known) for same in paths.values()}, refused)
+    return Discovery({_one_path(same, known) for same in paths.values()}, refused, directories)
 
 
 def _one_path(paths: set[Path], known: frozenset[Path]) -> Path:

@@ -546,7 +546,7 @@ class WorkspaceSyncer:
         summary.dead += dead
         summary.batches += 1
         summary.batch_seconds.append(time.perf_counter() - started)
-        self.log.info(
+        self.log.debug(  # at info, one line per save of an interactive agent
             "batch",
             first_outbox_id=records[0].outbox_id,
             last_outbox_id=records[-1].outbox_id,

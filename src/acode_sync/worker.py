@@ -45,6 +45,7 @@ class Shared:
     limiter: anyio.CapacityLimiter
     on_postgres: Callable[[bool, str | None], None]
     watchdog: Heartbeat
+    on_backlog: Callable[[], None] = lambda: None  # a worker's backlog was read afresh
 
 
 @dataclass
@@ -68,6 +69,26 @@ class Heartbeat:
         return [name for name, deadline in self.running.values() if now > deadline]
 
 
+@dataclass
+class PeriodCounts:
+    """What a workspace shipped since its last `sync summary` line."""
+
+    batches: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    failed: int = 0
+    dead: int = 0
+
+    def add(self, summary: SyncSummary) -> None:
+        self.batches += summary.batches
+        self.applied += summary.applied
+        self.duplicates += summary.duplicates
+        self.conflicts += summary.conflicts
+        self.failed += summary.retried + summary.dead
+        self.dead += summary.dead
+
+
 def _unix(timestamp: str | None) -> float | None:
     return None if timestamp is None else parse_timestamp(timestamp).timestamp()
 
@@ -85,6 +106,9 @@ class WorkspaceWorker:
         self.last_sync: float | None = None
         self.broken_code: str | None = None
         self.next_retry: float | None = None  # unix time a record's backoff ends
+        self.waiting_out_outage = False
+        self.period = PeriodCounts()
+        self._period_started = time.monotonic()
         self._wake = anyio.Event()
         self._stopping = False
         self._force = False
@@ -102,6 +126,30 @@ class WorkspaceWorker:
         self._force = True
         self._wake.set()
 
+    def resume_after_outage(self) -> None:
+        """PostgreSQL answers again: end an outage wait now (any other wait is kept)."""
+        if self.waiting_out_outage:
+            self.sync_now()
+
+    def log_summary(self) -> None:
+        """One info line for what was shipped since the last one; none if nothing was."""
+        now = time.monotonic()
+        period, self.period = self.period, PeriodCounts()
+        seconds, self._period_started = now - self._period_started, now
+        if period.batches == 0 and period.failed == 0:
+            return
+        self.log.info(
+            "sync summary",
+            seconds=round(seconds, 1),
+            batches=period.batches,
+            applied=period.applied,
+            duplicates=period.duplicates,
+            conflicts=period.conflicts,
+            failed=period.failed,
+            dead=period.dead,
+            backlog=self.backlog,
+        )
+
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -117,11 +165,15 @@ class WorkspaceWorker:
         task_status.started()
         delay: float | None = 0.0
         try:
+            await self._refresh_backlog()  # in the status from the moment it is known
+            self.shared.on_backlog()
             while not self.is_stopping():
                 if delay is None:
                     await self._idle()
                 elif delay > 0:
+                    await self.syncer.release()  # waiting holds no connection either
                     await self._sleep(delay, wake_on_change=False)
+                self.waiting_out_outage = False
                 if self.is_stopping():
                     break
                 delay = await self._turn()
@@ -129,9 +181,13 @@ class WorkspaceWorker:
             with anyio.CancelScope(shield=True):
                 await self.syncer.release()
             self._set_broken(None, quietly=True)
+            self.log_summary()
 
     async def _sleep(self, seconds: float, *, wake_on_change: bool) -> None:
-        """Until the time is up, sync_now()/stop(), or (if asked) a change of the files."""
+        """Until the time is up, sync_now()/stop(), or (if asked) a change of the files.
+        A change that does not end the wait still refreshes the backlog: records written
+        during an outage count at once. The read's connection is closed again, so that
+        the writer's last close (its checkpoint) is seen as a change too."""
         deadline = anyio.current_time() + seconds
         while not (self._stopping or self._force):
             with anyio.move_on_at(deadline):
@@ -139,6 +195,9 @@ class WorkspaceWorker:
             self._wake = anyio.Event()
             if wake_on_change or anyio.current_time() >= deadline:
                 break
+            if not (self._stopping or self._force):
+                await self._refresh_backlog()
+                await self.syncer.release()
         self._force = False
 
     async def _idle(self) -> None:
@@ -157,6 +216,7 @@ class WorkspaceWorker:
                 return
             try:
                 if await self.syncer.has_work():
+                    await self._refresh_backlog()  # true while the turn waits or fails
                     return
             except AcodeError:
                 return  # let a turn report it
@@ -183,6 +243,7 @@ class WorkspaceWorker:
             ) as error:
                 self._count(self.syncer.summary)  # batches applied before the outage
                 refused = error.sqlstate if isinstance(error, PostgresRefusedError) else None
+                self.waiting_out_outage = True  # before the news: a recovery may follow at once
                 shared.on_postgres(False, refused)
                 shared.metrics.batch_errors.inc()
                 await self._refresh_backlog()
@@ -230,6 +291,7 @@ class WorkspaceWorker:
 
     def _count(self, summary: SyncSummary) -> None:
         metrics = self.shared.metrics
+        self.period.add(summary)
         if summary.batches:
             self.shared.on_postgres(True, None)
             self.last_sync = time.time()

@@ -162,7 +162,9 @@ def test_ready_watchdog_and_wake_up_on_write(rig: Rig) -> None:
     first = rig.root / "alpha"
     save_sessions(first, 3)
     # An idle sweep far beyond every wait below: only inotify can wake the worker.
-    daemon, ready = rig.start_ready(rig.config(daemon={"sweep_seconds": 300.0}))
+    daemon, ready = rig.start_ready(
+        rig.config(daemon={"sweep_seconds": 300.0, "log_level": "debug"})
+    )
 
     ready_lines = rig.notify.messages[ready].split("\n")
     assert ready_lines[0] == "READY=1"
@@ -434,15 +436,7 @@ def test_backlog_and_lag_are_reported_during_an_outage(rig: Rig) -> None:
 def test_a_read_only_server_is_a_named_refusal_that_heals_by_itself(rig: Rig) -> None:
     """A failover that leaves the DSN on a standby: the server answers and refuses every
     write. The daemon says so and charges nothing; fixed, everything ships."""
-
-    async def migrate() -> None:
-        owner = PostgresTarget(PostgresSettings(dsn=rig.pg_url))
-        try:
-            await owner.ensure_schema()
-        finally:
-            await owner.close()
-
-    anyio.run(migrate)
+    _migrate_postgres(rig.pg_url)  # its pool closed: nothing left for the GC to warn about
     role = "acode_e2e_" + random.Random().randbytes(4).hex()
     pg_execute(
         rig.pg_url,

@@ -20,7 +20,15 @@ from acode_sync.domain import Session, format_timestamp, new_id, utc_now
 from acode_sync.errors import AcodeError
 from acode_sync.store import WorkspaceDatabase, encode_json
 from acode_sync.workspace import database_path
-from tests.daemon_harness import ACODE, run_cli, sample, scrape, wait_until, write_config
+from tests.daemon_harness import (
+    ACODE,
+    records_applied,
+    run_cli,
+    sample,
+    scrape,
+    wait_until,
+    write_config,
+)
 from tests.reliability.rig import Rig, assert_clean, outbox_states, rig, summarise
 
 pytestmark = [
@@ -287,7 +295,7 @@ def test_corrupt_read_only_and_full_workspaces_beside_healthy_ones(rig: Rig) -> 
         for workspace, counts in before.items():  # nothing half-written
             assert _rows(workspace) == counts
             assert counts[0] == counts[1]  # every row has its records, every record its row
-        wait_until(lambda: daemon.find("batch"), "the healthy workspaces syncing")
+        wait_until(lambda: records_applied(rig.port), "the healthy workspaces syncing")
         stop.touch()
         rig.loadgens[-1].check_ok()
         rig.wait_drained(healthy)  # the others kept syncing

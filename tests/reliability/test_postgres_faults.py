@@ -23,7 +23,14 @@ from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.errors import PostgresUnavailableError
 from acode_sync.postgres import PostgresTarget
 from acode_sync.sync import WorkspaceSyncer
-from tests.daemon_harness import free_port, pg_fetchval, sample, scrape, wait_until
+from tests.daemon_harness import (
+    free_port,
+    pg_fetchval,
+    records_applied,
+    sample,
+    scrape,
+    wait_until,
+)
 from tests.faults import AtNth
 from tests.pg import AUDIT_TABLE
 from tests.proxy import TcpProxy
@@ -292,7 +299,7 @@ def test_postgres_stopped_immediately_then_restarted(rig: Rig, cluster: Cluster)
     rig.wait_written(workspaces)
     daemon = rig.start_daemon()
     rig.wait_ready(0)
-    wait_until(lambda: daemon.find("batch"), "the first batch")
+    wait_until(lambda: records_applied(rig.port), "the first batch")
 
     cluster.stop("immediate")
     down_at = len(rig.notify.messages)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import anyio
@@ -8,14 +9,23 @@ import pytest
 
 from acode_sync.config import DaemonSettings
 from acode_sync.discovery import discover, files_signature, is_sqlite_file
-from acode_sync.runtime import read_status, remove_status, state_dir, write_status
+from acode_sync.domain import Session
+from acode_sync.errors import ConfigError
+from acode_sync.runtime import (
+    find_state_dir,
+    hold_state_dir,
+    read_status,
+    remove_status,
+    state_dir,
+    write_status,
+)
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.systemd import Notifier, watchdog_interval
-from acode_sync.watcher import InotifyWatcher, PollingWatcher, make_watcher
+from acode_sync.watcher import Changes, InotifyWatcher, PollingWatcher, make_watcher
 
 
 def make_workspace(path: Path) -> Path:
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     WorkspaceDatabase(path).close()
     return path
 
@@ -64,8 +74,6 @@ def test_file_signature_changes_with_a_commit(tmp_path: Path) -> None:
     workspace = make_workspace(tmp_path / "w")
     before = files_signature(workspace)
     db = WorkspaceDatabase(workspace)
-    from acode_sync.domain import Session
-
     db.save(Session())
     assert files_signature(workspace) != before
     db.close()
@@ -74,8 +82,6 @@ def test_file_signature_changes_with_a_commit(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_polling_watcher_reports_changed_workspaces(tmp_path: Path) -> None:
-    from acode_sync.domain import Session
-
     quiet = make_workspace(tmp_path / "quiet")
     busy = make_workspace(tmp_path / "busy")
     watcher = PollingWatcher(interval=0.05)
@@ -84,7 +90,7 @@ async def test_polling_watcher_reports_changed_workspaces(tmp_path: Path) -> Non
     db = WorkspaceDatabase(busy)
     db.save(Session())
     with anyio.fail_after(10):
-        assert await watcher.changed() == {busy}
+        assert (await watcher.changed()).workspaces == {busy}
     db.close()
     watcher.remove(busy)
     watcher.close()
@@ -92,8 +98,6 @@ async def test_polling_watcher_reports_changed_workspaces(tmp_path: Path) -> Non
 
 @pytest.mark.anyio
 async def test_inotify_watcher_reports_commits_not_reads(tmp_path: Path) -> None:
-    from acode_sync.domain import Session
-
     workspace = make_workspace(tmp_path / "w")
     watcher = make_watcher("linux")
     assert isinstance(watcher, InotifyWatcher)
@@ -102,7 +106,7 @@ async def test_inotify_watcher_reports_commits_not_reads(tmp_path: Path) -> None
     db = WorkspaceDatabase(workspace)  # opening is not a commit
     db.save(Session())
     with anyio.fail_after(10):
-        assert await watcher.changed() == {workspace}
+        assert (await watcher.changed()).workspaces == {workspace}
     db.close()
     watcher.remove(workspace)
     watcher.remove(workspace)
@@ -110,13 +114,105 @@ async def test_inotify_watcher_reports_commits_not_reads(tmp_path: Path) -> None
     assert isinstance(make_watcher("darwin"), PollingWatcher)
 
 
+async def _tree_event(watcher: InotifyWatcher) -> bool:
+    """Whether the pending inotify events ask for a rescan (False: none within 0.3 s)."""
+    with anyio.move_on_after(0.3):
+        return (await watcher.changed()).tree
+    return False
+
+
+@pytest.mark.anyio
+async def test_inotify_watcher_sees_new_workspaces_under_the_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    settings = DaemonSettings(roots=(root,), max_depth=1)
+    watcher = make_watcher("linux")
+    assert isinstance(watcher, InotifyWatcher)
+    assert watcher.watch_tree(discover(settings, tmp_path).directories) is True
+    assert watcher.watch_tree(discover(settings, tmp_path).directories) is False  # unchanged
+
+    (root / "node_modules").mkdir()  # skipped: no rescan
+    assert await _tree_event(watcher) is False
+    (root / "project").mkdir()  # depth 1 may hold a workspace
+    assert await _tree_event(watcher) is True
+    assert watcher.watch_tree(discover(settings, tmp_path).directories) is True
+    (root / "project" / "src").mkdir()  # depth 2: below max_depth
+    assert await _tree_event(watcher) is False
+    (root / "project" / ".agent").mkdir()
+    assert await _tree_event(watcher) is True
+    assert watcher.watch_tree(discover(settings, tmp_path).directories) is True  # .agent
+    make_workspace(root / "project")
+    assert await _tree_event(watcher) is True
+    found = discover(settings, tmp_path)
+    assert found.workspaces == {(root / "project").resolve()}
+    watcher.watch_tree(found.directories)
+
+    # Known, it is woken by its commits and asks for no more rescans.
+    watcher.add((root / "project").resolve())
+    db = WorkspaceDatabase(root / "project")
+    db.save(Session())
+    with anyio.fail_after(10):
+        changes = await watcher.changed()
+    assert changes == Changes({(root / "project").resolve()}, tree=False)
+    db.close()
+
+    # Removed directories lose their watches; a smaller tree drops the others.
+    shutil.rmtree(root / "node_modules")
+    watcher.remove((root / "project").resolve())
+    assert watcher.watch_tree({root: True}) is False
+    shutil.rmtree(root / "project")
+    assert await _tree_event(watcher) is False
+    assert watcher.watch_tree({root / "gone": True}) is False  # no such directory
+    watcher.close()
+
+
 def test_state_dir_resolution(tmp_path: Path) -> None:
     assert state_dir(DaemonSettings(state_dir=tmp_path), {}) == tmp_path
     assert state_dir(DaemonSettings(), {"RUNTIME_DIRECTORY": "/run/a:/run/b"}) == Path("/run/a")
     assert state_dir(DaemonSettings(), {"XDG_RUNTIME_DIR": "/run/user/7"}) == Path(
-        "/run/user/7/acode-syncd"
+        "/run/user/7/acode-syncd/default"
     )
-    assert state_dir(DaemonSettings(), {}).name == "acode-syncd"
+    assert state_dir(DaemonSettings(), {}).parent.name == "acode-syncd"
+
+
+def test_each_configuration_file_has_its_own_state_dir(tmp_path: Path) -> None:
+    """Two daemons of one user, each with its own file, never share a status file."""
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    one = state_dir(DaemonSettings(), env, tmp_path / "a" / "acode-syncd.toml")
+    two = state_dir(DaemonSettings(), env, tmp_path / "b" / "acode-syncd.toml")
+    assert one != two
+    assert one.parent == two.parent == tmp_path / "run" / "acode-syncd"
+    assert one.name.startswith("acode-syncd-")
+    assert state_dir(DaemonSettings(), env, tmp_path / "a" / "acode-syncd.toml") == one
+
+
+def test_an_invalid_file_still_names_its_daemons_state_dir(tmp_path: Path) -> None:
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    named = tmp_path / "named.toml"
+    named.write_text(f'[daemon]\nstate_dir = "{tmp_path / "mine"}"\n[postgres]\npool_max = 0\n')
+    directory, error = find_state_dir(named, env)
+    assert directory == tmp_path / "mine"
+    assert error is not None
+    assert error.code == "ACODE-DB-007"
+    assert "pool_max" in error.message
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[daemon\n")
+    directory, error = find_state_dir(broken, env)
+    assert directory == state_dir(DaemonSettings(), env, broken)
+    assert error is not None
+    valid = tmp_path / "valid.toml"
+    valid.write_text("[daemon]\nmax_depth = 1\n")
+    assert find_state_dir(valid, env) == (state_dir(DaemonSettings(), env, valid), None)
+
+
+def test_one_daemon_per_state_dir(tmp_path: Path) -> None:
+    held = hold_state_dir(tmp_path / "state")
+    try:
+        with pytest.raises(ConfigError, match=rf"pid {os.getpid()}\) already runs"):
+            hold_state_dir(tmp_path / "state")
+    finally:
+        os.close(held)
+    os.close(hold_state_dir(tmp_path / "state"))  # free again once the holder is gone
 
 
 def test_status_file_of_a_live_or_dead_process(tmp_path: Path) -> None:
