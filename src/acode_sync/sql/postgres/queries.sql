@@ -206,3 +206,10 @@ WHERE ctid = ANY (ARRAY(SELECT ctid FROM acode.applied_keys WHERE applied_at < $
 
 -- name: probe
 SELECT 1;
+
+-- `acode db verify`: the versions PostgreSQL holds of a page of one workspace's entities.
+-- A template, filled once per table from the constant specs (postgres.VERSIONS_SQL).
+-- name: entity_versions
+SELECT <id_column> AS entity_id, updated_at, origin_id, idempotency_key, payload_digest
+FROM acode.<t>
+WHERE <id_column> = ANY($1::text[]);
