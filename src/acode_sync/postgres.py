@@ -540,6 +540,13 @@ class PostgresTarget:
                 await self.ensure_schema()
             return list(await pool.fetch(VERSIONS_SQL[entity_type], list(entity_ids)))
 
+    async def forget_applied_keys(self, keys: Sequence[str]) -> None:
+        """Forget these keys, of versions PostgreSQL does not hold (a verify found them
+        missing or older there), so that the versions sent again are applied."""
+        pool = await self._get_pool()
+        with self._classified("repairing"), anyio.fail_after(self.settings.statement_timeout):
+            await pool.execute(_Q["forget_applied_keys"], list(keys))
+
     async def prune_applied_keys(self, before: datetime, limit: int = 5000) -> int:
         pool = await self._get_pool()
         with self._classified("pruning"), anyio.fail_after(self.settings.statement_timeout):

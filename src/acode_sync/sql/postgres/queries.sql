@@ -213,3 +213,8 @@ SELECT 1;
 SELECT <id_column> AS entity_id, updated_at, origin_id, idempotency_key, payload_digest
 FROM acode.<t>
 WHERE <id_column> = ANY($1::text[]);
+
+-- `acode db verify --repair`: keys of versions PostgreSQL lacks (missing or older there),
+-- so that the versions queued again are applied rather than taken for duplicates.
+-- name: forget_applied_keys
+DELETE FROM acode.applied_keys WHERE idempotency_key = ANY($1::text[]);
