@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import pytest
 
@@ -78,7 +79,8 @@ async def test_equal_then_each_kind_of_difference_then_repair(
     sessions = seed(workspace, 7)
     await drain(workspace, target)
     report = await verify(workspace, target)
-    assert report.ok and report.problems == []
+    assert report.ok
+    assert report.problems == []
     assert (report.checked, report.equal, report.in_flight) == (8, 8, 0)
 
     missing, stale, corrupt, superseded, ahead = (s.session_id for s in sessions[:5])
@@ -118,7 +120,9 @@ async def test_equal_then_each_kind_of_difference_then_repair(
         Kind.SUPERSEDED: {superseded},
         Kind.NEWER_CENTRALLY: {ahead},
     }
-    assert report.in_flight == 1 and not report.ok and len(report.problems) == 4
+    assert report.in_flight == 1
+    assert not report.ok
+    assert len(report.problems) == 4
     assert in_flight.session_id not in {d.entity_id for d in report.differences}
     text = "\n".join(report.lines())
     assert f"missing: 1\n  Session {missing}: local {sessions[0].updated_at}" in text
@@ -166,7 +170,8 @@ async def test_repair_rebuilds_records_that_were_pruned(
     gone = sessions[3].session_id
     await pg(pg_url, "DELETE FROM acode.sessions WHERE session_id = $1", gone)
     report = await verify(workspace, target, repair=True)
-    assert kinds(report) == {Kind.MISSING: {gone}} and report.queued == 1
+    assert kinds(report) == {Kind.MISSING: {gone}}
+    assert report.queued == 1
     await drain(workspace, target)
     assert (await verify(workspace, target)).ok
 
@@ -181,7 +186,9 @@ async def test_dead_letter_and_an_entity_saved_before_the_repair(
     db.save(Session(session_id=dead, title="never shipped"))
     db.close()
     conn = sqlite3.connect(database_path(workspace))
-    conn.execute("UPDATE outbox SET state = 'dead' WHERE entity_id = ? AND state = 'pending'", (dead,))
+    conn.execute(
+        "UPDATE outbox SET state = 'dead' WHERE entity_id = ? AND state = 'pending'", (dead,)
+    )
     conn.commit()
     conn.close()
     await pg(pg_url, "DELETE FROM acode.sessions WHERE session_id = $1", moved)
@@ -201,7 +208,9 @@ async def test_refuses_a_workspace_at_another_schema(
 ) -> None:
     seed(workspace, 1)
     conn = sqlite3.connect(database_path(workspace))
-    conn.execute("DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations)")
+    conn.execute(
+        "DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations)"
+    )
     conn.commit()
     conn.close()
     with pytest.raises(SchemaMismatchError):
@@ -240,7 +249,7 @@ async def test_no_false_alarm_while_agents_write_and_a_syncer_ships(
                     new = await store.save(Session(title="new"))
                     ids.append(new.session_id)
                 saves += 1
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
     async def syncer() -> None:
         settings = SyncSettings(batch_max_records=7)
@@ -265,4 +274,6 @@ async def test_no_false_alarm_while_agents_write_and_a_syncer_ships(
     assert [r.problems for r in reports] == [[]] * len(reports)
     await drain(workspace, target)
     final = await verify(workspace, target)
-    assert final.ok and final.in_flight == 0 and final.checked == len(ids) + 1
+    assert final.ok
+    assert final.in_flight == 0
+    assert final.checked == len(ids) + 1
