@@ -117,12 +117,13 @@ def run_verify(workspace: Path, dsn: str) -> tuple[float, float, dict[str, objec
             env=env,
         )
         _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS
+        child.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
     rss = usage.ru_maxrss / 1024
-    if os.waitstatus_to_exitcode(status) != 0:
+    if child.returncode != 0:
         raise SystemExit(f"verify failed: {err_path.read_text()[-2000:]}")
-    out = out_path.read_text()
-    return seconds, rss, json.loads(out)
+    printed = out_path.read_text()
+    return seconds, rss, json.loads(printed)
 
 
 def baseline_sqlite(workspace: Path) -> float:
