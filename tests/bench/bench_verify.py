@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import asyncpg
@@ -90,7 +90,7 @@ async def _migrate(dsn: str) -> None:
         await target.close()
 
 
-async def _copy(dsn: str, rows: list[tuple[object, ...]]) -> None:
+async def _copy(dsn: str, rows: Sequence[tuple[Any, ...]]) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.copy_records_to_table(
