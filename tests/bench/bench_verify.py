@@ -151,11 +151,17 @@ async def baseline_postgres(dsn: str) -> float:
     return time.perf_counter() - started
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.bench_verify", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--entities", type=int, default=1_000_000)
-    parser.add_argument("--dir", type=Path, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--dir", type=Path, default=None, help="where the workspaces go")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-verify-", dir=args.dir))
     print(f"acode-sync verify benchmark: {args.entities} sessions, shipped and held centrally")
     try:
