@@ -20,12 +20,15 @@ from acode_sync import __version__
 from acode_sync.config import Config, load_config
 from acode_sync.domain import format_timestamp
 from acode_sync.errors import AcodeError, RecordRejectedError
+from acode_sync.flush import DEFAULT_TIMEOUT as DEFAULT_FLUSH_TIMEOUT
+from acode_sync.flush import FlushResult, flush
 from acode_sync.log import configure_logging
 from acode_sync.outbox import list_records, replay
 from acode_sync.postgres import PostgresTarget
 from acode_sync.runtime import find_state_dir, read_status
 from acode_sync.status import workspace_status
 from acode_sync.sync import WorkspaceSyncer, tune_interpreter
+from acode_sync.verify import Verifier, VerifyReport
 from acode_sync.workspace import (
     OpenOptions,
     database_path,
@@ -36,6 +39,7 @@ from acode_sync.workspace import (
 )
 
 SYNC_LOCK_WAIT = 30.0
+VERIFY_DIFFERENCES = 1  # `acode db verify` found a difference
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -235,6 +239,75 @@ def cmd_conflicts_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def _verify() -> VerifyReport:
+        target = PostgresTarget(config.postgres)
+        try:
+            verifier = Verifier(
+                workspace=_workspace(args), target=target, busy_timeout=config.sync.busy_timeout
+            )
+            return await verifier.run(repair=args.repair)
+        finally:
+            await target.close()
+
+    report = anyio.run(_verify)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.ok else VERIFY_DIFFERENCES
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def _flush() -> FlushResult:
+        target = PostgresTarget(config.postgres)
+        try:
+            return await flush(_workspace(args), target, config.sync, max_wait=args.timeout)
+        finally:
+            await target.close()
+
+    tune_interpreter()
+    print(anyio.run(_flush).line())
+    return 0
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def add_recovery_commands(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    verify = command(
+        commands, "verify", cmd_verify, "compare the workspace with PostgreSQL", config=True
+    )
+    verify.add_argument("--json", action="store_true", help="print JSON for machines")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="queue what PostgreSQL lacks (missing or stale) as outbox records",
+    )
+    flush_parser = command(
+        commands,
+        "flush",
+        cmd_flush,
+        "wait until every record committed so far is in PostgreSQL",
+        config=True,
+    )
+    flush_parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_FLUSH_TIMEOUT,
+        metavar="S",
+        help=f"give up after S seconds (default {DEFAULT_FLUSH_TIMEOUT:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acode", description="Operate acode workspaces.")
     parser.add_argument("--version", action="version", version=f"acode {__version__}")
@@ -299,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     conflicts_list.add_argument("--session", metavar="ID", help="only this session's")
     conflicts_list.add_argument("--json", action="store_true", help="print JSON for machines")
     conflicts_list.add_argument("--limit", type=positive_int, default=100)
+    add_recovery_commands(commands, command)
     return parser
 
 

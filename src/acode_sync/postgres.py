@@ -50,7 +50,7 @@ from acode_sync.migrations import (
     load_migrations,
     plan_migrations,
 )
-from acode_sync.pg_tables import APPLY_ROUND_SQL, ENTITY_TYPES
+from acode_sync.pg_tables import APPLY_ROUND_SQL, ENTITY_TYPES, TABLES
 from acode_sync.sql import queries
 
 DIALECT: Final = "postgres"
@@ -69,6 +69,13 @@ APPLY_ATTEMPTS: Final = 5
 LOCK_TIMEOUT_SHARE: Final = 0.5
 SCHEMA_GONE_SQLSTATES: Final = frozenset({"42P01", "3F000", "42703"})
 _Q = queries(DIALECT)
+# Per entity type: the versions held of a page of entities (`acode db verify`).
+VERSIONS_SQL: Final = {
+    spec.entity_type: _Q["entity_versions"]
+    .replace("<id_column>", spec.id_column)
+    .replace("<t>", spec.table)
+    for spec in TABLES.values()
+}
 
 FaultHook = Callable[[str], None]
 
@@ -597,6 +604,27 @@ class PostgresTarget:
                 await self.ensure_schema()
             rows = await pool.fetch(_Q["list_conflicts"], session_id, limit)
         return [dict(row) for row in rows]
+
+    async def entity_versions(
+        self, entity_type: str, entity_ids: Sequence[str]
+    ) -> list[asyncpg.Record]:
+        """The version PostgreSQL holds of each of these entities that it has: entity_id,
+        updated_at, origin_id, idempotency_key, payload_digest."""
+        pool = await self._get_pool()
+        with (
+            self._classified("reading versions"),
+            anyio.fail_after(self.settings.statement_timeout),
+        ):
+            if not self._schema_ready:
+                await self.ensure_schema()
+            return list(await pool.fetch(VERSIONS_SQL[entity_type], list(entity_ids)))
+
+    async def forget_applied_keys(self, keys: Sequence[str]) -> None:
+        """Forget these keys, of versions PostgreSQL does not hold (a verify found them
+        missing or older there), so that the versions sent again are applied."""
+        pool = await self._get_pool()
+        with self._classified("repairing"), anyio.fail_after(self.settings.statement_timeout):
+            await pool.execute(_Q["forget_applied_keys"], list(keys))
 
     async def prune_applied_keys(self, before: datetime, limit: int = 5000) -> int:
         pool = await self._get_pool()

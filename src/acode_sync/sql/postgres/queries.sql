@@ -234,3 +234,15 @@ WHERE NOT CASE w.kind
               ELSE has_function_privilege(w.object, w.privilege) END
 END
 ORDER BY w.n;
+
+-- `acode db verify`: the versions PostgreSQL holds of a page of one workspace's entities.
+-- A template, filled once per table from the constant specs (postgres.VERSIONS_SQL).
+-- name: entity_versions
+SELECT <id_column> AS entity_id, updated_at, origin_id, idempotency_key, payload_digest
+FROM acode.<t>
+WHERE <id_column> = ANY($1::text[]);
+
+-- `acode db verify --repair`: keys of versions PostgreSQL lacks (missing or older there),
+-- so that the versions queued again are applied rather than taken for duplicates.
+-- name: forget_applied_keys
+DELETE FROM acode.applied_keys WHERE idempotency_key = ANY($1::text[]);

@@ -339,3 +339,50 @@ WHERE through_id < (SELECT max(through_id) FROM outbox_progress)
        WHERE NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
        ORDER BY r.outbox_id LIMIT 1),
       (SELECT max(through_id) FROM outbox_progress));
+
+-- `acode db verify` and `acode db flush` (acode_sync/verify.py, acode_sync/flush.py).
+-- A page of one table's entities in id order, each with its current version's outbox
+-- record if it is still kept (its sync state and the payload as shipped). The <...>
+-- markers are filled once, at import, from the constant entity classes (verify.py).
+-- name: verify_entities
+SELECT <columns>, r.outbox_id, s.state, CAST(r.payload AS BLOB)
+FROM <table> AS t
+LEFT JOIN outbox_records AS r
+    ON r.idempotency_key = '<entity_type>:' || t.<id_column> || ':' || t.updated_at
+LEFT JOIN outbox_sync AS s ON s.outbox_id = r.outbox_id
+WHERE t.<id_column> > :after
+ORDER BY t.<id_column>
+LIMIT :limit;
+
+-- name: verify_entity
+SELECT <columns>, r.outbox_id, s.state, CAST(r.payload AS BLOB)
+FROM <table> AS t
+LEFT JOIN outbox_records AS r
+    ON r.idempotency_key = '<entity_type>:' || t.<id_column> || ':' || t.updated_at
+LEFT JOIN outbox_sync AS s ON s.outbox_id = r.outbox_id
+WHERE t.<id_column> = :entity_id;
+
+-- name: progress_mark
+SELECT coalesce(max(through_id), 0) FROM outbox_progress;
+
+-- name: record_by_key
+SELECT outbox_id FROM outbox_records WHERE idempotency_key = ?;
+
+-- A record back to pending through the view's trigger (attempts start over).
+-- name: requeue_record
+UPDATE outbox SET state = 'pending' WHERE outbox_id = ?;
+
+-- name: last_outbox_id
+SELECT coalesce(max(outbox_id), 0) FROM outbox_records;
+
+-- The records up to :through still pending, and those dead.
+-- name: flush_progress
+SELECT
+    (SELECT count(*) FROM outbox_sync WHERE state = 'pending' AND outbox_id <= :through)
+        + (SELECT count(*) FROM outbox_records
+           WHERE outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)
+             AND outbox_id <= :through)
+        - (SELECT count(*) FROM outbox_sync
+           WHERE outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)
+             AND outbox_id <= :through),
+    (SELECT count(*) FROM outbox_sync WHERE state = 'dead' AND outbox_id <= :through);
