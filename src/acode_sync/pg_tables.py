@@ -17,6 +17,7 @@ from acode_sync.sql import queries
 _MARKER = re.compile(r"<[a-z_]+>")
 # The canonical form of a time, digits in range (docs/schema.md); the cast then refuses
 # an impossible date such as February 30.
+NOT_CANONICAL = "is not a canonical RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SS.ffffffZ)"
 CANONICAL_TIMESTAMP_PATTERN = (
     r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}Z$"
 )
@@ -48,13 +49,19 @@ class TableSpec:
         if column.name == "session_id":
             return "coalesce(d.p->>'session_id', d.session_id)"
         if column.name == "updated_at":
-            return "d.version"
+            # The version is the key's; a payload that says otherwise is refused.
+            return (
+                "CASE WHEN d.p->>'updated_at' IS NULL OR d.p->>'updated_at' = d.version_text "
+                "THEN d.version ELSE acode.refuse_timestamp('updated_at', d.p->>'updated_at', "
+                "'is not the version in the idempotency key') END"
+            )
         if column.name == "created_at":
             return (
                 "CASE WHEN d.p->>'created_at' IS NULL THEN d.version "
                 f"WHEN d.p->>'created_at' ~ '{CANONICAL_TIMESTAMP_PATTERN}' "
                 "THEN (d.p->>'created_at')::timestamptz "
-                "ELSE acode.refuse_timestamp('created_at', d.p->>'created_at') END"
+                "ELSE acode.refuse_timestamp('created_at', d.p->>'created_at', "
+                f"'{NOT_CANONICAL}') END"
             )
         if column.kind is Kind.JSONB:
             return f"nullif(d.p->'{column.name}', 'null'::jsonb)"

@@ -31,7 +31,7 @@ SYNCER_PRIVILEGES: Final = (
     ),
     *(("table", "acode.applied_keys", p) for p in ("SELECT", "INSERT", "DELETE")),
     *(("table", "acode.conflicts", p) for p in ("SELECT", "INSERT")),
-    ("function", "acode.refuse_timestamp(text, text)", "EXECUTE"),
+    ("function", "acode.refuse_timestamp(text, text, text)", "EXECUTE"),
 )
 
 

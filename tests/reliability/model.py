@@ -114,6 +114,11 @@ class Model:
     versions: dict[Ident, Version] = field(default_factory=dict)
     # Records a writer deleted while pending: PostgreSQL may or may not have them.
     withdrawn: set[Ident] = field(default_factory=set)
+    # Versions PostgreSQL had applied when its applied keys were pruned. A late resend of
+    # one that was since replaced loses last-write-wins and changes nothing, but with its
+    # key forgotten PostgreSQL cannot tell it from a late change: it may be recorded as
+    # a conflict that the current version won (docs/sync.md, late resends).
+    forgotten: set[Ident] = field(default_factory=set)
 
     def accept(self, version: Version) -> None:
         self.versions[version.ident] = version
@@ -169,7 +174,7 @@ def invariants(model: Model, seen: Observed) -> list[str]:
         )
         if (c.winner == "incoming") != incoming_wins:
             problems.append(f"conflict {c.incoming} vs {c.current}: wrong winner {c.winner}")
-        if c.winner == "current" and c.incoming in applied:
+        if c.winner == "current" and c.incoming in applied and c.incoming not in model.forgotten:
             problems.append(f"{c.incoming} was applied before, yet its resend lost as a conflict")
 
     problems += _overlaps_unrecorded(model, seen)

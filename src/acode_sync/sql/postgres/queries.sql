@@ -81,7 +81,8 @@ WHERE a.payload_digest = u.digest
     SELECT '<entity_type>:' || (i.f->>0) || ':' || (i.f->>2) AS idempotency_key,
            i.f->>0 AS entity_id, i.f->>1 AS session_id,
            convert_from(substring(<payloads>::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
-           (i.f->>2)::timestamptz AS version, (i.f->>3)::timestamptz AS base,
+           (i.f->>2)::timestamptz AS version, i.f->>2 AS version_text,
+           (i.f->>3)::timestamptz AS base,
            substring(<digests>::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest,
            $1::text AS origin_id
     FROM ROWS FROM (jsonb_array_elements(<fields>::jsonb), unnest(<starts>::int[]),

@@ -28,13 +28,13 @@ ALTER TABLE artifacts ADD CONSTRAINT artifacts_ids_length
     CHECK (length(artifact_id) <= 200 AND length(session_id) <= 200) NOT VALID;
 
 -- A payload time that is not canonical RFC 3339 UTC ('yesterday', 'epoch', no zone, hour
--- 24 ...) fails its record with this message (SQLSTATE 22007). Called only on that path.
-CREATE FUNCTION refuse_timestamp(field text, value text) RETURNS timestamptz
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+-- 24 ...), or an updated_at other than the key's version, fails its record with this
+-- message (SQLSTATE 22007). Called only on that path.
+CREATE FUNCTION refuse_timestamp(field text, value text, reason text) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION USING
         ERRCODE = 'invalid_datetime_format',
-        MESSAGE = format('%s is not a canonical RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SS.ffffffZ): %s',
-                         field, left(value, 40));
+        MESSAGE = format('%s %s: %s', field, reason, left(value, 40));
 END
 $$;
