@@ -20,6 +20,7 @@ import random
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass, field
@@ -311,6 +312,11 @@ class Simulation:
         self.ticks += self.rng.randint(1, 50)
         return format_timestamp(self.start + timedelta(microseconds=self.ticks))
 
+    @property
+    def tally(self) -> Counter[str]:
+        """Steps and faults injected, by kind (printed by the soak)."""
+        return TALLY
+
     def log(self, text: str) -> None:
         self.steps.append(text)
 
@@ -577,6 +583,7 @@ class Simulation:
         weights = [w for w, _ in choices]
         for _ in range(steps):
             (kind,) = self.rng.choices([k for _, k in choices], weights)
+            self.tally[kind] += 1
             writer = self.rng.choice(self.writers)
             if kind == "write":
                 self.step_write(writer)
@@ -589,11 +596,14 @@ class Simulation:
                 await self.step_drain(racers, None)
             elif kind == "fault":
                 fault = self.rng.choice(faults)
+                self.tally[f"fault {fault}"] += 1
                 pair = self.has("concurrent") and self.rng.random() < 0.4
                 chosen = self.rng.sample(self.writers, 2) if pair else [writer]
                 await self.step_drain(chosen, fault)
             elif kind == "refusal":
-                await self.step_refusal(writer, self.rng.choice(refusals))
+                refusal = self.rng.choice(refusals)
+                self.tally[f"refusal {refusal}"] += 1
+                await self.step_refusal(writer, refusal)
             elif kind == "delete":
                 self.step_delete_pending(writer)
             elif kind == "reinsert":
@@ -706,6 +716,10 @@ async def test_generated_histories_match_the_model(seed: int, tmp_path: Path, pg
     )
 
 
+# Steps and faults injected in this process, by kind.
+TALLY: Counter[str] = Counter()
+
+
 def soak_minutes() -> float:
     return float(os.environ.get("ACODE_GEN_MINUTES", 10 if plugin.soak() else 0))
 
@@ -727,6 +741,11 @@ async def test_generated_histories_for_minutes(tmp_path: Path) -> None:
         finally:
             await drop_database_async(name)
         seed, runs = seed + 1, runs + 1
+    print(
+        f"generative soak: seeds {seed - runs}-{seed - 1}, {_steps()} steps each, {records} records"
+    )
+    for kind, count in sorted(TALLY.items()):
+        print(f"  {kind}: {count}")
     plugin.add_row(
         fault=f"generative checker, seeds {seed - runs}-{seed - 1}",
         runs=runs,
