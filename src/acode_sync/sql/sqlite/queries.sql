@@ -9,22 +9,22 @@ INSERT INTO workspace_meta (key, value, created_at, updated_at) VALUES (?, ?, ?,
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at;
 
 -- name: version_sessions
-SELECT created_at, updated_at, state FROM sessions WHERE session_id = ?;
+SELECT created_at, updated_at, state, extra FROM sessions WHERE session_id = ?;
 
 -- name: version_session_events
-SELECT created_at, updated_at, NULL FROM session_events WHERE event_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM session_events WHERE event_id = ?;
 
 -- name: version_session_tasks
-SELECT created_at, updated_at, NULL FROM session_tasks WHERE task_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM session_tasks WHERE task_id = ?;
 
 -- name: version_steps
-SELECT created_at, updated_at, NULL FROM steps WHERE step_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM steps WHERE step_id = ?;
 
 -- name: version_tool_calls
-SELECT created_at, updated_at, NULL FROM tool_calls WHERE tool_call_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM tool_calls WHERE tool_call_id = ?;
 
 -- name: version_artifacts
-SELECT created_at, updated_at, NULL FROM artifacts WHERE artifact_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM artifacts WHERE artifact_id = ?;
 
 -- name: save_sessions
 INSERT INTO sessions (session_id, state, title, metadata, created_at, updated_at)
