@@ -206,3 +206,22 @@ WHERE ctid = ANY (ARRAY(SELECT ctid FROM acode.applied_keys WHERE applied_at < $
 
 -- name: probe
 SELECT 1;
+
+-- A restore (acode_sync/restore.py) reads in one read-only REPEATABLE READ transaction,
+-- so every table is read at one moment. `restore_entities` is a template filled at import
+-- from the constant table specs: <selected> is the row as the workspace stores it (times
+-- in canonical text, jsonb as its text), <where> one of the restore's three selections.
+-- name: restore_entities
+SELECT <selected>, canonical_digest FROM acode.<t> WHERE <where>;
+
+-- name: restore_missing_sessions
+SELECT array(SELECT unnest($1::text[]) EXCEPT
+             SELECT session_id FROM acode.sessions WHERE session_id = ANY($1::text[]));
+
+-- name: restore_origin_exists
+SELECT EXISTS (SELECT 1 FROM acode.sessions WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.session_events WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.session_tasks WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.steps WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.tool_calls WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.artifacts WHERE origin_id = $1);

@@ -329,3 +329,18 @@ WHERE through_id < (SELECT max(through_id) FROM outbox_progress)
        WHERE NOT EXISTS (SELECT 1 FROM outbox_sync AS s WHERE s.outbox_id = r.outbox_id)
        ORDER BY r.outbox_id LIMIT 1),
       (SELECT max(through_id) FROM outbox_progress));
+
+-- A restore's statements (acode_sync/restore.py), templates filled at import from the
+-- constant table specs; the ids of a chunk are bound as one JSON array.
+-- name: restore_local_versions
+SELECT <id_column>, updated_at FROM <t> WHERE <id_column> IN (SELECT value FROM json_each(?));
+
+-- name: restore_present_ids
+SELECT value FROM json_each(?) WHERE value IN (SELECT <id_column> FROM <t>);
+
+-- name: restore_entity
+INSERT INTO <t> (<columns>) VALUES (<placeholders>)
+ON CONFLICT (<id_column>) DO UPDATE SET <updates>;
+
+-- name: restore_read_back
+SELECT <columns> FROM <t> WHERE <id_column> IN (SELECT value FROM json_each(?));
