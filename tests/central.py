@@ -42,7 +42,7 @@ FROM s, generate_series(1, $3::int) AS k,
 """
 
 
-async def seed_central(dsn: str, sessions: int, *, events: int = 9) -> int:
+async def seed_central(dsn: str, sessions: int, events: int = 9) -> int:
     """Migrate, then write `sessions` sessions with `events` events each, in slices; the
     number of entities written."""
     target = PostgresTarget(PostgresSettings(dsn=dsn, connect_timeout=5, statement_timeout=600))

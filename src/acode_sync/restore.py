@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
@@ -164,8 +166,10 @@ class _Number(str):
     """A JSON number, as its text."""
 
 
-def _loads(text: str) -> Any:
-    return json.loads(text, parse_int=_Number, parse_float=_Number)
+_loads: Callable[[str], Any] = json.JSONDecoder(parse_int=_Number, parse_float=_Number).decode
+
+
+_quoted: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps, ensure_ascii off
 
 
 def _key_order(key: str) -> tuple[int, bytes]:
@@ -174,42 +178,59 @@ def _key_order(key: str) -> tuple[int, bytes]:
 
 
 def jsonb_text(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return _quoted(value)
+    if kind is _Number:
+        return str.__str__(value)
     if value is None:
         return "null"
     if value is True:
         return "true"
     if value is False:
         return "false"
-    if isinstance(value, _Number):
-        return str.__str__(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list):
         return "[" + ", ".join(jsonb_text(item) for item in value) + "]"
     if isinstance(value, dict):
         return (
             "{"
             + ", ".join(
-                f"{json.dumps(key, ensure_ascii=False)}: {jsonb_text(value[key])}"
-                for key in sorted(value, key=_key_order)
+                f"{_quoted(key)}: {jsonb_text(value[key])}" for key in sorted(value, key=_key_order)
             )
             + "}"
         )
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
+@cache
+def _layout(
+    columns: tuple[str, ...], json_columns: frozenset[str]
+) -> tuple[tuple[int, str, bool], ...]:
+    """A row's payload keys in jsonb order: (column index, key as JSON, holds JSON text)."""
+    keys = sorted((c for c in columns if c != "extra"), key=_key_order)
+    return tuple((columns.index(k), _quoted(k), k in json_columns) for k in keys)
+
+
 def canonical_digest(
-    columns: Sequence[str], row: Sequence[Any], json_columns: frozenset[str]
+    columns: tuple[str, ...], row: Sequence[Any], json_columns: frozenset[str]
 ) -> bytes:
-    """The digest PostgreSQL records for the payload this workspace row makes."""
-    payload: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for name, value in zip(columns, row, strict=True):
-        if name == "extra":
-            extra = {} if value is None else _loads(value)
-        else:
-            payload[name] = _loads(value) if name in json_columns and value is not None else value
-    return hashlib.sha256(jsonb_text(payload | extra).encode()).digest()
+    """The digest PostgreSQL records for the payload this workspace row makes: its
+    columns, and the unknown keys it keeps in `extra`."""
+    extra = row[columns.index("extra")]
+    if extra is None:  # the columns alone, in an order known in advance
+        items = (
+            f"{key}: {jsonb_text(_loads(row[at]) if is_json and row[at] is not None else row[at])}"
+            for at, key, is_json in _layout(columns, json_columns)
+        )
+        text = "{" + ", ".join(items) + "}"
+    else:
+        payload = {
+            name: _loads(value) if name in json_columns and value is not None else value
+            for name, value in zip(columns, row, strict=True)
+            if name != "extra"
+        }
+        text = jsonb_text(payload | _loads(extra))
+    return hashlib.sha256(text.encode()).digest()
 
 
 @dataclass(slots=True)
@@ -455,11 +476,18 @@ async def _restore(
             for entity_type in RESTORE_ORDER:
                 st = STATEMENTS[entity_type]
                 cursor = await conn.cursor(st.select[selection.kind], *selection.arguments())
-                while rows := await cursor.fetch(request.chunk_rows):
-                    await anyio.to_thread.run_sync(writer.write_chunk, entity_type, rows, report)
+                rows = await cursor.fetch(request.chunk_rows)
+                while rows:
+                    # The next chunk is read from PostgreSQL while this one is written.
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(
+                            anyio.to_thread.run_sync, writer.write_chunk, entity_type, rows, report
+                        )
+                        next_rows = await cursor.fetch(request.chunk_rows)
                     done += len(rows)
                     if progress is not None:
                         progress(done)
+                    rows = next_rows
             await anyio.to_thread.run_sync(writer.commit)
         finally:
             await anyio.to_thread.run_sync(writer.close)
