@@ -402,3 +402,30 @@ async def test_jsonb_text_is_postgresqls_own_spelling(pg_url: str, text: str) ->
 def test_jsonb_text_refuses_what_json_cannot_hold() -> None:
     with pytest.raises(TypeError, match="not a JSON value: set"):
         jsonb_text({1, 2})
+
+
+async def test_progress_counts_the_entities_read(
+    store: WorkspaceStore, settings: PostgresSettings, tmp_path: Path
+) -> None:
+    await write_run(store)
+    await ship(store.path.parent.parent, settings)
+    seen: list[int] = []
+    await restore(
+        settings, RestoreRequest(tmp_path, Selection(), chunk_rows=2), progress=seen.append
+    )
+    assert seen == sorted(seen)
+    assert seen[-1] == 6  # one of each entity
+
+
+async def test_an_unreachable_postgresql_is_acode_db_005_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    from acode_sync.errors import PostgresUnavailableError
+
+    settings = PostgresSettings(
+        dsn="postgresql://acode:s3cret@127.0.0.1:1/acode", connect_timeout=2
+    )
+    with pytest.raises(PostgresUnavailableError) as raised:
+        await run_restore(settings, tmp_path, Selection())
+    assert "s3cret" not in str(raised.value)
+    assert not database_path(tmp_path).exists()
