@@ -70,12 +70,19 @@ def run_restore(dsn: str, workspace: Path) -> tuple[float, int, str]:
     return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, done.stdout
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sessions", type=int, default=100_000)
-    parser.add_argument("--events", type=int, default=9)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.bench_restore",
+        description="Time acode db restore of a large central database.",
+    )
+    parser.add_argument("--sessions", type=int, default=100_000, help="sessions to seed")
+    parser.add_argument("--events", type=int, default=9, help="events per session")
     parser.add_argument("--dir", type=Path, default=None, help="where the workspaces go")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     names = [create_database(), create_database()]
     try:
         small, large = (database_url(name) for name in names)
