@@ -25,6 +25,7 @@ from acode_sync.flush import FlushResult, flush
 from acode_sync.log import configure_logging
 from acode_sync.outbox import list_records, replay
 from acode_sync.postgres import PostgresTarget
+from acode_sync.restore import RestoreRequest, Selection, restore
 from acode_sync.runtime import find_state_dir, read_status
 from acode_sync.status import workspace_status
 from acode_sync.sync import WorkspaceSyncer, tune_interpreter
@@ -308,6 +309,44 @@ def add_recovery_commands(commands: Any, command: Callable[..., argparse.Argumen
     )
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    config = _config(args)
+    selection = Selection(session_ids=tuple(args.session or ()), origin=args.origin)
+    request = RestoreRequest(_workspace(args), selection)
+    on_terminal = sys.stderr.isatty()
+
+    def progress(done: int) -> None:
+        print(f"\rrestoring: {done} entities read", end="", file=sys.stderr, flush=True)
+
+    try:
+        report = anyio.run(
+            lambda: restore(config.postgres, request, progress=progress if on_terminal else None)
+        )
+    finally:
+        if on_terminal:
+            print(file=sys.stderr)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
+def add_restore_command(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    sub = command(
+        commands,
+        "restore",
+        cmd_restore,
+        "rebuild run state from PostgreSQL into this workspace",
+        config=True,
+    )
+    chosen = sub.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--session", nargs="+", metavar="ID", help="these sessions")
+    chosen.add_argument("--origin", metavar="ORIGIN", help="every entity this origin wrote")
+    chosen.add_argument("--all", action="store_true", help="everything PostgreSQL holds")
+    sub.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acode", description="Operate acode workspaces.")
     parser.add_argument("--version", action="version", version=f"acode {__version__}")
@@ -373,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     conflicts_list.add_argument("--json", action="store_true", help="print JSON for machines")
     conflicts_list.add_argument("--limit", type=positive_int, default=100)
     add_recovery_commands(commands, command)
+    add_restore_command(commands, command)
     return parser
 
 

@@ -71,6 +71,15 @@ def _from_row(cls: type[E], cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> 
     return cls(**row)
 
 
+def _payload(entity: Entity, extra: str | None) -> dict[str, Any]:
+    """The outbox payload: the row, then the unknown keys the row keeps (a restore wrote
+    them) so that a new version does not drop them centrally."""
+    row = entity.row()
+    if extra is None:
+        return row
+    return row | {key: value for key, value in json.loads(extra).items() if key not in row}
+
+
 @dataclass(frozen=True, slots=True)
 class Page(Generic[E]):
     items: tuple[E, ...]
@@ -110,7 +119,7 @@ class WorkspaceDatabase:
         with write_transaction(self.conn):
             now = self.options.clock()
             found = self.conn.execute(_Q[f"version_{table}"], (entity.entity_id,)).fetchone()
-            previous_created, previous_updated, previous_state = found or (None, None, None)
+            previous_created, previous_updated, previous_state, extra = found or (None,) * 4
             if isinstance(entity, Session):
                 check_transition(
                     None if previous_state is None else SessionState(previous_state),
@@ -129,7 +138,7 @@ class WorkspaceDatabase:
                     saved.entity_type,
                     saved.entity_id,
                     saved.session_id,
-                    encode_json(saved.row()),
+                    encode_json(_payload(saved, extra)),
                     previous_updated,
                     format_timestamp(now),
                 ),

@@ -227,11 +227,12 @@ def test_migrations_run_once_and_are_recorded(raw: sqlite3.Connection) -> None:
         (2, "outbox_sync_state"),
         (3, "progress_mark"),
         (4, "consistent_outbox"),
+        (5, "entity_extra"),
     ]
     schema_before = raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
-    assert migrate(raw) == (4, 4)
+    assert migrate(raw) == (5, 5)
     assert raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
-    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (4,)
+    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (5,)
 
 
 def test_every_table_is_strict_with_created_and_updated_at(raw: sqlite3.Connection) -> None:

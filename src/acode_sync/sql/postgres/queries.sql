@@ -144,7 +144,7 @@ recorded_keys AS (
     SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id),
            d.idempotency_key, d.digest, d.origin_id, d.version, d.base, d.p,
            d.current_key, d.current_origin, d.current_updated_at,
-           (to_jsonb(d.current_row) - '{extra,origin_id,idempotency_key,synced_at,payload_digest}'::text[])
+           (to_jsonb(d.current_row) - '{extra,origin_id,idempotency_key,synced_at,payload_digest,canonical_digest}'::text[])
                || (d.current_row).extra,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
     FROM <t>_decided AS d
@@ -156,16 +156,16 @@ recorded_keys AS (
 -- A version over the one held (locked above): the upsert's condition is the judgment's.
 <t>_written AS (
     INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
-                                payload_digest)
+                                payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
-           d.digest
+           d.digest, sha256(convert_to(d.p::text, 'UTF8'))
     FROM <t>_decided AS d
     WHERE d.wins AND d.has_current
     ORDER BY d.entity_id COLLATE "C"
     ON CONFLICT (<id_column>) DO UPDATE SET
         <updates>, extra = excluded.extra, origin_id = excluded.origin_id,
         idempotency_key = excluded.idempotency_key, synced_at = excluded.synced_at,
-        payload_digest = excluded.payload_digest
+        payload_digest = excluded.payload_digest, canonical_digest = excluded.canonical_digest
     WHERE (t.updated_at, t.origin_id, t.idempotency_key)
           < (excluded.updated_at, excluded.origin_id, excluded.idempotency_key)
     RETURNING 1
@@ -175,9 +175,9 @@ recorded_keys AS (
 -- back and judged again against that version.
 <t>_created AS (
     INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
-                                payload_digest)
+                                payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
-           d.digest
+           d.digest, sha256(convert_to(d.p::text, 'UTF8'))
     FROM <t>_decided AS d
     WHERE NOT d.has_current
     ORDER BY d.entity_id COLLATE "C"
@@ -247,3 +247,22 @@ WHERE <id_column> = ANY($1::text[]);
 -- so that the versions queued again are applied rather than taken for duplicates.
 -- name: forget_applied_keys
 DELETE FROM acode.applied_keys WHERE idempotency_key = ANY($1::text[]);
+
+-- A restore (acode_sync/restore.py) reads in one read-only REPEATABLE READ transaction,
+-- so every table is read at one moment. `restore_entities` is a template filled at import
+-- from the constant table specs: <selected> is the row as the workspace stores it (times
+-- in canonical text, jsonb as its text), <where> one of the restore's three selections.
+-- name: restore_entities
+SELECT <selected>, canonical_digest FROM acode.<t> WHERE <where>;
+
+-- name: restore_missing_sessions
+SELECT array(SELECT unnest($1::text[]) EXCEPT
+             SELECT session_id FROM acode.sessions WHERE session_id = ANY($1::text[]));
+
+-- name: restore_origin_exists
+SELECT EXISTS (SELECT 1 FROM acode.sessions WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.session_events WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.session_tasks WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.steps WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.tool_calls WHERE origin_id = $1)
+    OR EXISTS (SELECT 1 FROM acode.artifacts WHERE origin_id = $1);

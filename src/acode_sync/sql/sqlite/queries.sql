@@ -9,22 +9,22 @@ INSERT INTO workspace_meta (key, value, created_at, updated_at) VALUES (?, ?, ?,
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at;
 
 -- name: version_sessions
-SELECT created_at, updated_at, state FROM sessions WHERE session_id = ?;
+SELECT created_at, updated_at, state, extra FROM sessions WHERE session_id = ?;
 
 -- name: version_session_events
-SELECT created_at, updated_at, NULL FROM session_events WHERE event_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM session_events WHERE event_id = ?;
 
 -- name: version_session_tasks
-SELECT created_at, updated_at, NULL FROM session_tasks WHERE task_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM session_tasks WHERE task_id = ?;
 
 -- name: version_steps
-SELECT created_at, updated_at, NULL FROM steps WHERE step_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM steps WHERE step_id = ?;
 
 -- name: version_tool_calls
-SELECT created_at, updated_at, NULL FROM tool_calls WHERE tool_call_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM tool_calls WHERE tool_call_id = ?;
 
 -- name: version_artifacts
-SELECT created_at, updated_at, NULL FROM artifacts WHERE artifact_id = ?;
+SELECT created_at, updated_at, NULL, extra FROM artifacts WHERE artifact_id = ?;
 
 -- name: save_sessions
 INSERT INTO sessions (session_id, state, title, metadata, created_at, updated_at)
@@ -386,3 +386,18 @@ SELECT
            WHERE outbox_id > (SELECT coalesce(max(through_id), 0) FROM outbox_progress)
              AND outbox_id <= :through),
     (SELECT count(*) FROM outbox_sync WHERE state = 'dead' AND outbox_id <= :through);
+
+-- A restore's statements (acode_sync/restore.py), templates filled at import from the
+-- constant table specs; the ids of a chunk are bound as one JSON array.
+-- name: restore_local_versions
+SELECT <id_column>, updated_at FROM <t> WHERE <id_column> IN (SELECT value FROM json_each(?));
+
+-- name: restore_present_ids
+SELECT value FROM json_each(?) WHERE value IN (SELECT <id_column> FROM <t>);
+
+-- name: restore_entity
+INSERT INTO <t> (<columns>) VALUES (<placeholders>)
+ON CONFLICT (<id_column>) DO UPDATE SET <updates>;
+
+-- name: restore_read_back
+SELECT <columns> FROM <t> WHERE <id_column> IN (SELECT value FROM json_each(?));
