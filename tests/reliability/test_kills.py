@@ -37,8 +37,13 @@ def test_sigkill_during_drains_loses_nothing_and_applies_nothing_twice(rig: Rig)
     rig.wait_written(workspaces)
 
     for kill in range(kills):
+        mark = len(rig.notify.messages)
         daemon = rig.start_daemon()
-        # A random moment: before READY, mid-scan, mid-drain, mid-batch.
+        # A random moment: before READY, mid-scan, mid-drain, mid-batch. Every other kill
+        # waits for READY first, so that a slow start (a loaded machine) still leaves
+        # kills in the middle of drains.
+        if kill % 2:
+            rig.wait_ready(mark)
         time.sleep(rng.uniform(0.3, 1.5))
         daemon.close()  # SIGKILL
         if kill == kills // 2:

@@ -219,7 +219,10 @@ def test_load_config_without_a_file_uses_defaults_and_environment(tmp_path: Path
             {"sync": {"pool_mx": 4}},
             "Did you mean postgres.pool_max? (it belongs in [postgres])",
         ),
-        ({"metrics": {"colour": "blue"}}, "The settings of [metrics] are: enabled, address, port."),
+        (
+            {"metrics": {"colour": "blue"}},
+            "The settings of [metrics] are: enabled, address, port, ready_max_lag_seconds.",
+        ),
         ({"postgress": {"dsn": "postgresql://h/d"}}, "Did you mean [postgres]?"),
         (
             {"dsn": "postgresql://h/d"},
