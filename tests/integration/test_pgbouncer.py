@@ -25,6 +25,7 @@ from acode_sync.domain import Session
 from acode_sync.errors import PostgresUnavailableError
 from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.postgres import DIALECT, PostgresTarget
+from acode_sync.preflight import check_postgres
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncSummary
 from tests.bouncer import PgBouncer, database_name, pgbouncer
@@ -350,3 +351,83 @@ async def test_a_server_connection_crash_mid_batch_rolls_back_and_charges_nothin
         await target.close()
     assert (summary.retried, summary.dead, summary.duplicates) == (0, 0, 0)
     await assert_applied_exactly_once(pg_url, workspace)
+
+
+# -- acode-syncd check-config --connect ------------------------------------------------
+
+
+async def migrated(url: str) -> None:
+    target = bounced_target(url)
+    try:
+        await target.ensure_schema()
+    finally:
+        await target.close()
+
+
+@pytest.mark.parametrize("cache", [100, 0])
+async def test_check_connect_names_transaction_pooling_and_the_statement_cache(
+    pg_url: str, bouncer: PgBouncer, cache: int
+) -> None:
+    url = bouncer.url(pg_url)
+    await migrated(url)
+    found = await check_postgres(PostgresSettings(dsn=url, statement_cache_size=cache))
+    assert any("schema acode at version" in line for line in found.passed)  # checks ran
+    if cache:
+        assert found.problems == [
+            "behind a connection pooler in transaction pooling (PgBouncer's pool_mode = "
+            "transaction): a prepared statement lives on one server connection, so with "
+            "postgres.statement_cache_size = 100 batches would fail with SQLSTATE 26000; "
+            "set postgres.statement_cache_size = 0"
+        ]
+    else:
+        assert found.problems == []
+        assert found.passed[-1] == (
+            "behind a connection pooler in transaction pooling, with "
+            "postgres.statement_cache_size = 0, as it needs"
+        )
+
+
+async def test_check_connect_finds_no_pooler_on_postgres_and_session_pooling_ok(
+    pg_url: str,
+) -> None:
+    await migrated(pg_url)
+    direct = await check_postgres(PostgresSettings(dsn=pg_url))
+    assert not direct.problems
+    assert not any("pooler" in line for line in direct.passed)
+    with pgbouncer(pool_mode="session", default_pool_size=POOL_SIZE) as session_pooling:
+        found = await check_postgres(PostgresSettings(dsn=session_pooling.url(pg_url)))
+    assert not found.problems
+    assert found.passed[-1] == (
+        "behind a connection pooler that keeps each client on its own server connection "
+        "(session pooling): statement_cache_size = 100 works there"
+    )
+
+
+async def test_the_statement_cache_behind_transaction_pooling_fails_as_check_connect_says(
+    workspace: Path, pg_url: str, bouncer: PgBouncer
+) -> None:
+    """What the check prevents, shown: several syncers with the cache on, through
+    transaction pooling, meet SQLSTATE 26000, an outage that charges nothing."""
+    url = bouncer.url(pg_url)
+    await migrated(url)
+    targets = [
+        PostgresTarget(PostgresSettings(dsn=url, statement_cache_size=100)) for _ in range(3)
+    ]
+    errors: list[str] = []
+
+    async def probe_often(target: PostgresTarget) -> None:
+        for _ in range(20):
+            try:
+                await target.list_conflicts(None, 1)
+            except PostgresUnavailableError as error:
+                errors.append(error.message)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for target in targets:
+                tg.start_soon(probe_often, target)
+    finally:
+        for target in targets:
+            await target.close()
+    assert errors
+    assert all("SQLSTATE 26000" in message for message in errors), errors[:3]
