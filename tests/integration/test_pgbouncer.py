@@ -29,6 +29,7 @@ from acode_sync.preflight import check_postgres
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncSummary
 from tests.bouncer import PgBouncer, database_name, pgbouncer
+from tests.daemon_harness import ACODE, run_cli, write_config
 from tests.faults import AtNth
 from tests.integration.test_sync import clone_workspace
 from tests.integration.test_sync_faults import (
@@ -431,3 +432,21 @@ async def test_the_statement_cache_behind_transaction_pooling_fails_as_check_con
             await target.close()
     assert errors
     assert all("SQLSTATE 26000" in message for message in errors), errors[:3]
+
+
+def test_acode_db_migrate_postgres_through_pgbouncer_then_nothing_to_do(
+    tmp_path: Path, pg_url: str, bouncer: PgBouncer
+) -> None:
+    config = write_config(
+        tmp_path / "acode-syncd.toml",
+        {"postgres": {"dsn": bouncer.url(pg_url), "statement_cache_size": 0}},
+    )
+    latest = latest_version(load_migrations(DIALECT))
+    runs = [
+        run_cli(ACODE, "db", "migrate", "--postgres", "--config", str(config)) for _ in range(2)
+    ]
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+    versions = anyio.run(
+        pg_fetch, pg_url, "SELECT version FROM acode.schema_migrations ORDER BY version"
+    )
+    assert [row[0] for row in versions] == list(range(1, latest + 1))
