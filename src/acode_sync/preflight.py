@@ -18,6 +18,7 @@ from acode_sync.postgres import DIALECT, PostgresTarget
 from acode_sync.sql import queries
 
 _Q = queries(DIALECT)
+POOLING_TRIES: Final = 5
 
 # What a syncer does: read the schema's version, upsert entities, record keys (and prune
 # them), record conflicts, and call refuse_timestamp on a bad payload time.
@@ -50,23 +51,74 @@ async def check_postgres(settings: PostgresSettings) -> Findings:
     found = Findings()
     target = PostgresTarget(settings)
     try:
-        with anyio.fail_after(settings.connect_timeout):
-            conn = await asyncpg.connect(
-                dsn=settings.connect_dsn(),
-                password=settings.resolved_password(),
-                timeout=settings.connect_timeout,
-                server_settings={"application_name": "acode-syncd check-config"},
-            )
+        conn = await _connect(settings)
     except Exception as error:
         found.problems.append(target.outage(error, "connecting").message)
         return found
     try:
         await _check(conn, settings, found)
+        if conn.get_server_pid() != await conn.fetchval(_Q["backend_pid"]):
+            await _check_pooler(conn, settings, found)
     except Exception as error:
         found.problems.append(target.outage(error, "checking").message)
     finally:
         await conn.close()
     return found
+
+
+async def _connect(settings: PostgresSettings) -> asyncpg.Connection:
+    with anyio.fail_after(settings.connect_timeout):
+        return await asyncpg.connect(
+            dsn=settings.connect_dsn(),
+            password=settings.resolved_password(),
+            timeout=settings.connect_timeout,
+            server_settings={"application_name": "acode-syncd check-config"},
+            # Behind a transaction-pooling PgBouncer a cached statement would be looked for
+            # on another server connection: these checks must work wherever they run.
+            statement_cache_size=0,
+        )
+
+
+async def _check_pooler(
+    conn: asyncpg.Connection, settings: PostgresSettings, found: Findings
+) -> None:
+    """The login was answered by a connection pooler: in transaction pooling, which
+    hands a server connection to another client between transactions, asyncpg's
+    prepared statements cannot work, and the daemon needs its statement cache off."""
+    other = await _connect(settings)
+    try:
+        shared = await _shares_server_connections(conn, other)
+    finally:
+        await other.close()
+    cache = settings.statement_cache_size
+    if not shared:
+        found.passed.append(
+            "behind a connection pooler that keeps each client on its own server "
+            f"connection (session pooling): statement_cache_size = {cache} works there"
+        )
+    elif cache:
+        found.problems.append(
+            "behind a connection pooler in transaction pooling (PgBouncer's pool_mode = "
+            "transaction): a prepared statement lives on one server connection, so with "
+            f"postgres.statement_cache_size = {cache} batches would fail with SQLSTATE "
+            "26000; set postgres.statement_cache_size = 0"
+        )
+    else:
+        found.passed.append(
+            "behind a connection pooler in transaction pooling, with "
+            "postgres.statement_cache_size = 0, as it needs"
+        )
+
+
+async def _shares_server_connections(first: asyncpg.Connection, second: asyncpg.Connection) -> bool:
+    """Whether the server connection one client used can serve the next client's
+    transaction. A session-pooling pooler never allows it; a transaction-pooling one
+    (PgBouncer reuses the connection released last) does unless other clients take it
+    first, so a few tries."""
+    for _ in range(POOLING_TRIES):
+        if await first.fetchval(_Q["backend_pid"]) == await second.fetchval(_Q["backend_pid"]):
+            return True
+    return False
 
 
 async def _check(conn: asyncpg.Connection, settings: PostgresSettings, found: Findings) -> None:

@@ -221,6 +221,12 @@ SELECT current_user AS role, current_setting('server_version') AS version,
        coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false) AS tls,
        has_database_privilege(current_database(), 'CREATE') AS may_create_schema;
 
+-- The server process behind this transaction. A connection pooler answers the login
+-- itself with a process id of its own (PgBouncer's is random), so a different one here
+-- shows a pooler; two clients given the same one in turn share server connections.
+-- name: backend_pid
+SELECT pg_backend_pid();
+
 -- The privileges asked for ($1 kind: schema, table or function; $2 its name; $3 the
 -- privilege) that the current role lacks; a missing object lacks them all.
 -- name: missing_privileges
