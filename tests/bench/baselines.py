@@ -130,6 +130,7 @@ class BackendCpu:
         self.last: dict[int, float] = {}
         self.titles: dict[int, bool] = {}
         self.counting_from_now = True
+        self.excluded: set[int] = set()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="backend-cpu", daemon=True)
 
@@ -139,9 +140,10 @@ class BackendCpu:
         try:
             backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
             database = str(await conn.fetchval("SELECT current_database()"))
+            postmaster = int(stat_fields(backend)[1])  # while the backend lives
         finally:
             await conn.close()
-        return cls(int(stat_fields(backend)[1]), database)
+        return cls(postmaster, database)
 
     def _ours(self, pid: int) -> bool:
         if pid not in self.titles:
@@ -158,7 +160,7 @@ class BackendCpu:
 
     def sample(self) -> None:
         for pid in self._children():
-            if not self._ours(pid):
+            if pid in self.excluded or not self._ours(pid):
                 continue
             try:
                 used = cpu_of(pid)
@@ -182,9 +184,15 @@ class BackendCpu:
         self.thread.join()
         self.sample()
 
+    def exclude(self, pid: int) -> None:
+        """Leave out a backend of the benchmark's own (its poll), all along."""
+        self.excluded.add(pid)
+
     @property
     def seconds(self) -> float:
-        return sum(self.last[pid] - self.first[pid] for pid in self.last)
+        return sum(
+            self.last[pid] - self.first[pid] for pid in self.last if pid not in self.excluded
+        )
 
 
 # --------------------------------------------------------------------------- the source
