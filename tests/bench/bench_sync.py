@@ -58,6 +58,7 @@ import anyio.to_thread
 import asyncpg
 import structlog
 
+import acode_sync
 from acode_sync.config import DaemonSettings, PostgresSettings, SyncSettings
 from acode_sync.domain import (
     Artifact,
@@ -942,7 +943,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"acode-sync sync benchmark: {args.records:,} records, {args.workspaces} workspaces, "
         f"concurrency {args.concurrency}, batch {args.batch}, pool_max {POOL_MAX}; "
         f"PostgreSQL {pg_version}, SQLite {sqlite3.sqlite_version}, "
-        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; the engine from "
+        f"{Path(acode_sync.__file__).parent}"
     )
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
