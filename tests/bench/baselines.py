@@ -128,7 +128,7 @@ class BackendCpu:
         self.title = f" {database} "
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
-        self.titles: dict[int, bool] = {}
+        self.ours: set[int] = set()
         self.counting_from_now = True
         self.excluded: set[int] = set()
         self.stopping = threading.Event()
@@ -146,13 +146,17 @@ class BackendCpu:
         return cls(postmaster, database)
 
     def _ours(self, pid: int) -> bool:
-        if pid not in self.titles:
+        """Whether the backend serves our database. Only a yes is remembered: a backend
+        still starting up has a title without its database yet."""
+        if pid not in self.ours:
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 return False
-            self.titles[pid] = self.title.encode() in title
-        return self.titles[pid]
+            if self.title.encode() not in title:
+                return False
+            self.ours.add(pid)
+        return True
 
     def _children(self) -> list[int]:
         listing = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children")

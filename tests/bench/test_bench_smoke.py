@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
+import struct
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import anyio
 import pytest
 
 from tests.bench.bench_store import main
@@ -168,3 +173,46 @@ def test_daemon_backlog_benchmark_runs_the_baselines(
         re.match(r"acode-syncd: 300 records from 3 workspaces in [\d.]+ s", line) for line in lines
     )
     assert_baselines(lines, "acode-syncd", pgloader=pgloader)
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def _read_until_ready(sock: socket.socket) -> None:
+    """Read PostgreSQL's messages up to ReadyForQuery ('Z')."""
+    buffer = b""
+    while True:
+        while len(buffer) < 5 or len(buffer) < 1 + struct.unpack("!I", buffer[1:5])[0]:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            buffer += chunk
+        kind, length = buffer[:1], struct.unpack("!I", buffer[1:5])[0]
+        assert kind != b"E", buffer[: 1 + length]
+        buffer = buffer[1 + length :]
+        if kind == b"Z":
+            return
+
+
+@pytest.mark.postgres
+def test_backend_cpu_counts_a_backend_first_seen_while_it_starts(pg_url: str) -> None:
+    """The postmaster forks a backend when a client connects, before the client names its
+    database: a sample taken then must not rule the backend out for good."""
+    from tests.bench.baselines import BackendCpu
+
+    url = urlsplit(pg_url)
+    backends = anyio.run(BackendCpu.of, pg_url, backend="asyncio")
+    with backends, socket.create_connection((url.hostname, url.port or 5432)) as sock:
+        time.sleep(0.2)  # the backend is forked and waits for the startup packet
+        backends.sample()
+        user, database = (url.username or "postgres"), url.path.lstrip("/")
+        params = f"user\0{user}\0database\0{database}\0\0".encode()
+        startup = struct.pack("!I", 196608) + params  # protocol 3.0
+        sock.sendall(struct.pack("!I", len(startup) + 4) + startup)
+        _read_until_ready(sock)  # trust authentication, as the tests' server runs
+        sock.sendall(_message(b"Q", b"SELECT count(*) FROM generate_series(1, 3000000)\0"))
+        _read_until_ready(sock)
+        backends.sample()
+        sock.sendall(_message(b"X", b""))
+    assert len(backends.last) == 1
+    assert backends.seconds > 0.05
