@@ -9,6 +9,13 @@
    just before the batch commits). Prints p50/p99/max of commit -> visible.
 2. Idle: acode-syncd watches `--idle-workspaces` workspaces with nothing to do. Prints
    the CPU it uses over `--idle-seconds` (as % of one core), its RSS and open files.
+3. Backlog (with `--backlog-records N`): N records seeded as bench_sync seeds them into
+   `--backlog-workspaces` workspaces; acode-syncd from its start until PostgreSQL holds
+   every record, then, on the same records in the same run, pgloader loading them from
+   one SQLite file and a binary COPY of them (tests/bench/baselines.py). Prints each as
+   records/s, as a ratio to pgloader and to COPY, and its CPU per record on both sides.
+
+`--only latency|idle|backlog` (repeatable) runs only those parts.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import asyncpg
 
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.workspace import database_path
+from tests.bench.baselines import BackendCpu, Measured, build_source, comparison, run_baselines
+from tests.bench.bench_sync import seed
 from tests.pg import create_database, database_url, drop_database
 
 LATENCY_P50_TARGET_MS: Final = 50.0
@@ -41,6 +50,9 @@ LATENCY_P99_TARGET_MS: Final = 250.0
 IDLE_CPU_TARGET: Final = 2.0
 IDLE_RSS_TARGET_MB: Final = 200.0
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+BACKLOG_POLL_SECONDS: Final = 0.1
+BACKLOG_TIMEOUT_SECONDS: Final = 3600.0
+PARTS: Final = ("latency", "idle", "backlog")
 
 WRITER = """
 import json, sys, time
@@ -135,12 +147,7 @@ def latency(rate: int, seconds: float, workdir: Path) -> None:
         WorkspaceDatabase(workspace).close()
         workspaces.append(str(workspace))
     try:
-        subprocess.run(
-            [Path(sys.executable).parent / "acode", "db", "migrate", "--postgres"],
-            env={**os.environ, "ACODE_POSTGRES_URL": url},
-            check=True,
-            capture_output=True,
-        )
+        migrate_postgres(url)
         anyio.run(
             _pg_script,
             url,
@@ -232,6 +239,92 @@ def idle(count: int, seconds: float, workdir: Path) -> None:
         drop_database(name)
 
 
+def last_key(workspace: Path) -> str:
+    conn = sqlite3.connect(database_path(workspace))
+    try:
+        row = conn.execute(
+            "SELECT idempotency_key FROM outbox_records ORDER BY outbox_id DESC LIMIT 1"
+        ).fetchone()
+        return str(row[0])
+    finally:
+        conn.close()
+
+
+async def wait_for_keys(url: str, keys: list[str]) -> asyncpg.Connection:
+    """Poll until PostgreSQL holds every key. A workspace ships its records oldest first,
+    so its last record's key arriving means its backlog has: 100 index probes a poll."""
+    conn = await asyncpg.connect(url)
+    deadline = time.monotonic() + BACKLOG_TIMEOUT_SECONDS
+    query = "SELECT count(*) FROM acode.applied_keys WHERE idempotency_key = ANY($1::text[])"
+    while int(await conn.fetchval(query, keys)) < len(keys):
+        if time.monotonic() > deadline:
+            await conn.close()
+            raise SystemExit(f"the daemon did not ship the backlog in {BACKLOG_TIMEOUT_SECONDS} s")
+        await anyio.sleep(BACKLOG_POLL_SECONDS)
+    return conn
+
+
+def migrate_postgres(url: str) -> None:
+    subprocess.run(
+        [Path(sys.executable).parent / "acode", "db", "migrate", "--postgres"],
+        env={**os.environ, "ACODE_POSTGRES_URL": url},
+        check=True,
+        capture_output=True,
+    )
+
+
+async def drain_backlog(root: Path, url: str, workdir: Path, keys: list[str]) -> Measured:
+    """The daemon from its start until PostgreSQL holds every key; its own CPU and its
+    backends' (the poll's backend left out)."""
+    backends = await BackendCpu.of(url)
+    with backends:
+        started = time.perf_counter()
+        daemon = await anyio.to_thread.run_sync(start_daemon, root, url, workdir)
+        try:
+            poll = await wait_for_keys(url, keys)
+            seconds = time.perf_counter() - started
+            backends.exclude(await poll.fetchval("SELECT pg_backend_pid()"))
+            backends.sample()  # before the daemon closes its pool
+            daemon_cpu = process_cpu_seconds(daemon.pid)
+            shipped = int(await poll.fetchval("SELECT count(*) FROM acode.applied_keys"))
+            await poll.close()
+        finally:
+            await anyio.to_thread.run_sync(stop, daemon)
+    return Measured("acode-syncd", shipped, seconds, daemon_cpu, backends.seconds)
+
+
+def backlog(records: int, workspaces: int, workdir: Path) -> None:
+    name = create_database()
+    url = database_url(name)
+    root = workdir / "backlog"
+    dirs = [root / f"ws-{n:04d}" for n in range(workspaces)]
+    try:
+        started = time.perf_counter()
+        seeded = seed(dirs, records, 1)
+        keys = [last_key(workspace) for workspace in dirs]
+        source = workdir / "backlog-source.db"
+        build_source(dirs, source)
+        print(
+            f"backlog: seeded {seeded.records:,} records into {workspaces} workspaces and "
+            f"one SQLite file in {time.perf_counter() - started:.1f} s"
+        )
+        migrate_postgres(url)
+        daemon = anyio.run(drain_backlog, root, url, workdir, keys, backend="asyncio")
+        if daemon.records != seeded.records:
+            raise SystemExit(f"the daemon shipped {daemon.records:,} of {seeded.records:,}")
+        print(
+            f"acode-syncd: {daemon.records:,} records from {workspaces} workspaces in "
+            f"{daemon.seconds:.2f} s, from its start until PostgreSQL held every record"
+        )
+        pgloader, copy = anyio.run(
+            run_baselines, source, url, seeded.records, print, backend="asyncio"
+        )
+        ways = [daemon, *([pgloader] if pgloader else []), copy]
+        print("\n".join(comparison(ways, pgloader, copy)))
+    finally:
+        drop_database(name)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench.bench_daemon", description=__doc__.splitlines()[0]
@@ -240,15 +333,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to offer them")
     parser.add_argument("--idle-workspaces", type=int, default=1000)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--backlog-records", type=int, default=0, help="records for the backlog part (0: skip)"
+    )
+    parser.add_argument("--backlog-workspaces", type=int, default=100)
+    parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts")
+    args = parser.parse_args(argv)
+    if args.backlog_records and args.backlog_records < args.backlog_workspaces:
+        parser.error("need --backlog-records >= --backlog-workspaces")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="acode-bench-daemon-") as tmp:
         print(f"acode-syncd benchmark, Python {sys.version.split()[0]}")
-        latency(args.rate, args.seconds, Path(tmp))
-        idle(args.idle_workspaces, args.idle_seconds, Path(tmp))
+        parts = args.only or PARTS
+        if "latency" in parts:
+            latency(args.rate, args.seconds, Path(tmp))
+        if "idle" in parts:
+            idle(args.idle_workspaces, args.idle_seconds, Path(tmp))
+        if "backlog" in parts and args.backlog_records:
+            backlog(args.backlog_records, args.backlog_workspaces, Path(tmp))
 
 
 if __name__ == "__main__":

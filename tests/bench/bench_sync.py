@@ -18,8 +18,13 @@ at once, and reports:
   CPUSchedulingPolicy=) and the agent at the normal one;
 
 verifies that PostgreSQL holds every key and no record is left pending, and, in the same
-run, times a naive baseline on a fresh sample: a row-at-a-time relay (one PostgreSQL
-transaction and one SQLite UPDATE per record).
+run, times the baselines (tests/bench/baselines.py): pgloader loading the same records
+from one SQLite file (skipped, saying so, where it is not installed), a binary COPY of
+them into a typed table (the ceiling) and, on a fresh sample, a naive row-at-a-time relay
+(one PostgreSQL transaction and one SQLite UPDATE per record). Prints each as records/s,
+as a ratio to pgloader and to COPY, and its CPU per record on both sides.
+
+--no-baselines drains only (to compare the engine of two commits on the same records).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import anyio.to_thread
 import asyncpg
 import structlog
 
+import acode_sync
 from acode_sync.config import DaemonSettings, PostgresSettings, SyncSettings
 from acode_sync.domain import (
     Artifact,
@@ -75,6 +81,14 @@ from acode_sync.sql import queries
 from acode_sync.store import WorkspaceDatabase, encode_json
 from acode_sync.sync import SyncSummary, WorkspaceSyncer, tune_interpreter
 from acode_sync.workspace import database_path
+from tests.bench.baselines import (
+    BackendCpu,
+    Measured,
+    build_source,
+    comparison,
+    own_cpu,
+    run_baselines,
+)
 from tests.bench.bench_store import percentile
 from tests.pg import ADMIN_URL, database_url
 
@@ -500,37 +514,6 @@ def not_processed(workspace: Path, up_to: int | None = None) -> int:
         conn.close()
 
 
-def process_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
-    """utime + stime of processes by pid, from /proc (Linux); missing ones are left out."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        found[pid] = (int(fields[11]) + int(fields[12])) / ticks
-    return found
-
-
-async def backend_cpu(dsn: str) -> dict[int, float]:
-    """CPU seconds so far of the engine's backends on this database (a local server)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'acode-syncd'"
-        )
-    finally:
-        await conn.close()
-    return cpu_seconds([int(row[0]) for row in rows])
-
-
 # --------------------------------------------------------------------------- the baseline
 
 _NAIVE_KEY = (
@@ -634,12 +617,14 @@ class Settings:
     naive_records: int
     directory: Path
     dsn: str
+    baselines: bool
 
 
 @dataclass(slots=True)
 class Report:
     lines: list[str] = field(default_factory=list)
     figures: list[tuple[str, str, str]] = field(default_factory=list)
+    comparison: list[str] = field(default_factory=list)
 
     def say(self, line: str) -> None:
         print(line, flush=True)
@@ -731,12 +716,20 @@ async def run(settings: Settings, report: Report) -> None:
         f"{seeded.payload_bytes / max(1, seeded.records):,.0f} bytes) into {s.workspaces} "
         f"workspaces in {time.perf_counter() - started:.1f} s"
     )
-    started = time.perf_counter()
-    naive_seeded = await anyio.to_thread.run_sync(seed, naive_dirs, s.naive_records, 100_000)
-    report.say(
-        f"seeded {naive_seeded.records:,} other records into {naive_count} workspaces for "
-        f"the naive relay in {time.perf_counter() - started:.1f} s"
-    )
+    source = s.directory / "baseline-source.db"
+    if s.baselines:
+        started = time.perf_counter()
+        copied = await anyio.to_thread.run_sync(build_source, main_dirs, source)
+        report.say(
+            f"copied the {copied:,} records into one SQLite file for the baselines in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+        started = time.perf_counter()
+        naive_seeded = await anyio.to_thread.run_sync(seed, naive_dirs, s.naive_records, 100_000)
+        report.say(
+            f"seeded {naive_seeded.records:,} other records into {naive_count} workspaces for "
+            f"the naive relay in {time.perf_counter() - started:.1f} s"
+        )
 
     target = TimedTarget(PostgresSettings(dsn=s.dsn, pool_max=POOL_MAX))
     sync_settings = SyncSettings(batch_max_records=s.batch)
@@ -750,18 +743,17 @@ async def run(settings: Settings, report: Report) -> None:
             # The seeded records come before the agent's (outbox_id order), and a claim
             # takes the oldest: these batches ship every seeded record of its workspace.
             agent_batches = {main_dirs[0]: math.ceil(seeded.counts[0] / s.batch)}
-            load_before, cpu_before = os.getloadavg()[0], process_cpu()
-            backends_before = await backend_cpu(s.dsn)
-            drained = await drain_all(
-                target, main_dirs, s.concurrency, sync_settings, agent_batches
-            )
-            cpu_used = process_cpu() - cpu_before
-            backends_after = await backend_cpu(s.dsn)
+            backends = await BackendCpu.of(s.dsn)
+            load_before, cpu_before = os.getloadavg()[0], own_cpu()
+            with backends:  # the pool's backends stay open until target.close()
+                drained = await drain_all(
+                    target, main_dirs, s.concurrency, sync_settings, agent_batches
+                )
+            cpu_used = own_cpu() - cpu_before
             load_after = os.getloadavg()[0]
         finally:
             agent_session, agent_saves, agent_samples = await anyio.to_thread.run_sync(agent.finish)
         rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        batch_ns = sorted(target.apply_ns)
         missed = [
             await anyio.to_thread.run_sync(not_processed, w, n)
             for w, n in zip(main_dirs, seeded.counts, strict=True)
@@ -773,12 +765,10 @@ async def run(settings: Settings, report: Report) -> None:
             f"{drained.conflicts} conflicts, {drained.failed} failed) in "
             f"{drained.seconds:.2f} s"
         )
-        backends_used = sum(
-            used - backends_before.get(pid, 0.0) for pid, used in backends_after.items()
-        )
+        backends_used = backends.seconds
         report.say(
             f"CPU during the drain: this process {cpu_used:.1f} s "
-            f"({cpu_used / drained.seconds:.2f} cores), its {len(backends_after)} PostgreSQL "
+            f"({cpu_used / drained.seconds:.2f} cores), its {len(backends.last)} PostgreSQL "
             f"backends {backends_used:.1f} s ({backends_used / drained.seconds:.2f} cores); "
             f"load average {load_before:.1f} before, {load_after:.1f} after; {lowered}"
         )
@@ -787,28 +777,69 @@ async def run(settings: Settings, report: Report) -> None:
     finally:
         await target.close()
     report.say(await verify(s.dsn, main_dirs, seeded, agent_session, agent_saves))
+    engine = Measured("acode drain", drained.shipped, drained.seconds, cpu_used, backends_used)
+    report.figures += drain_figures(
+        s,
+        drained,
+        target,
+        agent_workspace=main_dirs[0],
+        rss=(rss_before, rss_peak),
+        agent_samples=agent_samples,
+        records=seeded.records,
+    )
+    if not s.baselines:
+        return
 
-    started = time.perf_counter()
-    relayed = await naive_relay(s.dsn, naive_dirs, s.concurrency)
-    naive_seconds = time.perf_counter() - started
+    backends = await BackendCpu.of(s.dsn)
+    started, cpu_before = time.perf_counter(), own_cpu()
+    with backends:
+        relayed = await naive_relay(s.dsn, naive_dirs, s.concurrency)
+    naive = Measured(
+        "naive relay (own sample)",
+        relayed,
+        time.perf_counter() - started,
+        own_cpu() - cpu_before,
+        backends.seconds,
+    )
     left = sum([await anyio.to_thread.run_sync(not_processed, w) for w in naive_dirs])
     if relayed != naive_seeded.records or left:
         raise SystemExit(f"naive relay FAILED: {relayed} relayed, {left} left pending")
     report.say(
-        f"naive relay: {relayed:,} records in {naive_seconds:.2f} s (one PostgreSQL "
+        f"naive relay: {relayed:,} records in {naive.seconds:.2f} s (one PostgreSQL "
         f"transaction + one SQLite UPDATE per record, {min(s.concurrency, naive_count)} "
         "workspaces at once)"
     )
+    pgloader, copy = await run_baselines(source, s.dsn, seeded.records, report.say)
+    ways = [engine, *([pgloader] if pgloader else []), copy, naive]
+    report.comparison = comparison(ways, pgloader, copy)
+    report.figures += [
+        ("naive relay records/s", f"{naive.rate:,.0f} ({relayed:,} records)", ""),
+        ("drain / pgloader", f"{engine.rate / pgloader.rate:.2f}x" if pgloader else "n/a", ""),
+        ("drain / binary COPY", f"{engine.rate / copy.rate:.2f}x", ""),
+    ]
 
+
+def drain_figures(
+    s: Settings,
+    drained: DrainResult,
+    target: TimedTarget,
+    *,
+    agent_workspace: Path,
+    rss: tuple[float, float],
+    agent_samples: Sequence[tuple[int, int]],
+    records: int,
+) -> list[tuple[str, str, str]]:
+    rss_before, rss_peak = rss
+    batch_ns = sorted(target.apply_ns)
     rate = drained.shipped / drained.seconds
     rate_target = THROUGHPUT_TARGET_ONE if s.workspaces == 1 else THROUGHPUT_TARGET_MANY
     during = [d for start, d in agent_samples if drained.started_ns <= start <= drained.ended_ns]
-    own_start, own_end = drained.windows[main_dirs[0]]
+    own_start, own_end = drained.windows[agent_workspace]
     during_own = [d for start, d in agent_samples if own_start <= start <= own_end]
     during_p99 = percentile(sorted(during), 0.99) / 1e6 if during else float("inf")
     scope = "1M records, one workspace" if s.workspaces == 1 else "1M records, 100 workspaces"
-    report.figures += [
-        ("records", f"{seeded.records:,}", ""),
+    return [
+        ("records", f"{records:,}", ""),
         ("workspaces", f"{s.workspaces} (concurrency {s.concurrency})", ""),
         (
             "records/s",
@@ -832,7 +863,6 @@ async def run(settings: Settings, report: Report) -> None:
             f"p99 <= {AGENT_SAVE_TARGET_MS:g} ms: {verdict(during_p99 <= AGENT_SAVE_TARGET_MS)}",
         ),
         ("  while its own workspace drained", latency_text(during_own), ""),
-        ("naive relay records/s", f"{relayed / naive_seconds:,.0f} ({relayed:,} records)", ""),
     ]
 
 
@@ -856,6 +886,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help=f"records for the naive relay (default: min(records, {NAIVE_MAX_RECORDS}))",
+    )
+    parser.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="drain only: no pgloader, binary COPY or naive relay",
     )
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to create the workspaces (default: temp)"
@@ -907,7 +943,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"acode-sync sync benchmark: {args.records:,} records, {args.workspaces} workspaces, "
         f"concurrency {args.concurrency}, batch {args.batch}, pool_max {POOL_MAX}; "
         f"PostgreSQL {pg_version}, SQLite {sqlite3.sqlite_version}, "
-        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; the engine from "
+        f"{Path(acode_sync.__file__).parent}"
     )
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
@@ -931,6 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             naive_records=args.naive_records,
             directory=directory,
             dsn=dsn,
+            baselines=args.baselines,
         )
         anyio.run(run, settings, report, backend="asyncio")
     finally:
@@ -946,6 +984,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'figure':<{width}}  {'measured':<{value_width}}  target")
     for label, value, target in report.figures:
         print(f"{label:<{width}}  {value:<{value_width}}  {target}".rstrip())
+    if report.comparison:
+        print()
+        print("\n".join(report.comparison))
     return 0
 
 
