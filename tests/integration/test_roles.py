@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from acode_sync.cli import main
 from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, SessionEvent
 from acode_sync.errors import PostgresRefusedError, PostgresSchemaMismatchError
@@ -281,3 +283,26 @@ async def test_disabling_tenants_lets_every_syncer_write_every_row_again(
         "relnamespace = 'acode'::regnamespace",
     )
     assert rls == [(0,)]
+
+
+def test_the_commands_grant_migrate_and_switch_tenants(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    role = f"acode_syncer_{secrets.token_hex(4)}"
+    anyio.run(admin, pg_url, f"CREATE ROLE {role} LOGIN")
+    monkeypatch.setenv("ACODE_POSTGRES_URL", pg_url)
+    try:
+        assert main(["db", "migrate", "--postgres", "--grant", role]) == 0
+        out = capsys.readouterr().out
+        assert f"granted role {role} a syncer's rights" in out
+        assert f"PostgreSQL schema version 0 -> {len(load_migrations(DIALECT))}" in out
+        assert main(["db", "grant", role]) == 0
+        database = pg_url.rsplit("/", 1)[1]
+        assert capsys.readouterr().out.splitlines() == grant_statements(role, database)
+        for action in ("enable", "disable"):
+            assert main(["db", "tenants", action]) == 0
+            assert f"row-level security by tenant {'on' if action == 'enable' else 'off'}" in (
+                capsys.readouterr().out
+            )
+    finally:
+        anyio.run(admin, pg_url, f"DROP OWNED BY {role}; DROP ROLE {role}")
