@@ -26,6 +26,7 @@ from acode_sync.log import configure_logging
 from acode_sync.outbox import list_records, replay
 from acode_sync.postgres import PostgresTarget
 from acode_sync.restore import RestoreRequest, Selection, restore
+from acode_sync.roles import grant_syncer, set_tenants
 from acode_sync.runtime import find_state_dir, read_status
 from acode_sync.status import workspace_status
 from acode_sync.sync import WorkspaceSyncer, tune_interpreter
@@ -75,9 +76,13 @@ def positive_int(text: str) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     if args.postgres:
         config = _config(args)
-        from_version, to_version = anyio.run(_migrate_postgres, config)
+        from_version, to_version = anyio.run(_migrate_postgres, config, args.grant)
         print(f"PostgreSQL schema version {from_version} -> {to_version}")
         return 0
+    if args.grant:
+        raise RecordRejectedError(
+            "--grant goes with --postgres", hint="Run `acode db migrate --postgres --grant ROLE`."
+        )
     workspace = _workspace(args)
     path = database_path(workspace)
     conn = open_workspace(workspace, run_migrations=False)
@@ -89,12 +94,46 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _migrate_postgres(config: Config) -> tuple[int, int]:
+async def _migrate_postgres(config: Config, grant_to: Sequence[str]) -> tuple[int, int]:
     target = PostgresTarget(config.postgres)
     try:
-        return await target.ensure_schema(explicit=True)
+        versions = await target.ensure_schema(explicit=True)
+        for role in grant_to:
+            await grant_syncer(target, role)
+            print(f"granted role {role} a syncer's rights")
+        return versions
     finally:
         await target.close()
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def _grant() -> list[str]:
+        target = PostgresTarget(config.postgres)
+        try:
+            return await grant_syncer(target, args.role)
+        finally:
+            await target.close()
+
+    print("\n".join(anyio.run(_grant)))
+    return 0
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    config = _config(args)
+    enabled = args.sub == "enable"
+
+    async def _set() -> None:
+        target = PostgresTarget(config.postgres)
+        try:
+            await set_tenants(target, enabled=enabled)
+        finally:
+            await target.close()
+
+    anyio.run(_set)
+    print(f"row-level security by tenant {'on' if enabled else 'off'}")
+    return 0
 
 
 def cmd_schema_version(args: argparse.Namespace) -> int:
@@ -375,6 +414,24 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--postgres", action="store_true", help="migrate the PostgreSQL schema instead"
     )
+    migrate.add_argument(
+        "--grant",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="then give ROLE a syncer's rights (with --postgres; may be repeated)",
+    )
+    grant = command(
+        commands, "grant", cmd_grant, "give a PostgreSQL role a syncer's rights", config=True
+    )
+    grant.add_argument("role", metavar="ROLE", help="an existing PostgreSQL role")
+    tenants = commands.add_parser("tenants", help="row-level security by tenant in PostgreSQL")
+    tenants_commands = tenants.add_subparsers(dest="sub", required=True)
+    for action, text in (
+        ("enable", "each role writes only its own tenant's rows"),
+        ("disable", "every syncer role may write every row again"),
+    ):
+        command(tenants_commands, action, cmd_tenants, text, config=True)
     status = command(
         commands, "status", cmd_status, "schema, files, rows, backlog, daemon", config=True
     )

@@ -22,8 +22,8 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -466,6 +466,8 @@ class PostgresTarget:
                         f"{latest_version(available)}, and postgres.auto_migrate is off",
                         hint="Run `acode db migrate --postgres` or turn auto_migrate on.",
                     )
+                if pending:
+                    await self._check_may_migrate(conn, current, latest_version(available))
                 if pending and not exists:
                     await conn.execute(_Q["create_schema"])
                     await conn.execute(_Q["create_migrations_table"])
@@ -474,6 +476,29 @@ class PostgresTarget:
                     await self._run_migration(conn, migration)
         self._schema_ready = True
         return current, latest_version(available)
+
+    @staticmethod
+    async def _check_may_migrate(conn: asyncpg.Connection, current: int, needed: int) -> None:
+        """Only the schema's owner migrates: a syncer role is told so, before any DDL (it
+        would fail on a permission error), and waits as in an outage."""
+        facts = await conn.fetchrow(_Q["may_migrate"])
+        if not facts["may_migrate"]:
+            raise PostgresSchemaMismatchError(
+                f"the PostgreSQL schema is at version {current}, this program needs {needed}, "
+                f"and role {facts['role']} may not migrate it (only the owner of the schema "
+                "acode migrates)",
+                hint="Run `acode db migrate --postgres` as the schema's owner (then `acode db "
+                "grant ROLE` for the syncer roles). Records wait in the outboxes meanwhile.",
+            )
+
+    @asynccontextmanager
+    async def administering(self, doing: str) -> AsyncIterator[asyncpg.Connection]:
+        """One connection in one transaction for an administrator's command (`acode db
+        grant`, `acode db tenants`), its errors classified as everywhere else."""
+        pool = await self._get_pool()
+        with self._classified(doing), anyio.fail_after(self.settings.statement_timeout * 4):
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
 
     async def _run_migration(self, conn: asyncpg.Connection, migration: Migration) -> None:
         try:

@@ -5,7 +5,6 @@ line that names what is wrong and how to fix it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
 
 import anyio
 import asyncpg
@@ -13,38 +12,18 @@ import asyncpg
 from acode_sync.config import PostgresSettings
 from acode_sync.errors import SchemaMismatchError
 from acode_sync.migrations import AppliedMigration, latest_version, load_migrations, plan_migrations
-from acode_sync.pg_tables import TABLES
 from acode_sync.postgres import DIALECT, PostgresTarget
+from acode_sync.roles import SYNCER_PRIVILEGES, grant_statement
 from acode_sync.sql import queries
 
 _Q = queries(DIALECT)
 POOLING_TRIES: Final = 5
-
-# What a syncer does: read the schema's version, upsert entities, record keys (and prune
-# them), record conflicts, and call refuse_timestamp on a bad payload time.
-SYNCER_PRIVILEGES: Final = (
-    ("schema", "acode", "USAGE"),
-    ("table", "acode.schema_migrations", "SELECT"),
-    *(
-        ("table", f"acode.{spec.table}", privilege)
-        for spec in TABLES.values()
-        for privilege in ("SELECT", "INSERT", "UPDATE")
-    ),
-    *(("table", "acode.applied_keys", p) for p in ("SELECT", "INSERT", "DELETE")),
-    *(("table", "acode.conflicts", p) for p in ("SELECT", "INSERT")),
-    ("function", "acode.refuse_timestamp(text, text, text)", "EXECUTE"),
-)
 
 
 @dataclass
 class Findings:
     passed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-
-def _grant(kind: str, name: str, privilege: str, role: str) -> str:
-    target = {"schema": "SCHEMA ", "function": "FUNCTION "}.get(kind, "")
-    return f"GRANT {privilege} ON {target}{name} TO {role};"
 
 
 async def check_postgres(settings: PostgresSettings) -> Findings:
@@ -160,8 +139,7 @@ async def _check(conn: asyncpg.Connection, settings: PostgresSettings, found: Fi
     missing = await conn.fetch(_Q["missing_privileges"], kinds, names, privileges)
     for row in missing:
         kind, name, privilege = row["kind"], row["object"], row["privilege"]
-        found.problems.append(
-            f"role {role} lacks {privilege} on {kind} {name}: {_grant(kind, name, privilege, role)}"
-        )
+        fix = grant_statement(kind, name, privilege, role)
+        found.problems.append(f"role {role} lacks {privilege} on {kind} {name}: {fix}")
     if not missing:
         found.passed.append(f"role {role} has every privilege a syncer needs")

@@ -272,3 +272,40 @@ SELECT EXISTS (SELECT 1 FROM acode.sessions WHERE origin_id = $1)
     OR EXISTS (SELECT 1 FROM acode.steps WHERE origin_id = $1)
     OR EXISTS (SELECT 1 FROM acode.tool_calls WHERE origin_id = $1)
     OR EXISTS (SELECT 1 FROM acode.artifacts WHERE origin_id = $1);
+
+-- Before migrating: who this connection is and whether it may migrate (it owns the schema
+-- acode, or is a member of its owner; with no schema yet, it may create one).
+-- name: may_migrate
+SELECT current_user AS role,
+       CASE WHEN to_regnamespace('acode') IS NULL
+            THEN has_database_privilege(current_database(), 'CREATE')
+            ELSE pg_has_role((SELECT nspowner FROM pg_namespace WHERE nspname = 'acode'),
+                             'USAGE')
+       END AS may_migrate;
+
+-- `acode db grant ROLE`: the role and the database as identifiers, quoted by the server
+-- (NULL role: no such role). The GRANT statements are built from these and the constant
+-- list of a syncer's privileges (acode_sync/roles.py), never from raw input.
+-- name: grant_names
+SELECT (SELECT quote_ident(rolname) FROM pg_roles WHERE rolname = $1) AS role,
+       quote_ident(current_database()) AS database;
+
+-- `acode db tenants enable`: row-level security on one table (a template: <t> is filled
+-- from the constant table names in acode_sync/roles.py). A role sees and writes only its
+-- own tenant's rows; the table's owner (who migrates) is not subject to it.
+-- name: enable_tenant_rows
+ALTER TABLE acode.<t> ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS tenant_rows ON acode.<t>;
+CREATE POLICY tenant_rows ON acode.<t>
+    USING (tenant = current_user) WITH CHECK (tenant = current_user);
+
+-- And, on an entity table, the guard that stamps the tenant and fails a record for
+-- another tenant's entity or session (migration 0005).
+-- name: enable_tenant_guard
+CREATE OR REPLACE TRIGGER guard_tenant BEFORE INSERT ON acode.<t>
+    FOR EACH ROW EXECUTE FUNCTION acode.guard_tenant();
+
+-- name: disable_tenants
+DROP TRIGGER IF EXISTS guard_tenant ON acode.<t>;
+DROP POLICY IF EXISTS tenant_rows ON acode.<t>;
+ALTER TABLE acode.<t> DISABLE ROW LEVEL SECURITY;
