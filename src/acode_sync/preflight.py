@@ -5,6 +5,7 @@ line that names what is wrong and how to fix it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 import anyio
 import asyncpg
