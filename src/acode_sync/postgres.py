@@ -449,17 +449,14 @@ class PostgresTarget:
                         hint="Create the central database with ENCODING 'UTF8' (for example "
                         "`createdb -E UTF8 -T template0 acode`), then point the DSN at it.",
                     )
-                await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
-                exists = await conn.fetchval(_Q["schema_exists"])
-                applied = []
-                if exists:
-                    rows = await conn.fetch(_Q["applied_migrations"])
-                    applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
+                exists, applied, pending = await self._plan(conn, available)
+                if pending:
+                    # Only a daemon with something to run queues on the lock (and reads
+                    # again under it): a fleet starting at once on a current schema does
+                    # not wait in line, one transaction at a time.
+                    await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
+                    exists, applied, pending = await self._plan(conn, available)
                 current = max((m.version for m in applied), default=0)
-                try:
-                    pending = plan_migrations(applied, available)
-                except SchemaMismatchError as error:
-                    raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
                 if pending and not (self.settings.auto_migrate or explicit):
                     raise PostgresSchemaMismatchError(
                         f"the PostgreSQL schema is at version {current}, this program needs "
@@ -474,6 +471,21 @@ class PostgresTarget:
                     await self._run_migration(conn, migration)
         self._schema_ready = True
         return current, latest_version(available)
+
+    @staticmethod
+    async def _plan(
+        conn: asyncpg.Connection, available: Sequence[Migration]
+    ) -> tuple[bool, list[AppliedMigration], list[Migration]]:
+        """Whether the schema exists, the migrations applied, and those to run."""
+        exists = bool(await conn.fetchval(_Q["schema_exists"]))
+        applied = []
+        if exists:
+            rows = await conn.fetch(_Q["applied_migrations"])
+            applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
+        try:
+            return exists, applied, list(plan_migrations(applied, available))
+        except SchemaMismatchError as error:
+            raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
 
     async def _run_migration(self, conn: asyncpg.Connection, migration: Migration) -> None:
         try:
