@@ -440,7 +440,7 @@ class PostgresTarget:
         available = load_migrations(DIALECT) if available is None else available
         pool = await self._get_pool()
         with self._classified("migrating"), anyio.fail_after(self.settings.statement_timeout * 4):
-            async with pool.acquire() as conn, conn.transaction():
+            async with pool.acquire() as conn:
                 encoding = await conn.fetchval(_Q["server_encoding"])
                 if encoding != "UTF8":
                     raise PostgresSchemaMismatchError(
@@ -449,28 +449,45 @@ class PostgresTarget:
                         hint="Create the central database with ENCODING 'UTF8' (for example "
                         "`createdb -E UTF8 -T template0 acode`), then point the DSN at it.",
                     )
-                exists, applied, pending = await self._plan(conn, available)
+                # Read first, without the lock: a fleet starting at once on a current schema
+                # goes on at once instead of queueing on the lock one transaction at a time.
+                _, applied, pending = await self._plan(conn, available)
                 if pending:
-                    # Only a daemon with something to run queues on the lock (and reads
-                    # again under it): a fleet starting at once on a current schema does
-                    # not wait in line, one transaction at a time.
-                    await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
-                    exists, applied, pending = await self._plan(conn, available)
-                current = max((m.version for m in applied), default=0)
-                if pending and not (self.settings.auto_migrate or explicit):
-                    raise PostgresSchemaMismatchError(
-                        f"the PostgreSQL schema is at version {current}, this program needs "
-                        f"{latest_version(available)}, and postgres.auto_migrate is off",
-                        hint="Run `acode db migrate --postgres` or turn auto_migrate on.",
-                    )
-                if pending and not exists:
-                    await conn.execute(_Q["create_schema"])
-                    await conn.execute(_Q["create_migrations_table"])
-                await conn.execute(_Q["set_migration_search_path"])
-                for migration in pending:
-                    await self._run_migration(conn, migration)
+                    # In a transaction of its own: one that had already read the catalog
+                    # would not see a migration committed while it waited for the lock.
+                    async with conn.transaction():
+                        await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
+                        exists, applied, pending = await self._plan(conn, available)
+                        await self._migrate(conn, exists, applied, pending, explicit=explicit)
+        current = max((m.version for m in applied), default=0)
         self._schema_ready = True
         return current, latest_version(available)
+
+    async def _migrate(
+        self,
+        conn: asyncpg.Connection,
+        exists: bool,
+        applied: Sequence[AppliedMigration],
+        pending: Sequence[Migration],
+        *,
+        explicit: bool,
+    ) -> None:
+        """Run what is pending, under the migration lock (the caller's transaction)."""
+        if not pending:
+            return  # another daemon migrated while this one waited for the lock
+        if not (self.settings.auto_migrate or explicit):
+            current = max((m.version for m in applied), default=0)
+            raise PostgresSchemaMismatchError(
+                f"the PostgreSQL schema is at version {current}, this program needs "
+                f"{pending[-1].version}, and postgres.auto_migrate is off",
+                hint="Run `acode db migrate --postgres` or turn auto_migrate on.",
+            )
+        if not exists:
+            await conn.execute(_Q["create_schema"])
+            await conn.execute(_Q["create_migrations_table"])
+        await conn.execute(_Q["set_migration_search_path"])
+        for migration in pending:
+            await self._run_migration(conn, migration)
 
     @staticmethod
     async def _plan(
