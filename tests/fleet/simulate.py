@@ -87,6 +87,7 @@ SETUP_SECONDS_PER_WORKSPACE: Final = 0.02
 SAMPLE_SECONDS: Final = 1.0
 COLD_START_RECORDS: Final = 5  # pending in each workspace before its daemon starts
 CHILD_TIMEOUT: Final = 3600.0
+ERROR_TEXT_CHARS: Final = 200  # of each warning's message, in the report
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
@@ -322,9 +323,8 @@ def log_problems(workdir: Path, scenario: str) -> Counter[str]:
             except ValueError:
                 found[f"unparsed: {line[:80]}"] += 1
                 continue
-            found[
-                f"{entry.get('level')}: {entry.get('event')} {entry.get('code', '')}".strip()
-            ] += 1
+            what = f"{entry.get('level')}: {entry.get('event')} {entry.get('code', '')}"
+            found[f"{what} {entry.get('error', '')}".strip()[:ERROR_TEXT_CHARS]] += 1
     return found
 
 

@@ -5,12 +5,15 @@ the errors are asserted here; the figures (and their timing targets) are the ful
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import anyio
 import asyncpg
 import pytest
 
 from acode_sync.config import PostgresSettings
-from acode_sync.postgres import LOCK_NAMESPACE, MIGRATION_LOCK, PostgresTarget
+from acode_sync.migrations import latest_version, load_migrations
+from acode_sync.postgres import DIALECT, LOCK_NAMESPACE, MIGRATION_LOCK, PostgresTarget
 from tests.fleet.simulate import main
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes, pytest.mark.timeout(600)]
@@ -55,3 +58,53 @@ async def test_a_current_schema_is_checked_without_queueing_on_the_migration_loc
     finally:
         await later.close()
         await holder.close()
+
+
+async def _waiting_on_advisory_locks(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _until_waiting(dsn: str, count: int) -> None:
+    with anyio.fail_after(10):
+        while await _waiting_on_advisory_locks(dsn) < count:  # noqa: ASYNC110 - PostgreSQL's state
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_a_daemon_that_waited_for_the_lock_sees_the_migration_committed_meanwhile(
+    pg_url: str,
+) -> None:
+    """Two daemons find an empty database and queue on the migration lock; the first
+    migrates; the second, whose connection already looked for the schema, must find it
+    (not run the migrations again and fail on tables that exist)."""
+    settings = PostgresSettings(dsn=pg_url, pool_max=1, statement_timeout=5.0)
+    first, second = PostgresTarget(settings), PostgresTarget(settings)
+    holder = await asyncpg.connect(pg_url)
+    results: list[tuple[int, int]] = []
+    try:
+        async with anyio.create_task_group() as tg, holder.transaction():
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK
+            )
+            tg.start_soon(lambda: _keep(results, first.ensure_schema()))
+            await _until_waiting(pg_url, 1)
+            tg.start_soon(lambda: _keep(results, second.ensure_schema()))
+            await _until_waiting(pg_url, 2)
+        latest = latest_version(load_migrations(DIALECT))
+        assert sorted(results) == [(0, latest), (latest, latest)]  # one migrated, none failed
+    finally:
+        await first.close()
+        await second.close()
+        await holder.close()
+
+
+async def _keep(results: list[tuple[int, int]], call: Awaitable[tuple[int, int]]) -> None:
+    results.append(await call)
