@@ -440,7 +440,7 @@ class PostgresTarget:
         available = load_migrations(DIALECT) if available is None else available
         pool = await self._get_pool()
         with self._classified("migrating"), anyio.fail_after(self.settings.statement_timeout * 4):
-            async with pool.acquire() as conn, conn.transaction():
+            async with pool.acquire() as conn:
                 encoding = await conn.fetchval(_Q["server_encoding"])
                 if encoding != "UTF8":
                     raise PostgresSchemaMismatchError(
@@ -449,33 +449,61 @@ class PostgresTarget:
                         hint="Create the central database with ENCODING 'UTF8' (for example "
                         "`createdb -E UTF8 -T template0 acode`), then point the DSN at it.",
                     )
-                await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
-                exists = await conn.fetchval(_Q["schema_exists"])
-                applied = []
-                if exists:
-                    rows = await conn.fetch(_Q["applied_migrations"])
-                    applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
-                current = max((m.version for m in applied), default=0)
-                try:
-                    pending = plan_migrations(applied, available)
-                except SchemaMismatchError as error:
-                    raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
-                if pending and not (self.settings.auto_migrate or explicit):
-                    raise PostgresSchemaMismatchError(
-                        f"the PostgreSQL schema is at version {current}, this program needs "
-                        f"{latest_version(available)}, and postgres.auto_migrate is off",
-                        hint="Run `acode db migrate --postgres` or turn auto_migrate on.",
-                    )
+                # Read first, without the lock: a fleet starting at once on a current schema
+                # goes on at once instead of queueing on the lock one transaction at a time.
+                _, applied, pending = await self._plan(conn, available)
                 if pending:
-                    await self._check_may_migrate(conn, current, latest_version(available))
-                if pending and not exists:
-                    await conn.execute(_Q["create_schema"])
-                    await conn.execute(_Q["create_migrations_table"])
-                await conn.execute(_Q["set_migration_search_path"])
-                for migration in pending:
-                    await self._run_migration(conn, migration)
+                    # In a transaction of its own: one that had already read the catalog
+                    # would not see a migration committed while it waited for the lock.
+                    async with conn.transaction():
+                        await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
+                        exists, applied, pending = await self._plan(conn, available)
+                        await self._migrate(conn, exists, applied, pending, explicit=explicit)
+        current = max((m.version for m in applied), default=0)
         self._schema_ready = True
         return current, latest_version(available)
+
+    async def _migrate(
+        self,
+        conn: asyncpg.Connection,
+        exists: bool,
+        applied: Sequence[AppliedMigration],
+        pending: Sequence[Migration],
+        *,
+        explicit: bool,
+    ) -> None:
+        """Run what is pending, under the migration lock (the caller's transaction)."""
+        if not pending:
+            return  # another daemon migrated while this one waited for the lock
+        current = max((m.version for m in applied), default=0)
+        if not (self.settings.auto_migrate or explicit):
+            raise PostgresSchemaMismatchError(
+                f"the PostgreSQL schema is at version {current}, this program needs "
+                f"{pending[-1].version}, and postgres.auto_migrate is off",
+                hint="Run `acode db migrate --postgres` or turn auto_migrate on.",
+            )
+        await self._check_may_migrate(conn, current, pending[-1].version)
+        if not exists:
+            await conn.execute(_Q["create_schema"])
+            await conn.execute(_Q["create_migrations_table"])
+        await conn.execute(_Q["set_migration_search_path"])
+        for migration in pending:
+            await self._run_migration(conn, migration)
+
+    @staticmethod
+    async def _plan(
+        conn: asyncpg.Connection, available: Sequence[Migration]
+    ) -> tuple[bool, list[AppliedMigration], list[Migration]]:
+        """Whether the schema exists, the migrations applied, and those to run."""
+        exists = bool(await conn.fetchval(_Q["schema_exists"]))
+        applied = []
+        if exists:
+            rows = await conn.fetch(_Q["applied_migrations"])
+            applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
+        try:
+            return exists, applied, list(plan_migrations(applied, available))
+        except SchemaMismatchError as error:
+            raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
 
     @staticmethod
     async def _check_may_migrate(conn: asyncpg.Connection, current: int, needed: int) -> None:

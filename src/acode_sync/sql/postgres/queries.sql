@@ -5,7 +5,13 @@
 -- import, from the constant table specs in acode_sync/pg_tables.py, never from input.
 
 -- name: schema_exists
-SELECT to_regclass('acode.schema_migrations') IS NOT NULL;
+-- A scan of the catalog, not to_regclass(): that answers from the backend's cache, which
+-- still says "no such table" after a migration committed while this transaction waited
+-- for the migration lock.
+SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_tables
+    WHERE schemaname = 'acode' AND tablename = 'schema_migrations'
+);
 
 -- name: create_schema
 CREATE SCHEMA IF NOT EXISTS acode;
