@@ -70,14 +70,18 @@ class VerifySchedule:
         return min(self.interval, self.window_minutes * 60.0)
 
     def slots(self, fraction: float, day: date) -> Iterator[float]:
-        """The workspace's slots (Unix times) in the window that opens on `day`."""
+        """The workspace's slots (Unix times) in the window that opens on `day`. The
+        window's ends are local times: on a night the clocks change it is an hour longer
+        or shorter."""
         hour, minute = divmod(self.window_start, 60)
-        opens = datetime.combine(day, clock_time(hour, minute)).astimezone().timestamp()
-        length = self.window_minutes * 60.0
-        for k in range(math.ceil(length / self.period)):
-            offset = (k + fraction) * self.period
-            if offset < length:
-                yield opens + offset
+        opens = datetime.combine(day, clock_time(hour, minute))
+        closes = opens + timedelta(minutes=self.window_minutes)
+        start, end = opens.astimezone().timestamp(), closes.astimezone().timestamp()
+        period = min(self.interval, end - start)
+        for k in range(math.ceil((end - start) / period)):
+            at = start + (k + fraction) * period
+            if at < end:
+                yield at
 
     def next_slot(self, fraction: float, *, after: float, last: float | None = None) -> float:
         """The first slot later than `after` and, when the workspace had a slot at `last`,
