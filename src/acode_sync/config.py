@@ -334,6 +334,12 @@ class DaemonSettings:
     log_level: str = "info"
     log_format: str = "auto"
     state_dir: Path | None = None
+    # Each workspace is compared with PostgreSQL this often (acode db verify); 0: never.
+    verify_interval_hours: float = 24.0
+    # "HH:MM-HH:MM", local time (may wrap past midnight); empty: at any time of day.
+    verify_window: str = ""
+    # Queue what PostgreSQL lacks or holds older as outbox records. Off: report only.
+    verify_repair: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -412,7 +418,9 @@ def _parse_section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
     return cls(**values)
 
 
-_MAY_BE_ZERO = frozenset({"pool_min", "max_depth", "port", "statement_cache_size"})
+_MAY_BE_ZERO = frozenset(
+    {"pool_min", "max_depth", "port", "statement_cache_size", "verify_interval_hours"}
+)
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("auto", "json", "console")
 
@@ -456,7 +464,30 @@ def _parse_daemon(raw: Mapping[str, Any]) -> DaemonSettings:
         raise ConfigError(f"daemon.log_level must be one of {', '.join(LOG_LEVELS)}")
     if settings.log_format not in LOG_FORMATS:
         raise ConfigError(f"daemon.log_format must be one of {', '.join(LOG_FORMATS)}")
+    if settings.verify_window:
+        parse_window(settings.verify_window)
     return settings
+
+
+_WINDOW: Final = re.compile(r"(\d\d):(\d\d)-(\d\d):(\d\d)")
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """A daily window "HH:MM-HH:MM" as (start, length) in minutes; the end may be past
+    midnight ("22:00-04:00") and may be 24:00. Raises ConfigError naming the key."""
+    match = _WINDOW.fullmatch(text.strip())
+    hours_minutes = [int(part) for part in match.groups()] if match else []
+    start = end = -1
+    if hours_minutes and all(m < 60 for m in hours_minutes[1::2]):
+        start = hours_minutes[0] * 60 + hours_minutes[1]
+        end = hours_minutes[2] * 60 + hours_minutes[3]
+    if not (0 <= start < 24 * 60 and 0 <= end <= 24 * 60 and start != end):
+        raise ConfigError(
+            'daemon.verify_window must be a time window such as "01:00-05:00" (local time, '
+            "start and end differ), or empty for any time of day",
+            hint='Write it as "HH:MM-HH:MM", 24-hour clock; "22:00-04:00" spans midnight.',
+        )
+    return start, end - start if end > start else end + 24 * 60 - start
 
 
 def _parse_metrics(raw: Mapping[str, Any]) -> MetricsSettings:

@@ -31,6 +31,7 @@ from acode_sync.postgres import PostgresTarget
 from acode_sync.runtime import hold_state_dir, remove_status, state_dir, write_status
 from acode_sync.sync import tune_interpreter
 from acode_sync.systemd import Notifier, watchdog_interval
+from acode_sync.verify_schedule import VerifyScheduler
 from acode_sync.watcher import Watcher, make_watcher
 from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
 
@@ -126,6 +127,7 @@ class Daemon:
             watchdog=self.heartbeat,
             on_backlog=lambda: self._status_soon.set(),
         )
+        self.verifier = VerifyScheduler(workspaces=self.workers.keys, shared=lambda: self.shared)
 
     # -- the three phases -------------------------------------------------------------
 
@@ -171,6 +173,7 @@ class Daemon:
         services.start_soon(self._probe_loop)
         services.start_soon(self._prune_loop)
         services.start_soon(self._summary_loop)
+        services.start_soon(self.verifier.run)
         interval = watchdog_interval(self.environ, os.getpid())
         if interval:
             services.start_soon(self._watchdog_loop, interval)
@@ -337,6 +340,7 @@ class Daemon:
             self.log.info("workspace removed", workspace=str(workspace))
         self.metrics.workspaces.set(len(self.workers))
         self._status_soon.set()
+        self.verifier.wake()
 
     async def _rescan_loop(self) -> None:
         """Every rescan_seconds, and soon after the watcher saw a directory or a

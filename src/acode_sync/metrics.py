@@ -2,8 +2,10 @@
 /metrics, /healthz and /readyz.
 
 Gauges are kept current by the workers; nothing here opens a database at scrape time.
-Labels are bounded: the only per-workspace series is `acode_sync_workspace_broken`, which
-exists only while that workspace is broken. The health checks are answered from what the
+Labels are bounded: no series per record, session or entity. The per-workspace series are
+`acode_sync_workspace_broken`, which exists only while that workspace is broken, and the
+scheduled verify's (`acode_sync_verify_*{workspace}`), a handful per watched workspace,
+removed with it. The health checks are answered from what the
 event loop last recorded, never by calling into it.
 """
 
@@ -126,6 +128,32 @@ class Metrics:
         self.last_sync = Gauge(
             "acode_sync_last_success_timestamp_seconds",
             "Unix time of the last batch applied to PostgreSQL.",
+            registry=r,
+        )
+        self.verify_mismatches = Gauge(
+            "acode_sync_verify_mismatches",
+            "Differences the last scheduled verify of this workspace found, by kind "
+            "(superseded versions, expected, are not counted).",
+            ["workspace", "kind"],
+            registry=r,
+        )
+        self.verify_last_success = Gauge(
+            "acode_sync_verify_last_success_timestamp_seconds",
+            "Unix time the last scheduled verify of this workspace completed.",
+            ["workspace"],
+            registry=r,
+        )
+        self.verify_runs = Counter(
+            "acode_sync_verify_runs",
+            "Scheduled verifies, by result: ok, mismatch (differences found), error.",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "mismatch", "error"):
+            self.verify_runs.labels(result)
+        self.verify_interval = Gauge(
+            "acode_sync_verify_interval_seconds",
+            "How often each workspace is verified (daemon.verify_interval_hours); 0: never.",
             registry=r,
         )
         build = Gauge("acode_sync_build_info", "Build information.", ["version"], registry=r)
