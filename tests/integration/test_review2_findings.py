@@ -17,7 +17,7 @@ from acode_sync.domain import Session, SessionTask
 from acode_sync.postgres import PostgresTarget
 from acode_sync.restore import RestoreRequest, Selection, restore
 from acode_sync.roles import grant_syncer, set_tenants
-from acode_sync.store import WorkspaceStore
+from acode_sync.store import WorkspaceStore, encode_json
 from acode_sync.verify import Kind, Verifier
 from acode_sync.workspace import database_path
 from tests.integration.test_guarantees import admin
@@ -29,10 +29,15 @@ pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 __all__ = ["new_role", "owner", "settings"]  # fixtures, used by name
 
 STAMP = "2026-01-15T10:30:00.000001Z"
-VENDOR_EVENT = (
-    '{"event_id": "evt_vendor", "session_id": "%s", "event_type": "vendor", '
-    '"payload": null, "created_at": "%s", "updated_at": "%s", "vendor_tag": "keep me"}'
-)
+
+
+def vendor_event(session_id: str) -> str:
+    """An event's payload exactly as the store spells it (encode_json, the fields in
+    order, then the unknown key): only the unknown key sets it apart."""
+    row: dict[str, str | None] = {"session_id": session_id, "created_at": STAMP}
+    row |= {"updated_at": STAMP}
+    row |= {"event_id": "evt_vendor", "event_type": "vendor", "payload": None}
+    return encode_json(row | {"vendor_tag": "keep me"})
 
 
 async def restored_with_unknown_key(
@@ -42,14 +47,14 @@ async def restored_with_unknown_key(
     workspace and restored into a new one (disaster recovery of a lost machine)."""
     session = await store.save(Session(title="vendor run"))
     source = store.path.parent.parent
-    write_plain(
-        source, "evt_vendor", session.session_id, VENDOR_EVENT % (session.session_id, STAMP, STAMP)
-    )
+    write_plain(source, "evt_vendor", session.session_id, vendor_event(session.session_id))
     await ship(source, settings)
     restored = tmp_path / "restored"
     restored.mkdir()
     await restore(settings, RestoreRequest(restored, Selection(session_ids=(session.session_id,))))
-    ((extra,),) = run_sql(restored, "SELECT extra FROM session_events WHERE event_id = 'evt_vendor'")
+    ((extra,),) = run_sql(
+        restored, "SELECT extra FROM session_events WHERE event_id = 'evt_vendor'"
+    )
     assert json.loads(extra) == {"vendor_tag": "keep me"}
     return restored
 
@@ -96,7 +101,9 @@ async def test_repair_ships_a_rows_unknown_keys_again(
     assert [d.kind for d in report.problems] == [Kind.MISSING]
     await ship(restored, settings)
 
-    (row,) = await admin(dsn, "SELECT extra FROM acode.session_events WHERE event_id = 'evt_vendor'")
+    (row,) = await admin(
+        dsn, "SELECT extra FROM acode.session_events WHERE event_id = 'evt_vendor'"
+    )
     assert json.loads(row["extra"]) == {"vendor_tag": "keep me"}
 
 
@@ -114,7 +121,9 @@ def queue_orphan_step(workspace: Path, step_id: str, task_id: str) -> None:
     conn = sqlite3.connect(database_path(workspace), isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
-        enqueue_raw(conn, f"Step:{step_id}:{STAMP}", "Step", step_id, None, json.dumps(payload), STAMP)
+        enqueue_raw(
+            conn, f"Step:{step_id}:{STAMP}", "Step", step_id, None, json.dumps(payload), STAMP
+        )
         conn.execute("COMMIT")
     finally:
         conn.close()
