@@ -189,17 +189,20 @@ class _TableReads:
 
         return cls(entity, id_column, columns, filled("verify_entities"), filled("verify_entity"))
 
-    def payload(self, values: Sequence[Any]) -> bytes:
-        """The payload the store writes for this row (store.WorkspaceDatabase.save)."""
+    def payload(self, values: Sequence[Any], extra: str | None) -> bytes:
+        """The payload the store writes for this row (store.WorkspaceDatabase.save): its
+        columns, then the unknown keys it keeps (`extra`, written by a restore)."""
         row = dict(zip(self.columns, values, strict=True))
         for column in self.cls.json_columns:
             if row[column] is not None:
                 row[column] = json.loads(row[column])
+        if extra is not None:
+            row |= {key: value for key, value in json.loads(extra).items() if key not in row}
         return encode_json(row).encode()
 
     def entity(self, values: Sequence[Any], mark: int) -> LocalEntity:
         width = len(self.columns)
-        outbox_id, sync_state, payload = values[width:]
+        extra, outbox_id, sync_state, payload = values[width:]
         if outbox_id is None:
             state = "processed"
         elif sync_state is not None:
@@ -212,7 +215,7 @@ class _TableReads:
             str(row[self.columns.index(self.id_column)]),
             version,
             state,
-            payload if payload is not None else self.payload(row),
+            payload if payload is not None else self.payload(row, extra),
         )
 
 
@@ -399,7 +402,7 @@ class Verifier:
                     conn.execute(
                         _Q["insert_outbox"],
                         (key, difference.entity_type, difference.entity_id, session_id,
-                         reads.payload(row).decode(), None, now),
+                         reads.payload(row, values[len(reads.columns)]).decode(), None, now),
                     )  # fmt: skip
                 queued += 1
         return queued

@@ -1,7 +1,7 @@
 """Holes found in this round's restore, verify and tenant features.
 
-Each test shows one hole on the real SQLite files and the real PostgreSQL with real roles,
-and is marked xfail (strict) until its fix: it fails on the code as it is."""
+Each test showed one hole on the real SQLite files and the real PostgreSQL with real
+roles: it failed on the code before its fix."""
 
 from __future__ import annotations
 
@@ -67,12 +67,6 @@ async def verify(workspace: Path, settings: PostgresSettings, *, repair: bool = 
         await target.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify rebuilds a payload from the entity's columns only (_TableReads.payload "
-    "ignores the row's `extra`): a restored row with an unknown key is reported as "
-    "digest_differs, the corruption alarm",
-)
 async def test_a_restored_row_with_an_unknown_key_verifies_equal(
     store: WorkspaceStore, settings: PostgresSettings, tmp_path: Path
 ) -> None:
@@ -84,11 +78,6 @@ async def test_a_restored_row_with_an_unknown_key_verifies_equal(
     assert report.ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify --repair queues a payload rebuilt without the row's `extra` "
-    "(Verifier._requeue -> _TableReads.payload): the unknown key is lost in PostgreSQL",
-)
 async def test_repair_ships_a_rows_unknown_keys_again(
     store: WorkspaceStore, settings: PostgresSettings, tmp_path: Path
 ) -> None:
@@ -129,12 +118,6 @@ def queue_orphan_step(workspace: Path, step_id: str, task_id: str) -> None:
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard_tenant checks only NEW.session_id; steps.session_id and "
-    "tool_calls.session_id may be NULL, and the parent (task_id, step_id) is never asked "
-    "about: another tenant's step lands under this tenant's task",
-)
 async def test_a_hostile_tenant_puts_no_step_under_another_tenants_task(
     pg_url: str, owner: PostgresTarget, new_role: NewRole, tmp_path: Path
 ) -> None:

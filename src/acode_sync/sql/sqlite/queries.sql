@@ -345,7 +345,7 @@ WHERE through_id < (SELECT max(through_id) FROM outbox_progress)
 -- record if it is still kept (its sync state and the payload as shipped). The <...>
 -- markers are filled once, at import, from the constant entity classes (verify.py).
 -- name: verify_entities
-SELECT <columns>, r.outbox_id, s.state, CAST(r.payload AS BLOB)
+SELECT <columns>, t.extra, r.outbox_id, s.state, CAST(r.payload AS BLOB)
 FROM <table> AS t
 LEFT JOIN outbox_records AS r
     ON r.idempotency_key = '<entity_type>:' || t.<id_column> || ':' || t.updated_at
@@ -355,7 +355,7 @@ ORDER BY t.<id_column>
 LIMIT :limit;
 
 -- name: verify_entity
-SELECT <columns>, r.outbox_id, s.state, CAST(r.payload AS BLOB)
+SELECT <columns>, t.extra, r.outbox_id, s.state, CAST(r.payload AS BLOB)
 FROM <table> AS t
 LEFT JOIN outbox_records AS r
     ON r.idempotency_key = '<entity_type>:' || t.<id_column> || ':' || t.updated_at

@@ -56,22 +56,35 @@ CREATE FUNCTION guard_tenant() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     entity_id text;
+    parent_table text;  -- a Step's task, a ToolCall's step: a child is its parent's tenant's
+    parent_id text;
 BEGIN
     CASE TG_TABLE_NAME
         WHEN 'sessions' THEN entity_id := NEW.session_id;
         WHEN 'session_events' THEN entity_id := NEW.event_id;
         WHEN 'session_tasks' THEN entity_id := NEW.task_id;
-        WHEN 'steps' THEN entity_id := NEW.step_id;
-        WHEN 'tool_calls' THEN entity_id := NEW.tool_call_id;
+        WHEN 'steps' THEN
+            entity_id := NEW.step_id;
+            parent_table := 'session_tasks';
+            parent_id := NEW.task_id;
+        WHEN 'tool_calls' THEN
+            entity_id := NEW.tool_call_id;
+            parent_table := 'steps';
+            parent_id := NEW.step_id;
         WHEN 'artifacts' THEN entity_id := NEW.artifact_id;
     END CASE;
     NEW.tenant := current_user;
-    IF acode.held_by_another_tenant(TG_TABLE_NAME, entity_id, NEW.session_id, NEW.tenant) THEN
+    IF acode.held_by_another_tenant(TG_TABLE_NAME, entity_id, NEW.session_id, NEW.tenant)
+       OR (parent_id IS NOT NULL
+           AND acode.held_by_another_tenant(parent_table, parent_id, NULL, NEW.tenant)) THEN
         RAISE EXCEPTION USING
             ERRCODE = '23T01',
-            MESSAGE = format('%s %s (session %s) belongs to another tenant; role %s writes '
+            MESSAGE = format('%s %s (session %s%s) belongs to another tenant; role %s writes '
                              'only its own tenant''s rows', TG_TABLE_NAME, entity_id,
-                             coalesce(NEW.session_id, 'none'), current_user);
+                             coalesce(NEW.session_id, 'none'),
+                             CASE WHEN parent_id IS NULL THEN ''
+                                  ELSE format(', parent %s %s', parent_table, parent_id) END,
+                             current_user);
     END IF;
     RETURN NEW;
 END
