@@ -264,6 +264,19 @@ def is_record_error(error: BaseException) -> bool:
     return fault_of(error) is Fault.RECORD
 
 
+async def read_schema_plan(
+    conn: asyncpg.Connection, available: Sequence[Migration]
+) -> tuple[bool, list[AppliedMigration], list[Migration]]:
+    """Whether the central schema exists, the migrations applied, and those to run. Raises
+    SchemaMismatchError for a schema this program does not know (newer, or edited)."""
+    exists = bool(await conn.fetchval(_Q["schema_exists"]))
+    applied = []
+    if exists:
+        rows = await conn.fetch(_Q["applied_migrations"])
+        applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
+    return exists, applied, list(plan_migrations(applied, available))
+
+
 def _is_connection_error(error: BaseException) -> bool:
     """The connection itself failed (class 08): unreachable rather than refusing."""
     return _sqlstate(error)[:2] == "08" or isinstance(
@@ -494,14 +507,8 @@ class PostgresTarget:
     async def _plan(
         conn: asyncpg.Connection, available: Sequence[Migration]
     ) -> tuple[bool, list[AppliedMigration], list[Migration]]:
-        """Whether the schema exists, the migrations applied, and those to run."""
-        exists = bool(await conn.fetchval(_Q["schema_exists"]))
-        applied = []
-        if exists:
-            rows = await conn.fetch(_Q["applied_migrations"])
-            applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
         try:
-            return exists, applied, list(plan_migrations(applied, available))
+            return await read_schema_plan(conn, available)
         except SchemaMismatchError as error:
             raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
 

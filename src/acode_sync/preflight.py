@@ -12,8 +12,8 @@ import asyncpg
 
 from acode_sync.config import PostgresSettings
 from acode_sync.errors import SchemaMismatchError
-from acode_sync.migrations import AppliedMigration, latest_version, load_migrations, plan_migrations
-from acode_sync.postgres import DIALECT, PostgresTarget
+from acode_sync.migrations import latest_version, load_migrations
+from acode_sync.postgres import DIALECT, PostgresTarget, read_schema_plan
 from acode_sync.roles import SYNCER_PRIVILEGES, grant_statement
 from acode_sync.sql import queries
 
@@ -110,7 +110,12 @@ async def _check(conn: asyncpg.Connection, settings: PostgresSettings, found: Fi
     )
     available = load_migrations(DIALECT)
     needed = latest_version(available)
-    if not await conn.fetchval(_Q["schema_exists"]):
+    try:
+        exists, applied, pending = await read_schema_plan(conn, available)
+    except SchemaMismatchError as error:
+        found.problems.append(f"the schema acode: {error.message}: upgrade acode-sync")
+        return
+    if not exists:
         if settings.auto_migrate and facts["may_create_schema"]:
             found.passed.append(
                 f"no schema acode yet: the first batch creates it (version {needed})"
@@ -121,14 +126,7 @@ async def _check(conn: asyncpg.Connection, settings: PostgresSettings, found: Fi
                 "owner (or allow this role CREATE on the database, with auto_migrate on)"
             )
         return
-    rows = await conn.fetch(_Q["applied_migrations"])
-    applied = [AppliedMigration(r["version"], r["checksum"]) for r in rows]
     current = max((m.version for m in applied), default=0)
-    try:
-        pending = plan_migrations(applied, available)
-    except SchemaMismatchError as error:
-        found.problems.append(f"the schema acode: {error.message}: upgrade acode-sync")
-        return
     if pending:
         found.problems.append(
             f"the schema acode is at version {current}, this program needs {needed}: run "
