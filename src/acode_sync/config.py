@@ -307,6 +307,9 @@ class SyncSettings:
     outage_base_seconds: float = 1.0
     outage_cap_seconds: float = 60.0
     retention_days: float = 7.0
+    # Conflicts (both versions, for audit) whose incoming version is older than this are
+    # dropped centrally, a month's partition at a time; 0: kept for ever.
+    conflict_retention_days: float = 0.0
     busy_timeout: float = 30.0
     # A record whose version is further ahead of the syncer's clock is not shipped (it
     # would win every later change): it fails, and is retried as the clock moves on.

@@ -21,7 +21,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup, TaskStatus
 
-from acode_sync import __version__
+from acode_sync import __version__, retention
 from acode_sync.config import Config, load_config
 from acode_sync.discovery import discover
 from acode_sync.errors import ConfigError, PostgresUnavailableError, WorkspaceOpenError
@@ -467,19 +467,27 @@ class Daemon:
                 worker.log_summary()
 
     async def _prune_loop(self) -> None:
-        """Forget applied keys older than the key retention, in small deletes, hourly."""
+        """Hourly: drop the partitions of applied keys older than the key retention (and of
+        conflicts older than sync.conflict_retention_days, when set), and create the
+        partitions ahead (docs/postgres.md#retention)."""
         while True:
             await anyio.sleep(PRUNE_SECONDS)
-            days = self.config.sync.retention_days * KEY_RETENTION_FACTOR
+            await self.prune_once()
+
+    async def prune_once(self) -> None:
+        sync = self.config.sync
+        plans = [(retention.APPLIED_KEYS, sync.retention_days * KEY_RETENTION_FACTOR)]
+        if sync.conflict_retention_days > 0:
+            plans.append((retention.CONFLICTS, sync.conflict_retention_days))
+        for spec, days in plans:
             before = datetime.now(UTC) - timedelta(days=days)
-            total = 0
             try:
-                while (deleted := await self.shared.target.prune_applied_keys(before)) > 0:
-                    total += deleted
+                forgotten = await self.shared.target.prune(spec, before)
             except PostgresUnavailableError as error:
-                self.log.warning("cannot prune applied keys", code=error.code, error=error.message)
-            if total:
-                self.log.info("pruned applied keys", keys=total, older_than_days=days)
+                self.log.warning(f"cannot prune {spec.table}", code=error.code, error=error.message)
+                continue
+            if forgotten:
+                self.log.info(f"pruned {spec.table}", rows=forgotten, older_than_days=days)
 
     async def _watchdog_loop(self, interval: float) -> None:
         """WATCHDOG=1 every half WATCHDOG_USEC unless the daemon itself is wedged: a

@@ -47,7 +47,7 @@ class TableSpec:
         if column.name == self.id_column:
             return "d.entity_id"
         if column.name == "session_id":
-            return "coalesce(d.p->>'session_id', d.session_id)"
+            return "d.session_id"
         if column.name == "updated_at":
             # The version is the key's; a payload that says otherwise is refused.
             return (
@@ -69,13 +69,32 @@ class TableSpec:
             return f"coalesce(d.p->>'{column.name}', {column.default})"
         return f"d.p->>'{column.name}'"
 
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        """The primary key: the session (the distribution column, docs/postgres.md), then
+        the entity id; a Session's id is its session."""
+        if self.id_column == "session_id":
+            return ("session_id",)
+        return ("session_id", self.id_column)
+
+    @property
+    def session_expression(self) -> str:
+        """The entity's session in the incoming block: the payload's, else the record's."""
+        if self.id_column == "session_id":
+            return "r.entity_id"
+        return "coalesce(r.p->>'session_id', r.record_session)"
+
     def incoming_block(self, first_parameter: int) -> str:
         """This table's records in the round statement; its five arguments are numbered
         from `first_parameter` (see ARGUMENTS_PER_TABLE)."""
         block = queries("postgres")["incoming_entities"]
         for offset, marker in enumerate(_ARGUMENT_MARKERS):
             block = block.replace(marker, f"${first_parameter + offset}")
-        return _filled(block.replace("<entity_type>", self.entity_type).replace("<t>", self.table))
+        return _filled(
+            block.replace("<entity_type>", self.entity_type)
+            .replace("<t>", self.table)
+            .replace("<session>", self.session_expression)
+        )
 
     def apply_block(self) -> str:
         """This table's last-write-wins decision, conflicts and upsert."""
@@ -85,12 +104,13 @@ class TableSpec:
             .replace("<entity_type>", self.entity_type)
             .replace("<t>", self.table)
             .replace("<id_column>", self.id_column)
+            .replace("<key_columns>", ", ".join(self.key_columns))
             .replace("<columns>", ", ".join(names))
             .replace("<values>", ", ".join(self._value(c) for c in self.columns))
             .replace("<known_keys>", "{" + ",".join(names) + "}")
             .replace(
                 "<updates>",
-                ", ".join(f"{n} = excluded.{n}" for n in names if n != self.id_column),
+                ", ".join(f"{n} = excluded.{n}" for n in names if n not in self.key_columns),
             )
         )
 
@@ -201,7 +221,7 @@ def _round_sql() -> str:
     ]
     keys = sql["round_keys"].replace(
         "<incoming_keys>",
-        " UNION ALL SELECT idempotency_key, digest FROM ".join(
+        " UNION ALL SELECT idempotency_key, digest, session_id, version FROM ".join(
             f"{spec.table}_incoming" for spec in tables
         ),
     )

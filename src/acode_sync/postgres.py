@@ -25,7 +25,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from itertools import accumulate
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any, Final, NamedTuple
 import anyio
 import asyncpg
 
+from acode_sync import retention
 from acode_sync.config import PostgresSettings
 from acode_sync.errors import (
     AcodeError,
@@ -686,8 +687,23 @@ class PostgresTarget:
         with self._classified("repairing"), anyio.fail_after(self.settings.statement_timeout):
             await pool.execute(_Q["forget_applied_keys"], list(keys))
 
-    async def prune_applied_keys(self, before: datetime, limit: int = 5000) -> int:
+    async def prune_applied_keys(self, before: datetime) -> int:
+        """Forget the applied keys of versions before `before`, by whole partitions (a
+        partition straddling it is kept), and keep today's and the next days' partitions;
+        returns the keys forgotten."""
+        return await self.prune(retention.APPLIED_KEYS, before)
+
+    async def prune(self, spec: retention.PartitionedTable, before: datetime) -> int:
+        """Drop `spec`'s partitions wholly before `before`, then create those of today and
+        the days ahead (see acode_sync/retention.py); returns the rows forgotten."""
         pool = await self._get_pool()
-        with self._classified("pruning"), anyio.fail_after(self.settings.statement_timeout):
-            status = str(await pool.execute(_Q["prune_applied_keys"], before, limit))
-        return int(status.rsplit(" ", 1)[-1])
+        with (
+            self._classified("pruning"),
+            anyio.fail_after(self.settings.statement_timeout * 4),
+        ):
+            if not self._schema_ready:
+                await self.ensure_schema()
+            async with pool.acquire() as conn, conn.transaction():
+                _, forgotten = await retention.drop_expired(conn, spec, before)
+                await retention.ensure_partitions(conn, spec, datetime.now(UTC))
+        return forgotten

@@ -26,7 +26,7 @@ from acode_sync.outbox import list_records
 from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock, WorkspaceSyncer
-from acode_sync.workspace import database_path
+from acode_sync.workspace import OpenOptions, database_path
 from tests.pg import create_database_async, database_url, drop_database_async
 from tests.records import enqueue_raw, run_sql, session_payload
 
@@ -445,22 +445,50 @@ async def test_a_batch_that_always_times_out_while_postgres_answers_is_isolated(
     assert rows[0][0] == len(good)
 
 
-async def test_applied_keys_are_pruned_by_age(
+async def test_applied_keys_are_pruned_by_whole_partitions(
     workspace: Path, target: PostgresTarget, pg_url: str
 ) -> None:
-    db = WorkspaceDatabase(workspace)
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now - timedelta(days=20)))
     for _ in range(3):
         db.save(Session())
     db.close()
+    db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now))
+    db.save(Session())
+    db.close()
     await syncer(workspace, target).drain()
     conn = await asyncpg.connect(pg_url)
-    await conn.execute("UPDATE acode.applied_keys SET applied_at = now() - interval '30 days'")
-    await conn.close()
-    from datetime import UTC, datetime, timedelta
-
-    assert await target.prune_applied_keys(datetime.now(UTC) - timedelta(days=14), limit=2) == 2
-    assert await target.prune_applied_keys(datetime.now(UTC) - timedelta(days=14)) == 1
-    assert await target.prune_applied_keys(datetime.now(UTC) - timedelta(days=14)) == 0
+    try:
+        # The 20-day-old versions are in the default partition (before the oldest one kept
+        # since the migration); today's in today's.
+        held = await conn.fetch(
+            "SELECT tableoid::regclass::text AS part, count(*) FROM acode.applied_keys "
+            "GROUP BY 1 ORDER BY 1"
+        )
+        assert [tuple(r) for r in held] == [
+            ("acode.applied_keys_default", 3),
+            (f"acode.applied_keys_p{now:%Y%m%d}", 1),
+        ]
+        assert await target.prune_applied_keys(now - timedelta(days=14)) == 3
+        assert await target.prune_applied_keys(now - timedelta(days=14)) == 0
+        # A cutoff inside today's partition keeps it whole: no row is deleted from it.
+        assert await target.prune_applied_keys(now) == 0
+        tomorrow = now + timedelta(days=1)
+        assert (
+            await target.prune_applied_keys(
+                tomorrow.replace(hour=0, minute=0, second=0, microsecond=0)
+            )
+            == 1
+        )
+        # Today's partition is made again at once, empty.
+        parts = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'acode.applied_keys'::regclass"
+        )
+        assert parts == 5  # the default, today and the three days ahead
+    finally:
+        await conn.close()
 
 
 async def test_explicit_migration_runs_even_with_auto_migrate_off(pg_url: str) -> None:

@@ -60,12 +60,16 @@ SELECT count(pg_advisory_xact_lock($1, k)) FROM unnest($2::int[]) AS k;
 -- A key PostgreSQL already holds: delivered before if its digest matches the applied
 -- one, or if this very change was settled as a conflict earlier.
 -- name: delivered_keys
+-- The key's version (its last 27 characters) picks the partition to look in.
 SELECT u.idempotency_key
 FROM unnest($1::text[], $2::bytea[]) AS u(idempotency_key, digest)
-JOIN acode.applied_keys AS a USING (idempotency_key)
+JOIN acode.applied_keys AS a
+    ON a.idempotency_key = u.idempotency_key
+   AND a.version = right(u.idempotency_key, 27)::timestamptz
 WHERE a.payload_digest = u.digest
    OR EXISTS (SELECT 1 FROM acode.conflicts AS c
-              WHERE c.incoming_key = u.idempotency_key AND c.incoming_digest = u.digest);
+              WHERE c.incoming_key = u.idempotency_key AND c.incoming_digest = u.digest
+                AND c.incoming_updated_at = a.version);
 
 -- A round: at most one record per entity, of every entity type, in one statement (one
 -- round trip). The statement is assembled in acode_sync/pg_tables.py:
@@ -84,34 +88,46 @@ WHERE a.payload_digest = u.digest
     -- <fields>: [entity_id, session_id, version, base] per record (JSON); <payloads>: the
     -- payloads, end to end, at offsets <starts> with lengths <lengths>; <digests>: the
     -- digests, 32 bytes each, end to end. The key is rebuilt: EntityType:entity_id:version.
-    SELECT '<entity_type>:' || (i.f->>0) || ':' || (i.f->>2) AS idempotency_key,
-           i.f->>0 AS entity_id, i.f->>1 AS session_id,
-           convert_from(substring(<payloads>::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
-           (i.f->>2)::timestamptz AS version, i.f->>2 AS version_text,
-           (i.f->>3)::timestamptz AS base,
-           substring(<digests>::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest,
-           $1::text AS origin_id
-    FROM ROWS FROM (jsonb_array_elements(<fields>::jsonb), unnest(<starts>::int[]),
-                    unnest(<lengths>::int[]))
-         WITH ORDINALITY AS i(f, start, length, n)
+    -- session_id is the entity's session: <session> (the payload's, else the record's).
+    SELECT r.*, <session> AS session_id
+    FROM (
+        SELECT '<entity_type>:' || (i.f->>0) || ':' || (i.f->>2) AS idempotency_key,
+               i.f->>0 AS entity_id, i.f->>1 AS record_session,
+               convert_from(substring(<payloads>::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
+               (i.f->>2)::timestamptz AS version, i.f->>2 AS version_text,
+               (i.f->>3)::timestamptz AS base,
+               substring(<digests>::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest,
+               $1::text AS origin_id
+        FROM ROWS FROM (jsonb_array_elements(<fields>::jsonb), unnest(<starts>::int[]),
+                        unnest(<lengths>::int[]))
+             WITH ORDINALITY AS i(f, start, length, n)
+    ) AS r
 )
 
 -- The round's keys, recorded (or found already held) before anything is applied.
 -- name: round_keys
 round_keys AS (
-    SELECT idempotency_key, digest FROM <incoming_keys>
+    SELECT idempotency_key, digest, session_id, version FROM <incoming_keys>
 ),
 recorded_keys AS (
-    INSERT INTO acode.applied_keys (idempotency_key, payload_digest, origin_id)
-    SELECT k.idempotency_key, k.digest, $1::text FROM round_keys AS k WHERE $2::boolean
-    ON CONFLICT (idempotency_key) DO NOTHING
+    INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
+                                    origin_id)
+    SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
+    FROM round_keys AS k WHERE $2::boolean
+    ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
     RETURNING idempotency_key
 )
 
 -- name: apply_entities
 <t>_judged AS (
     SELECT n.*,
-           c.updated_at IS NOT NULL AS has_current,
+           -- The entity is held under its id, whatever the session: a record naming
+           -- another session fails here (refuse_session_move), never a second row.
+           CASE WHEN c.updated_at IS NULL THEN false
+                WHEN c.session_id = n.session_id THEN true
+                ELSE acode.refuse_session_move('<entity_type> ' || n.entity_id, c.session_id,
+                                               n.session_id)
+           END AS has_current,
            c.updated_at AS current_updated_at,
            c.origin_id AS current_origin,
            c.idempotency_key AS current_key,
@@ -126,7 +142,8 @@ recorded_keys AS (
     -- one PostgreSQL holds when the row is written (a concurrent batch's version, once
     -- it commits), and nobody changes it before this transaction ends.
     LEFT JOIN LATERAL (
-        SELECT t.updated_at, t.origin_id, t.idempotency_key, t.payload_digest, t AS held
+        SELECT t.updated_at, t.session_id, t.origin_id, t.idempotency_key, t.payload_digest,
+               t AS held
         FROM acode.<t> AS t
         WHERE t.<id_column> = n.entity_id
         FOR UPDATE
@@ -147,7 +164,7 @@ recorded_keys AS (
         entity_type, entity_id, session_id, incoming_key, incoming_digest, incoming_origin,
         incoming_updated_at, incoming_base_updated_at, incoming_version, current_key,
         current_origin, current_updated_at, current_version, winner)
-    SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id),
+    SELECT '<entity_type>', d.entity_id, d.session_id,
            d.idempotency_key, d.digest, d.origin_id, d.version, d.base, d.p,
            d.current_key, d.current_origin, d.current_updated_at,
            (to_jsonb(d.current_row) - '{extra,origin_id,idempotency_key,synced_at,payload_digest,canonical_digest}'::text[])
@@ -155,7 +172,7 @@ recorded_keys AS (
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
     FROM <t>_decided AS d
     WHERE d.in_conflict
-    ON CONFLICT (incoming_key, incoming_digest) DO NOTHING
+    ON CONFLICT (incoming_key, incoming_digest, session_id, incoming_updated_at) DO NOTHING
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
               incoming_origin, current_origin, winner
 ),
@@ -168,7 +185,7 @@ recorded_keys AS (
     FROM <t>_decided AS d
     WHERE d.wins AND d.has_current
     ORDER BY d.entity_id COLLATE "C"
-    ON CONFLICT (<id_column>) DO UPDATE SET
+    ON CONFLICT (<key_columns>) DO UPDATE SET
         <updates>, extra = excluded.extra, origin_id = excluded.origin_id,
         idempotency_key = excluded.idempotency_key, synced_at = excluded.synced_at,
         payload_digest = excluded.payload_digest, canonical_digest = excluded.canonical_digest
@@ -187,7 +204,7 @@ recorded_keys AS (
     FROM <t>_decided AS d
     WHERE NOT d.has_current
     ORDER BY d.entity_id COLLATE "C"
-    ON CONFLICT (<id_column>) DO NOTHING
+    ON CONFLICT (<key_columns>) DO NOTHING
     RETURNING t.<id_column> AS entity_id
 )
 
@@ -209,9 +226,13 @@ WHERE ($1::text IS NULL OR session_id = $1)
 ORDER BY conflict_id DESC
 LIMIT $2;
 
--- name: prune_applied_keys
-DELETE FROM acode.applied_keys
-WHERE ctid = ANY (ARRAY(SELECT ctid FROM acode.applied_keys WHERE applied_at < $1 LIMIT $2));
+-- Retention (migration 0007, acode_sync/retention.py): whole partitions before $2 are
+-- dropped, and the partitions of the days or months ahead are created.
+-- name: drop_expired_partitions
+SELECT partitions, forgotten FROM acode.drop_expired_partitions($1, $2);
+
+-- name: ensure_partitions
+SELECT acode.ensure_partitions($1, $2, $3, $4);
 
 -- name: probe
 SELECT 1;
