@@ -422,7 +422,14 @@ def _parse_section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
 
 
 _MAY_BE_ZERO = frozenset(
-    {"pool_min", "max_depth", "port", "statement_cache_size", "verify_interval_hours"}
+    {
+        "pool_min",
+        "max_depth",
+        "port",
+        "statement_cache_size",
+        "verify_interval_hours",
+        "conflict_retention_days",
+    }
 )
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("auto", "json", "console")

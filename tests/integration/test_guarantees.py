@@ -183,8 +183,16 @@ def origin_workspace(root: Path, origin: str) -> Path:
 
 
 def enqueue_task(
-    workspace: Path, task_id: str, session_id: str, stamp: str, base: str | None
+    workspace: Path,
+    task_id: str,
+    session_id: str,
+    stamp: str,
+    base: str | None,
+    *,
+    record_session: str | None = None,
 ) -> None:
+    """A task's record; `record_session` is the outbox record's own session column (the
+    one a batch locks), the payload's session_id by default."""
     payload = {"task_id": task_id, "session_id": session_id, "status": workspace.name}
     payload |= {"created_at": "2026-01-15T10:00:00.000000Z", "updated_at": stamp}
     conn = sqlite3.connect(database_path(workspace))
@@ -193,7 +201,7 @@ def enqueue_task(
         f"SessionTask:{task_id}:{stamp}",
         "SessionTask",
         task_id,
-        session_id,
+        record_session or session_id,
         json.dumps(payload),
         stamp,
     )
@@ -213,18 +221,18 @@ def enqueue_task(
     ],
     ids=["new-entity", "existing-entity"],
 )
-async def test_concurrent_batches_of_one_entity_under_other_sessions_record_the_overlap(
+async def test_concurrent_batches_of_one_entity_under_other_locks_record_the_overlap(
     tmp_path: Path, pg_url: str, existing: bool, b_stamp: str, winner: str
 ) -> None:
-    """A task moved between sessions, drained from two workspaces at once: b's write is
-    judged against a's (in flight when b's batch starts), whichever session id each batch
-    locks."""
+    """One task drained from two workspaces at once, their records naming other sessions
+    in their own column (so the batches take other session locks): b's write is judged
+    against a's (in flight when b's batch starts), whichever lock each batch took."""
     base = "2026-01-15T10:00:00.000000Z"
     target = PostgresTarget(PostgresSettings(dsn=pg_url, statement_timeout=10))
     await target.ensure_schema()
     if existing:
         first = origin_workspace(tmp_path, "origin-0")
-        enqueue_task(first, "task_moved", "sess_0", base, None)
+        enqueue_task(first, "task_moved", "sess_x", base, None, record_session="sess_0")
         assert (await WorkspaceSyncer(workspace=first, target=target).drain()).applied == 1
     # Origin a's batch holds its row (uncommitted) for a moment, so that b's batch runs
     # while a's is in flight.
@@ -237,8 +245,9 @@ async def test_concurrent_batches_of_one_entity_under_other_sessions_record_the_
     )
     a, b = origin_workspace(tmp_path, "origin-a"), origin_workspace(tmp_path, "origin-b")
     parent = base if existing else None
-    enqueue_task(a, "task_moved", "sess_a", "2026-01-15T10:00:01.000000Z", parent)
-    enqueue_task(b, "task_moved", "sess_b", b_stamp, parent)
+    stamp = "2026-01-15T10:00:01.000000Z"
+    enqueue_task(a, "task_moved", "sess_x", stamp, parent, record_session="sess_a")
+    enqueue_task(b, "task_moved", "sess_x", b_stamp, parent, record_session="sess_b")
     summaries = {}
 
     async def drain(workspace: Path, delay: float) -> None:
@@ -260,8 +269,76 @@ async def test_concurrent_batches_of_one_entity_under_other_sessions_record_the_
     assert [tuple(c) for c in conflicts] == [("origin-b", "origin-a", winner)]
     assert summaries["origin-b"].conflicts == 1
     [row] = await admin(pg_url, "SELECT session_id, status FROM acode.session_tasks")
-    expected = ("sess_b", "origin-b") if winner == "incoming" else ("sess_a", "origin-a")
-    assert tuple(row) == expected
+    assert tuple(row) == ("sess_x", "origin-b" if winner == "incoming" else "origin-a")
+
+
+def last_errors(workspace: Path) -> list[tuple[str, int, str]]:
+    return run_sql(workspace, "SELECT state, attempts, last_error FROM outbox ORDER BY outbox_id")
+
+
+async def test_a_version_naming_another_session_is_a_dead_letter_never_a_second_row(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """An entity's session is fixed at creation: a version under another session fails
+    its record with the reason (retried, then dead), and the row held stays as it was."""
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    first, other = origin_workspace(tmp_path, "origin-a"), origin_workspace(tmp_path, "origin-b")
+    enqueue_task(first, "task_fixed", "sess_a", "2026-01-15T10:00:00.000000Z", None)
+    enqueue_task(other, "task_fixed", "sess_b", "2026-01-15T10:00:05.000000Z", None)
+    settings = SyncSettings(**SETTINGS)
+    try:
+        assert (await WorkspaceSyncer(workspace=first, target=target).drain()).applied == 1
+        syncer = WorkspaceSyncer(workspace=other, target=target, settings=settings)
+        summary = await syncer.drain()
+        assert (summary.applied, summary.dead) == (0, 1)
+    finally:
+        await target.close()
+    [(state, attempts, error)] = last_errors(other)
+    assert (state, attempts) == ("dead", 2)
+    assert (
+        "SessionTask task_fixed belongs to session sess_a; a version naming session sess_b is "
+        "refused (an entity's session is fixed at creation)"
+    ) in error
+    rows = await admin(pg_url, "SELECT session_id, status FROM acode.session_tasks")
+    assert [tuple(r) for r in rows] == [("sess_a", "origin-a")]
+    assert (await admin(pg_url, "SELECT count(*) FROM acode.conflicts"))[0][0] == 0
+
+
+async def test_a_new_entity_created_meanwhile_under_another_session_fails_visibly(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two origins create one entity under two sessions at once: the second to commit
+    meets the first's row on the entity id's unique key (never a second row); its retry
+    names the session held."""
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, statement_timeout=10))
+    await target.ensure_schema()
+    await admin(
+        pg_url,
+        "CREATE FUNCTION acode.hold() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; "
+        "CREATE TRIGGER hold AFTER INSERT ON acode.session_tasks "
+        "FOR EACH ROW WHEN (NEW.origin_id = 'origin-a') EXECUTE FUNCTION acode.hold()",
+    )
+    a, b = origin_workspace(tmp_path, "origin-a"), origin_workspace(tmp_path, "origin-b")
+    enqueue_task(a, "task_twice", "sess_a", "2026-01-15T10:00:01.000000Z", None)
+    enqueue_task(b, "task_twice", "sess_b", "2026-01-15T10:00:02.000000Z", None)
+    settings = SyncSettings(**SETTINGS)
+
+    async def drain(workspace: Path, delay: float) -> None:
+        await anyio.sleep(delay)
+        await WorkspaceSyncer(workspace=workspace, target=target, settings=settings).drain()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain, a, 0.0)
+            tg.start_soon(drain, b, 0.3)
+    finally:
+        await target.close()
+    rows = await admin(pg_url, "SELECT session_id, status FROM acode.session_tasks")
+    assert [tuple(r) for r in rows] == [("sess_a", "origin-a")]
+    [(state, _, error)] = last_errors(b)
+    assert state == "dead"
+    assert "belongs to session sess_a; a version naming session sess_b is refused" in error
 
 
 async def test_a_resend_after_its_applied_key_was_pruned_is_a_duplicate(

@@ -228,6 +228,7 @@ def test_migrations_run_once_and_are_recorded(raw: sqlite3.Connection) -> None:
         (3, "progress_mark"),
         (4, "consistent_outbox"),
         (5, "entity_extra"),
+        (6, "fixed_sessions"),
     ]
     schema_before = raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     assert migrate(raw) == (5, 5)
