@@ -85,7 +85,7 @@ FEATURES: Final = frozenset(
         "read_only",  # the role turned read-only (a failover onto a standby)
         "revoke",  # INSERT and UPDATE revoked from the role on a table
         "lock",  # LOCK TABLE held by another connection past the statement timeout
-        "entity_across_sessions",  # one entity written under several session ids at once
+        "entity_across_sessions",  # one entity's records filed under several session ids
         "explicit_id_at_top",  # a record re-inserted with the largest id ever given
         "prune_resend",  # applied keys pruned, then a late resend
         "payload_stamp_mismatch",  # a payload updated_at other than its key's version
@@ -209,7 +209,9 @@ def payload(version: Version, created_at: str) -> str:
     else:
         row = {
             "artifact_id": version.entity_id,
-            "session_id": version.session_id,
+            # An entity's session is fixed (docs/sync.md#an-entitys-session): the payload
+            # names the artifact's own; the record's session column is the writer's.
+            "session_id": "sess_gen" + version.entity_id.removeprefix("art_gen"),
             "type": "text",
             "content": None if version.poison else version.text,  # NOT NULL
             "name": None,
@@ -643,7 +645,8 @@ async def grant_role(admin: asyncpg.Connection, role: str) -> None:
     await admin.execute(
         f'GRANT USAGE ON SCHEMA acode TO "{role}";'
         f' GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA acode TO "{role}";'
-        f' GRANT USAGE ON ALL SEQUENCES IN SCHEMA acode TO "{role}"'
+        f' GRANT USAGE ON ALL SEQUENCES IN SCHEMA acode TO "{role}";'
+        f' GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA acode TO "{role}"'
     )
 
 

@@ -225,6 +225,13 @@ BEGIN
         LOOP
             EXECUTE format('GRANT %s ON acode.%I TO %I', grant_row.privilege_type, pair.t,
                            (SELECT rolname FROM pg_roles WHERE oid = grant_row.grantee));
+            -- A syncer (it records keys) runs the retention, which is now these functions.
+            IF pair.t = 'applied_keys' AND grant_row.privilege_type = 'INSERT' THEN
+                EXECUTE format('GRANT EXECUTE ON FUNCTION acode.ensure_partitions(text, text, '
+                               'timestamptz, timestamptz), acode.drop_expired_partitions(text, '
+                               'timestamptz) TO %I',
+                               (SELECT rolname FROM pg_roles WHERE oid = grant_row.grantee));
+            END IF;
         END LOOP;
         IF (SELECT relrowsecurity FROM pg_class
             WHERE oid = format('acode.%I', pair.t || '_unpartitioned')::regclass) THEN
