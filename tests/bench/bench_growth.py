@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
+import anyio.to_thread
 import asyncpg
 
 from tests.pg import ADMIN_URL, database_url
@@ -140,11 +141,21 @@ def child(source: Path, *argv: str) -> dict[str, Any]:
     return result
 
 
+def migrated_workspaces(directory: Path) -> list[Path]:
+    """The workspaces under `directory`, migrated to this engine's schema (before the
+    drain is timed)."""
+    from acode_sync.store import WorkspaceDatabase
+
+    workspaces = sorted(directory.iterdir())
+    for workspace in workspaces:
+        WorkspaceDatabase(workspace).close()
+    return workspaces
+
+
 async def child_main(mode: str, dsn: str, version: int, directory: str) -> dict[str, Any]:
     from acode_sync.config import PostgresSettings, SyncSettings
     from acode_sync.migrations import load_migrations
     from acode_sync.postgres import PostgresTarget
-    from acode_sync.store import WorkspaceDatabase
     from tests.bench.baselines import BackendCpu
     from tests.bench.bench_sync import drain_all
 
@@ -159,9 +170,7 @@ async def child_main(mode: str, dsn: str, version: int, directory: str) -> dict[
         await target.ensure_schema(load_migrations("postgres")[:version], explicit=True)
         if mode == "migrate":
             return {}
-        workspaces = sorted(Path(directory).iterdir())
-        for workspace in workspaces:  # migrated before the drain is timed
-            WorkspaceDatabase(workspace).close()
+        workspaces = await anyio.to_thread.run_sync(migrated_workspaces, Path(directory))
         backends = await BackendCpu.of(dsn)
         with backends:
             drained = await drain_all(target, workspaces, CONCURRENCY, SyncSettings(), {})
