@@ -203,6 +203,20 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+def time_migration(name: str, sources: dict[str, Path], rows: int, say: Any) -> int:
+    """The previous layout, preloaded, migrated in place to this program's version."""
+    anyio.run(_admin, f'CREATE DATABASE "{name}"')
+    child(sources["old"], "migrate", database_url(name), str(OLD_VERSION), "-")
+    anyio.run(preload, database_url(name), "old", rows, say)
+    started = time.perf_counter()
+    child(sources["new"], "migrate", database_url(name), "10000", "-")
+    say(
+        f"in-place migration of {rows:,} entity rows and {rows:,} keys from version "
+        f"{OLD_VERSION}: {time.perf_counter() - started:.0f} s"
+    )
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preload", type=int, default=10_000_000)
@@ -211,6 +225,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline", default="24c1a8a", help="commit of the previous layout")
     parser.add_argument("--engine", default="HEAD", help="commit of this layout's engine")
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument(
+        "--migration-only",
+        action="store_true",
+        help="time only the in-place migration of the previous layout holding --preload rows",
+    )
     parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -242,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"previous layout: migration {OLD_VERSION} run by {args.baseline}, this one by "
             f"{args.engine}"
         )
+        if args.migration_only:
+            return time_migration(names["old"], sources, args.preload, say)
         results = {}
         for layout, name in names.items():
             anyio.run(_admin, f'CREATE DATABASE "{name}"')

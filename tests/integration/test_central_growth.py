@@ -377,3 +377,51 @@ async def test_a_record_without_any_session_is_a_dead_letter_with_the_reason(
     [(error,)] = run_sql(workspace, "SELECT last_error FROM outbox")
     assert "session_id" in error
     assert "not-null" in error
+
+
+async def test_the_daemons_hourly_retention_drops_keys_and_conflicts_when_asked(
+    tmp_path: Path, pg_url: str
+) -> None:
+    from acode_sync.config import Config, DaemonSettings
+    from acode_sync.daemon import Daemon
+
+    now = datetime.now(UTC)
+    old = now - timedelta(days=80)
+    setup = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await setup.ensure_schema()
+    finally:
+        await setup.close()
+    await execute(
+        pg_url,
+        f"SELECT acode.ensure_partitions('conflicts', 'month', '{old}', '{now}'); "
+        f"SELECT acode.ensure_partitions('applied_keys', 'day', '{old}', '{old}'); "
+        "INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest, "
+        f"origin_id) VALUES ('sess_o', 'Session:sess_o:x', '{old}', '\\x00', 'o'); "
+        "INSERT INTO acode.conflicts (entity_type, entity_id, session_id, incoming_key, "
+        "incoming_digest, incoming_origin, incoming_updated_at, incoming_version, "
+        "current_key, current_origin, current_updated_at, current_version, winner) "
+        f"VALUES ('Session', 'sess_o', 'sess_o', 'k', '\\x00', 'o', '{old}', '{{}}', 'c', "
+        f"'o', '{old}', '{{}}', 'current')",
+    )
+
+    async def run(conflict_days: float, dsn: str) -> None:
+        config = Config(
+            postgres=PostgresSettings(dsn=dsn, connect_timeout=2.0),
+            sync=SyncSettings(conflict_retention_days=conflict_days),
+            daemon=DaemonSettings(roots=(tmp_path,), state_dir=tmp_path / "state"),
+        )
+        daemon = Daemon(config, config_path=None, environ={}, cwd=tmp_path)
+        try:
+            await daemon.prune_once()
+        finally:
+            await daemon.shared.target.close()
+
+    await run(0.0, pg_url)  # conflicts kept for ever
+    counts = await fetch(
+        pg_url, "SELECT (SELECT count(*) FROM acode.applied_keys), count(*) FROM acode.conflicts"
+    )
+    assert counts == [(0, 1)]
+    await run(30.0, pg_url)
+    assert await fetch(pg_url, "SELECT count(*) FROM acode.conflicts") == [(0,)]
+    await run(30.0, "postgresql://postgres@127.0.0.1:1/none")  # unreachable: logged, no raise
