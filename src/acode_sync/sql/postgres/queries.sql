@@ -336,3 +336,41 @@ CREATE OR REPLACE TRIGGER guard_tenant BEFORE INSERT ON acode.<t>
 DROP TRIGGER IF EXISTS guard_tenant ON acode.<t>;
 DROP POLICY IF EXISTS tenant_rows ON acode.<t>;
 ALTER TABLE acode.<t> DISABLE ROW LEVEL SECURITY;
+
+-- Partition maintenance (acode_sync/partitions.py). The templates' <...> markers are
+-- filled from a constant PartitionSpec (checked identifiers) and computed bounds, never
+-- from input. One maintainer at a time per table: the advisory lock is per transaction.
+-- name: partition_lock
+SELECT pg_advisory_xact_lock($1, hashtext($2));
+
+-- A table's partitions, read from the catalog by a query (a fresh snapshot after the
+-- lock), not from the backend's relation cache.
+-- name: partition_list
+SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT' AS is_default
+FROM pg_catalog.pg_inherits AS i
+JOIN pg_catalog.pg_class AS c ON c.oid = i.inhrelid
+JOIN pg_catalog.pg_class AS p ON p.oid = i.inhparent
+JOIN pg_catalog.pg_namespace AS n ON n.oid = p.relnamespace
+WHERE n.nspname = $1 AND p.relname = $2
+ORDER BY c.relname;
+
+-- name: partition_create_default
+CREATE TABLE IF NOT EXISTS <schema>.<table>_default PARTITION OF <schema>.<table> DEFAULT;
+
+-- A range partition, built beside the table, given the DEFAULT partition's rows in its
+-- range, then attached (all in the caller's transaction).
+-- name: partition_create
+CREATE TABLE <schema>.<partition> (LIKE <schema>.<table> INCLUDING ALL);
+WITH moved AS (
+    DELETE FROM <schema>.<default> WHERE <column> >= <start> AND <column> < <end> RETURNING *
+)
+INSERT INTO <schema>.<partition> SELECT * FROM moved;
+ALTER TABLE <schema>.<table> ATTACH PARTITION <schema>.<partition>
+    FOR VALUES FROM (<start>) TO (<end>);
+
+-- name: partition_drop
+ALTER TABLE <schema>.<table> DETACH PARTITION <schema>.<partition>;
+DROP TABLE <schema>.<partition>;
+
+-- name: partition_count_default
+SELECT count(*) FROM <schema>.<default>;
