@@ -10,13 +10,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from acode_sync import __version__
+from acode_sync import __version__, retention
 from acode_sync.config import Config, load_config
 from acode_sync.domain import format_timestamp
 from acode_sync.errors import AcodeError, RecordRejectedError
@@ -252,6 +252,27 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """The central retention, as the daemon runs it hourly: for the schema's owner when
+    the daemons' role does not own the tables (docs/postgres.md#retention)."""
+    config = _config(args)
+
+    async def _prune() -> list[tuple[str, float, int]]:
+        target = PostgresTarget(config.postgres)
+        done = []
+        try:
+            for table, days in retention.plans(config.sync):
+                before = datetime.now(UTC) - timedelta(days=days)
+                done.append((table.table, days, await target.prune(table, before)))
+        finally:
+            await target.close()
+        return done
+
+    for table, days, forgotten in anyio.run(_prune):
+        print(f"{table}: {forgotten} row(s) older than {days:g} days forgotten")
+    return 0
+
+
 def cmd_conflicts_list(args: argparse.Namespace) -> int:
     config = _config(args)
 
@@ -468,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     conflicts_list.add_argument("--session", metavar="ID", help="only this session's")
     conflicts_list.add_argument("--json", action="store_true", help="print JSON for machines")
     conflicts_list.add_argument("--limit", type=positive_int, default=100)
+    command(
+        commands,
+        "prune",
+        cmd_prune,
+        "drop PostgreSQL's expired partitions (applied keys, conflicts), make the coming ones",
+        config=True,
+    )
     add_recovery_commands(commands, command)
     add_restore_command(commands, command)
     return parser

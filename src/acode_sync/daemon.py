@@ -49,9 +49,6 @@ PRUNE_SECONDS: Final = 3600.0
 LOOP_BEAT_SECONDS: Final = 1.0
 # /healthz fails when the event loop has not run its beat for this long.
 LOOP_STALL_SECONDS: Final = 10.0
-# PostgreSQL keeps applied keys twice as long as the outboxes keep processed records, so a
-# record resent from any outbox is still recognised as a duplicate.
-KEY_RETENTION_FACTOR: Final = 2
 
 
 def concurrent_syncs(config: Config) -> int:
@@ -475,11 +472,9 @@ class Daemon:
             await self.prune_once()
 
     async def prune_once(self) -> None:
-        sync = self.config.sync
-        plans = [(retention.APPLIED_KEYS, sync.retention_days * KEY_RETENTION_FACTOR)]
-        if sync.conflict_retention_days > 0:
-            plans.append((retention.CONFLICTS, sync.conflict_retention_days))
-        for spec, days in plans:
+        """Partition maintenance is DDL: a syncer role that does not own the tables is
+        refused, logged here; the schema's owner runs `acode db prune` instead."""
+        for spec, days in retention.plans(self.config.sync):
             before = datetime.now(UTC) - timedelta(days=days)
             try:
                 forgotten = await self.shared.target.prune(spec, before)

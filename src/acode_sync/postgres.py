@@ -695,7 +695,9 @@ class PostgresTarget:
 
     async def prune(self, spec: retention.PartitionedTable, before: datetime) -> int:
         """Drop `spec`'s partitions wholly before `before`, then create those of today and
-        the days ahead (see acode_sync/retention.py); returns the rows forgotten."""
+        the days ahead (see acode_sync/retention.py); returns the rows forgotten. It is
+        DDL: a role that does not own the tables is refused (42501, logged by the daemon;
+        the schema's owner runs `acode db prune`)."""
         pool = await self._get_pool()
         with (
             self._classified("pruning"),
@@ -703,7 +705,5 @@ class PostgresTarget:
         ):
             if not self._schema_ready:
                 await self.ensure_schema()
-            async with pool.acquire() as conn, conn.transaction():
-                _, forgotten = await retention.drop_expired(conn, spec, before)
-                await retention.ensure_partitions(conn, spec, datetime.now(UTC))
-        return forgotten
+            async with pool.acquire() as conn:
+                return await retention.prune(conn, spec, before, datetime.now(UTC))

@@ -1,10 +1,11 @@
 """Retention of the central tables that grow with every change, by whole partitions.
 
 applied_keys (one partition per UTC day) and conflicts (one per UTC month) are
-range-partitioned by the version time their rows carry (migration 0007). Maintenance
-creates the partitions ahead and drops the ones past retention; no row is ever deleted
-from a partition (docs/postgres.md#retention). The work is done by two SECURITY DEFINER
-functions of the schema, so a syncer role runs it without owning the tables.
+range-partitioned by the version time their rows carry (migration 0007). The partitions
+are kept by acode_sync/partitions.py: created ahead, dropped whole past retention
+(docs/postgres.md#retention). What this module adds: the two tables' specs, the count of
+rows a drop forgets, and forgetting the DEFAULT partition's rows older than the cutoff
+(versions older than every partition: few).
 """
 
 from __future__ import annotations
@@ -15,35 +16,66 @@ from typing import Final
 
 import asyncpg
 
+from acode_sync.config import SyncSettings
+from acode_sync.partitions import PartitionSpec, Period, drop_expired, ensure, list_partitions
 from acode_sync.sql import queries
 
 _Q = queries("postgres")
+SCHEMA: Final = "acode"
+KEY_RETENTION_FACTOR: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
 class PartitionedTable:
     table: str
-    period: str  # "day" or "month": one partition per UTC day or month
-    ahead: timedelta  # partitions exist this far past now
+    column: str
+    period: Period
+    ahead: int  # periods created ahead of the current one
+
+    def spec(self, retention: timedelta) -> PartitionSpec:
+        return PartitionSpec(
+            SCHEMA, self.table, self.column, self.period, retention, ahead=self.ahead
+        )
 
 
-APPLIED_KEYS: Final = PartitionedTable("applied_keys", "day", timedelta(days=3))
-CONFLICTS: Final = PartitionedTable("conflicts", "month", timedelta(days=62))
+APPLIED_KEYS: Final = PartitionedTable("applied_keys", "version", Period.DAY, ahead=3)
+CONFLICTS: Final = PartitionedTable("conflicts", "incoming_updated_at", Period.MONTH, ahead=2)
 PARTITIONED_TABLES: Final = (APPLIED_KEYS, CONFLICTS)
+# Partitions are made from this far back: the oldest period a drain still writes into
+# often (a workspace offline for a day or two); older versions go to the DEFAULT one.
+MADE_BACK: Final = timedelta(days=2)
 
 
-async def ensure_partitions(conn: asyncpg.Connection, spec: PartitionedTable, now: datetime) -> int:
-    """Create the partitions from `now`'s through `now + ahead`; returns how many were
-    created. Rows of their ranges that had landed in the default partition move in."""
-    return int(
-        await conn.fetchval(_Q["ensure_partitions"], spec.table, spec.period, now, now + spec.ahead)
-    )
+def plans(sync: SyncSettings) -> list[tuple[PartitionedTable, float]]:
+    """What the retention keeps, in days, per table: applied keys twice as long as the
+    outboxes keep processed records (a record resent from any outbox is still found),
+    conflicts only when sync.conflict_retention_days asks for it."""
+    kept = [(APPLIED_KEYS, sync.retention_days * KEY_RETENTION_FACTOR)]
+    if sync.conflict_retention_days > 0:
+        kept.append((CONFLICTS, sync.conflict_retention_days))
+    return kept
 
 
-async def drop_expired(
-    conn: asyncpg.Connection, spec: PartitionedTable, before: datetime
-) -> tuple[int, int]:
-    """Drop the partitions wholly before `before` (and the default partition's rows before
-    it); returns (partitions dropped, rows forgotten)."""
-    row = await conn.fetchrow(_Q["drop_expired_partitions"], spec.table, before)
-    return int(row["partitions"]), int(row["forgotten"])
+async def prune(
+    conn: asyncpg.Connection, table: PartitionedTable, before: datetime, now: datetime
+) -> int:
+    """Drop `table`'s partitions wholly before `before`, forget the DEFAULT partition's
+    rows before it, and make the partitions from just before `now` through the ones
+    ahead; returns the rows forgotten (counted before the drop: a read, not a write)."""
+    spec = table.spec(MADE_BACK)
+    forgotten = 0
+    async with conn.transaction():
+        for partition in await list_partitions(conn, spec):
+            if partition.end is not None and partition.end <= before:
+                count = _Q["count_partition"].replace("<partition>", partition.name)
+                forgotten += int(await conn.fetchval(count))
+        await drop_expired(conn, spec, now=before + spec.retention)
+        status = await conn.execute(
+            _Q["forget_default_rows"]
+            .replace("<default>", spec.default_name)
+            .replace("<column>", table.column),
+            before,
+        )
+        forgotten += int(str(status).rsplit(" ", 1)[-1])
+        await ensure(conn, spec, now=now)
+    return forgotten

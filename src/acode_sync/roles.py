@@ -18,10 +18,11 @@ from acode_sync.sql import queries
 
 _Q = queries(DIALECT)
 
-# What a syncer does: read the schema's version, upsert entities, record keys (and prune
-# them by partition), record conflicts, call refuse_timestamp on a bad payload time and
-# refuse_session_move on a moved entity, and, with tenants enabled, let the guard trigger
-# ask who holds an entity. The one list: `acode db grant`
+# What a syncer does: read the schema's version, upsert entities, record keys (and forget
+# them: --repair, the DEFAULT partition's old ones), record conflicts, call
+# refuse_timestamp on a bad payload time and refuse_session_move on a moved entity, and,
+# with tenants enabled, let the guard trigger ask who holds an entity. Creating and
+# dropping partitions is DDL, for the schema's owner. The one list: `acode db grant`
 # grants it, check-config checks it.
 SYNCER_PRIVILEGES: Final = (
     ("schema", "acode", "USAGE"),
@@ -36,8 +37,6 @@ SYNCER_PRIVILEGES: Final = (
     ("function", "acode.refuse_timestamp(text, text, text)", "EXECUTE"),
     ("function", "acode.held_by_another_tenant(text, text, text, text)", "EXECUTE"),
     ("function", "acode.refuse_session_move(text, text, text)", "EXECUTE"),
-    ("function", "acode.ensure_partitions(text, text, timestamptz, timestamptz)", "EXECUTE"),
-    ("function", "acode.drop_expired_partitions(text, timestamptz)", "EXECUTE"),
 )
 
 # Every table a tenant's rows live in; the entity tables also get the guard trigger.

@@ -15,6 +15,7 @@ import pytest
 
 from acode_sync.config import PostgresSettings
 from acode_sync.domain import Session, format_timestamp, stamped, utc_now
+from acode_sync.errors import PostgresRefusedError
 from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from tests.daemon_harness import (
@@ -99,14 +100,17 @@ def test_a_role_with_the_documented_grants_syncs(syncer: str, pg_url: str, tmp_p
     assert listed.returncode == 0, listed.stderr
     assert session_id in listed.stdout
 
-    async def prune() -> int:
-        target = PostgresTarget(PostgresSettings(dsn=syncer))
+    # Retention is DDL (dropping partitions): the syncer is refused, the owner prunes.
+    async def prune(dsn: str) -> int:
+        target = PostgresTarget(PostgresSettings(dsn=dsn))
         try:
             return await target.prune_applied_keys(utc_now() + timedelta(days=1))
         finally:
             await target.close()
 
-    assert anyio.run(prune) == 2
+    with pytest.raises(PostgresRefusedError, match="42501"):
+        anyio.run(prune, syncer)
+    assert anyio.run(prune, pg_url) == 2
 
 
 def test_check_config_connect_names_each_missing_privilege(

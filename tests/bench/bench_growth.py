@@ -101,9 +101,10 @@ async def preload(dsn: str, layout: str, rows: int, say: Any) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         if layout == "new":  # the partitions the daemon's hourly maintenance keeps
-            await conn.execute(
-                "SELECT acode.ensure_partitions('applied_keys', 'day', $1, now())", start
-            )
+            from acode_sync.partitions import ensure
+            from acode_sync.retention import APPLIED_KEYS
+
+            await ensure(conn, APPLIED_KEYS.spec(SPREAD))
         for table, (prefix, entity_type, template) in _ENTITY_SQL.items():
             count = rows // 2
             step = SPREAD / max(1, count)
@@ -226,6 +227,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--engine", default="HEAD", help="commit of this layout's engine")
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument(
+        "--new-first", action="store_true", help="drain this layout first (order effects)"
+    )
+    parser.add_argument(
         "--migration-only",
         action="store_true",
         help="time only the in-place migration of the previous layout holding --preload rows",
@@ -278,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         shutil.copytree(dirs["old"], dirs["new"])
         say(f"seeded {seeded['records']:,} records ({seeded['entities']:,} entities)")
-        for layout, name in names.items():
+        order = ["new", "old"] if args.new_first else ["old", "new"]
+        for layout in order:
+            name = names[layout]
             version = versions[layout] or 10_000
             results[layout] = child(
                 sources[layout], "drain", database_url(name), str(version), str(dirs[layout])

@@ -17,6 +17,7 @@ from acode_sync import retention
 from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, format_timestamp
 from acode_sync.migrations import load_migrations
+from acode_sync.partitions import ensure
 from acode_sync.postgres import DIALECT, PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
@@ -49,6 +50,17 @@ async def target(pg_url: str) -> AsyncIterator[PostgresTarget]:
     target = PostgresTarget(PostgresSettings(dsn=pg_url))
     yield target
     await target.close()
+
+
+async def make_partitions(
+    pg_url: str, table: retention.PartitionedTable, *, back: timedelta
+) -> None:
+    """The table's partitions from `back` ago through the ones ahead (partitions.ensure)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await ensure(conn, table.spec(back))
+    finally:
+        await conn.close()
 
 
 def stamp(moment: datetime) -> str:
@@ -85,11 +97,7 @@ async def test_a_resend_lands_in_its_versions_partition_however_late(
     WorkspaceDatabase(workspace).close()
     now = datetime.now(UTC)
     await target.ensure_schema()
-    await execute(
-        pg_url,
-        f"SELECT acode.ensure_partitions('applied_keys', 'day', '{now - timedelta(days=3)}', "
-        f"'{now}')",
-    )
+    await make_partitions(pg_url, retention.APPLIED_KEYS, back=timedelta(days=3))
     versions = [now - timedelta(days=90), now - timedelta(days=2), now]
     for n, moment in enumerate(versions):
         enqueue_session(workspace, f"sess_late{n}", stamp(moment), f"t{n}")
@@ -114,11 +122,7 @@ async def test_retention_drops_whole_partitions_and_never_deletes_from_one(
     WorkspaceDatabase(workspace).close()
     now = datetime.now(UTC)
     await target.ensure_schema()
-    await execute(
-        pg_url,
-        f"SELECT acode.ensure_partitions('applied_keys', 'day', '{now - timedelta(days=20)}', "
-        f"'{now}')",
-    )
+    await make_partitions(pg_url, retention.APPLIED_KEYS, back=timedelta(days=20))
     old, recent = now - timedelta(days=20), now - timedelta(days=1)
     enqueue_session(workspace, "sess_old", stamp(old), "old")
     enqueue_session(workspace, "sess_recent", stamp(recent), "recent")
@@ -164,10 +168,7 @@ async def test_conflicts_are_dropped_by_month_only_when_asked(
     await target.ensure_schema()
     now = datetime.now(UTC)
     old = now - timedelta(days=80)
-    await execute(
-        pg_url,
-        f"SELECT acode.ensure_partitions('conflicts', 'month', '{old}', '{now}')",
-    )
+    await make_partitions(pg_url, retention.CONFLICTS, back=timedelta(days=80))
     for moment, name in ((old, "old"), (now, "new")):
         await execute(
             pg_url,
@@ -281,16 +282,14 @@ async def test_a_populated_schema_migrates_in_place(
         facts = await fetch(
             pg_url,
             "SELECT c.relname, c.relkind::text, c.relrowsecurity, "
-            "has_table_privilege($1, c.oid, 'INSERT') AS may_insert, "
-            "has_function_privilege($1, 'acode.drop_expired_partitions(text, timestamptz)', "
-            "'EXECUTE') AS may_prune "
+            "has_table_privilege($1, c.oid, 'INSERT') AS may_insert "
             "FROM pg_class AS c WHERE c.relname IN ('applied_keys', 'conflicts') "
             "AND c.relnamespace = 'acode'::regnamespace ORDER BY 1",
             role,
         )
         assert list(facts) == [
-            ("applied_keys", "p", True, True, True),
-            ("conflicts", "p", False, True, True),
+            ("applied_keys", "p", True, True),
+            ("conflicts", "p", False, True),
         ]
         primary = await fetch(
             pg_url,
@@ -392,10 +391,10 @@ async def test_the_daemons_hourly_retention_drops_keys_and_conflicts_when_asked(
         await setup.ensure_schema()
     finally:
         await setup.close()
+    await make_partitions(pg_url, retention.CONFLICTS, back=timedelta(days=80))
+    await make_partitions(pg_url, retention.APPLIED_KEYS, back=timedelta(days=80))
     await execute(
         pg_url,
-        f"SELECT acode.ensure_partitions('conflicts', 'month', '{old}', '{now}'); "
-        f"SELECT acode.ensure_partitions('applied_keys', 'day', '{old}', '{old}'); "
         "INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest, "
         f"origin_id) VALUES ('sess_o', 'Session:sess_o:x', '{old}', '\\x00', 'o'); "
         "INSERT INTO acode.conflicts (entity_type, entity_id, session_id, incoming_key, "
@@ -425,3 +424,11 @@ async def test_the_daemons_hourly_retention_drops_keys_and_conflicts_when_asked(
     await run(30.0, pg_url)
     assert await fetch(pg_url, "SELECT count(*) FROM acode.conflicts") == [(0,)]
     await run(30.0, "postgresql://postgres@127.0.0.1:1/none")  # unreachable: logged, no raise
+
+
+def test_acode_db_prune_runs_the_retention_as_the_owner(pg_url: str) -> None:
+    from tests.daemon_harness import ACODE, child_env, run_cli
+
+    done = run_cli(ACODE, "db", "prune", env=child_env(ACODE_POSTGRES_URL=pg_url))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "applied_keys: 0 row(s) older than 14 days forgotten\n"

@@ -486,7 +486,7 @@ async def test_applied_keys_are_pruned_by_whole_partitions(
         parts = await conn.fetchval(
             "SELECT count(*) FROM pg_inherits WHERE inhparent = 'acode.applied_keys'::regclass"
         )
-        assert parts == 5  # the default, today and the three days ahead
+        assert parts == 7  # the default, the two days before, today and three days ahead
     finally:
         await conn.close()
 

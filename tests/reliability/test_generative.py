@@ -464,7 +464,11 @@ class Simulation:
 
     async def step_prune(self) -> None:
         cutoff = datetime.now(UTC) + timedelta(days=1)
-        pruned = await self.writers[0].syncer.target.prune_applied_keys(cutoff)
+        owner = PostgresTarget(PostgresSettings(dsn=self.admin_url))  # partitions are DDL
+        try:
+            pruned = await owner.prune_applied_keys(cutoff)
+        finally:
+            await owner.close()
         self.log(f"prune_applied_keys(now + 1 day): {pruned} keys")
         self.model.forgotten |= {w.ident for w in (await observe(self.admin, self.writers)).writes}
         for writer in self.writers:

@@ -226,13 +226,14 @@ WHERE ($1::text IS NULL OR session_id = $1)
 ORDER BY conflict_id DESC
 LIMIT $2;
 
--- Retention (migration 0007, acode_sync/retention.py): whole partitions before $2 are
--- dropped, and the partitions of the days or months ahead are created.
--- name: drop_expired_partitions
-SELECT partitions, forgotten FROM acode.drop_expired_partitions($1, $2);
+-- Retention (acode_sync/retention.py, beside partitions.py): the rows of a partition
+-- about to be dropped, and the DEFAULT partition's rows before the cutoff (few: versions
+-- older than every partition). <partition>, <default>, <column> come from constant specs.
+-- name: count_partition
+SELECT count(*) FROM acode.<partition>;
 
--- name: ensure_partitions
-SELECT acode.ensure_partitions($1, $2, $3, $4);
+-- name: forget_default_rows
+DELETE FROM acode.<default> WHERE <column> < $1;
 
 -- name: probe
 SELECT 1;
@@ -358,13 +359,14 @@ ORDER BY c.relname;
 CREATE TABLE IF NOT EXISTS <schema>.<table>_default PARTITION OF <schema>.<table> DEFAULT;
 
 -- A range partition, built beside the table, given the DEFAULT partition's rows in its
--- range, then attached (all in the caller's transaction).
+-- range (with their identity values, if the table has an identity column), then attached
+-- (all in the caller's transaction).
 -- name: partition_create
 CREATE TABLE <schema>.<partition> (LIKE <schema>.<table> INCLUDING ALL);
 WITH moved AS (
     DELETE FROM <schema>.<default> WHERE <column> >= <start> AND <column> < <end> RETURNING *
 )
-INSERT INTO <schema>.<partition> SELECT * FROM moved;
+INSERT INTO <schema>.<partition> OVERRIDING SYSTEM VALUE SELECT * FROM moved;
 ALTER TABLE <schema>.<table> ATTACH PARTITION <schema>.<partition>
     FOR VALUES FROM (<start>) TO (<end>);
 

@@ -1,106 +1,11 @@
 -- applied_keys and conflicts grow with every change: they become range-partitioned by
 -- the version time their key carries, so retention drops whole partitions (no DELETE,
--- no vacuum debt) (docs/postgres.md#retention). applied_keys keeps one partition per UTC
--- day, conflicts one per UTC month; rows outside every partition (a version older than
+-- no vacuum debt; acode_sync/retention.py, docs/postgres.md#retention). applied_keys
+-- keeps one partition per UTC day, conflicts one per UTC month; rows outside every
+-- partition (a version older than
 -- the oldest kept, or far ahead) land in the DEFAULT partition, so no record ever fails
 -- for want of a partition. A partitioned table cannot be made by ALTER: each is created
 -- anew, filled from the old one, and swapped in here, in the migration's transaction.
-
--- The name of the partition of `parent` holding `moment` (UTC): parent_pYYYYMMDD for
--- days, parent_pYYYYMM for months.
-CREATE FUNCTION partition_name(parent text, period text, moment timestamptz) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT parent || '_p' || to_char(moment AT TIME ZONE 'UTC',
-                                    CASE period WHEN 'day' THEN 'YYYYMMDD' ELSE 'YYYYMM' END)
-$$;
-
--- Create the partitions of acode.`parent` (one per `period`, 'day' or 'month') covering
--- [from_time, through_time]; returns how many were created. Rows of a new partition's
--- range already in the DEFAULT partition are moved into it (PostgreSQL refuses to create
--- a partition whose rows the default holds). SECURITY DEFINER: the daemon's syncer role
--- runs the maintenance without owning the tables.
-CREATE FUNCTION ensure_partitions(parent text, period text, from_time timestamptz,
-                                  through_time timestamptz) RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    step interval := CASE period WHEN 'day' THEN interval '1 day' ELSE interval '1 month' END;
-    lower_bound timestamptz := date_trunc(period, from_time AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
-    upper_bound timestamptz;
-    name text;
-    column_name text;
-    created integer := 0;
-BEGIN
-    IF period NOT IN ('day', 'month') THEN
-        RAISE EXCEPTION 'partition period % is not day or month', period;
-    END IF;
-    SELECT a.attname INTO column_name
-    FROM pg_partitioned_table AS p
-    JOIN pg_attribute AS a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
-    WHERE p.partrelid = format('acode.%I', parent)::regclass;
-    WHILE lower_bound <= through_time LOOP
-        upper_bound := (lower_bound AT TIME ZONE 'UTC' + step) AT TIME ZONE 'UTC';
-        name := acode.partition_name(parent, period, lower_bound);
-        IF to_regclass(format('acode.%I', name)) IS NULL THEN
-            EXECUTE format('CREATE TEMP TABLE moved ON COMMIT DROP AS '
-                           'WITH d AS (DELETE FROM acode.%I WHERE %I >= %L AND %I < %L '
-                           'RETURNING *) SELECT * FROM d',
-                           parent || '_default', column_name, lower_bound, column_name,
-                           upper_bound);
-            EXECUTE format('CREATE TABLE acode.%I PARTITION OF acode.%I FOR VALUES FROM (%L) TO (%L)',
-                           name, parent, lower_bound, upper_bound);
-            EXECUTE format('INSERT INTO acode.%I SELECT * FROM moved', name);
-            DROP TABLE moved;
-            created := created + 1;
-        END IF;
-        lower_bound := upper_bound;
-    END LOOP;
-    RETURN created;
-END
-$$;
-REVOKE ALL ON FUNCTION ensure_partitions(text, text, timestamptz, timestamptz) FROM PUBLIC;
-
--- Drop the partitions of acode.`parent` whose whole range is before `before`, and delete
--- the DEFAULT partition's rows before it (few: only late versions land there). A
--- partition that straddles `before` is kept whole: no DELETE ever runs on a partition.
--- Returns the partitions dropped and the rows forgotten (counted before the drop: a read,
--- not a write).
-CREATE FUNCTION drop_expired_partitions(parent text, before timestamptz,
-                                        OUT partitions integer, OUT forgotten bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    part record;
-    column_name text;
-    held bigint;
-BEGIN
-    partitions := 0;
-    forgotten := 0;
-    SELECT a.attname INTO column_name
-    FROM pg_partitioned_table AS p
-    JOIN pg_attribute AS a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
-    WHERE p.partrelid = format('acode.%I', parent)::regclass;
-    FOR part IN
-        SELECT c.relname,
-               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz
-                   AS upper_bound
-        FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
-        WHERE i.inhparent = format('acode.%I', parent)::regclass
-          AND pg_get_expr(c.relpartbound, c.oid) <> 'DEFAULT'
-        ORDER BY c.relname
-    LOOP
-        IF part.upper_bound <= before THEN
-            EXECUTE format('SELECT count(*) FROM acode.%I', part.relname) INTO held;
-            EXECUTE format('DROP TABLE acode.%I', part.relname);
-            partitions := partitions + 1;
-            forgotten := forgotten + held;
-        END IF;
-    END LOOP;
-    EXECUTE format('DELETE FROM acode.%I WHERE %I < %L', parent || '_default', column_name,
-                   before);
-    GET DIAGNOSTICS held = ROW_COUNT;
-    forgotten := forgotten + held;
-END
-$$;
-REVOKE ALL ON FUNCTION drop_expired_partitions(text, timestamptz) FROM PUBLIC;
 
 -- The keys, with their session and version. The unique key (idempotency_key, session_id,
 -- version) says what UNIQUE (idempotency_key) said (the key names its version, and an
@@ -156,16 +61,37 @@ CREATE INDEX conflicts_entity ON conflicts (entity_type, entity_id);
 CREATE INDEX conflicts_detected_at ON conflicts (detected_at);
 
 -- Partitions for the rows held (keys of the last 60 days; older ones go to the default,
--- which the next retention run empties) and the days ahead, then the copies.
-SELECT ensure_partitions(
-    'applied_keys', 'day',
-    greatest(coalesce((SELECT min(applied_at) FROM applied_keys_unpartitioned), now()),
-             now() - interval '60 days'),
-    now() + interval '3 days');
-SELECT ensure_partitions(
-    'conflicts', 'month',
-    coalesce((SELECT min(incoming_updated_at) FROM conflicts_unpartitioned), now()),
-    now() + interval '1 month');
+-- which the next retention run empties) and the periods ahead, named as
+-- acode_sync/partitions.py names them (<table>_pYYYYMMDD, <table>_pYYYYMM), which keeps
+-- them from then on. A one-off loop: no function is left behind.
+DO $$
+DECLARE
+    plan record;
+    lower_bound timestamptz;
+    upper_bound timestamptz;
+BEGIN
+    FOR plan IN
+        SELECT 'applied_keys' AS t, 'day' AS period, 'YYYYMMDD' AS suffix,
+               greatest(coalesce((SELECT min(applied_at) FROM applied_keys_unpartitioned), now()),
+                        now() - interval '60 days') AS first_time,
+               now() + interval '3 days' AS last_time
+        UNION ALL
+        SELECT 'conflicts', 'month', 'YYYYMM',
+               coalesce((SELECT min(incoming_updated_at) FROM conflicts_unpartitioned), now()),
+               now() + interval '2 months'
+    LOOP
+        lower_bound := date_trunc(plan.period, plan.first_time AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+        WHILE lower_bound <= plan.last_time LOOP
+            upper_bound := (lower_bound AT TIME ZONE 'UTC' + ('1 ' || plan.period)::interval)
+                           AT TIME ZONE 'UTC';
+            EXECUTE format('CREATE TABLE acode.%I PARTITION OF acode.%I FOR VALUES FROM (%L) TO (%L)',
+                           plan.t || '_p' || to_char(lower_bound AT TIME ZONE 'UTC', plan.suffix),
+                           plan.t, lower_bound, upper_bound);
+            lower_bound := upper_bound;
+        END LOOP;
+    END LOOP;
+END
+$$;
 
 -- A key's session: its entity row's (the key names the entity: EntityType:id:version).
 INSERT INTO applied_keys (session_id, idempotency_key, version, payload_digest, origin_id,
@@ -225,13 +151,6 @@ BEGIN
         LOOP
             EXECUTE format('GRANT %s ON acode.%I TO %I', grant_row.privilege_type, pair.t,
                            (SELECT rolname FROM pg_roles WHERE oid = grant_row.grantee));
-            -- A syncer (it records keys) runs the retention, which is now these functions.
-            IF pair.t = 'applied_keys' AND grant_row.privilege_type = 'INSERT' THEN
-                EXECUTE format('GRANT EXECUTE ON FUNCTION acode.ensure_partitions(text, text, '
-                               'timestamptz, timestamptz), acode.drop_expired_partitions(text, '
-                               'timestamptz) TO %I',
-                               (SELECT rolname FROM pg_roles WHERE oid = grant_row.grantee));
-            END IF;
         END LOOP;
         IF (SELECT relrowsecurity FROM pg_class
             WHERE oid = format('acode.%I', pair.t || '_unpartitioned')::regclass) THEN
