@@ -432,3 +432,37 @@ def test_acode_db_prune_runs_the_retention_as_the_owner(pg_url: str) -> None:
     done = run_cli(ACODE, "db", "prune", env=child_env(ACODE_POSTGRES_URL=pg_url))
     assert done.returncode == 0, done.stderr
     assert done.stdout == "applied_keys: 0 row(s) older than 14 days forgotten\n"
+
+
+def test_the_workspace_migration_gives_queued_records_their_session(workspace: Path) -> None:
+    """Records queued at schema 5 without a session are given it by migration 6, from the
+    payload or the parent the workspace holds; a workspace row's session then never
+    changes."""
+    from acode_sync.workspace import migrate, open_workspace
+
+    shipped = load_migrations("sqlite")
+    conn = open_workspace(workspace, run_migrations=False)
+    try:
+        assert migrate(conn, available=shipped[:5]) == (0, 5)
+        v = "2026-01-15T10:00:00.000000Z"
+        conn.execute(
+            "INSERT INTO sessions (session_id, created_at, updated_at) VALUES ('sess_m', ?, ?)",
+            (v, v),
+        )
+        conn.execute(
+            "INSERT INTO session_tasks (task_id, session_id, status, created_at, updated_at) "
+            "VALUES ('task_m', 'sess_m', 'pending', ?, ?)",
+            (v, v),
+        )
+        step = json.dumps({"step_id": "step_m", "task_id": "task_m"})
+        event = json.dumps({"event_id": "evt_m", "session_id": "sess_m"})
+        enqueue_raw(conn, f"Step:step_m:{v}", "Step", "step_m", None, step, v)
+        enqueue_raw(conn, f"SessionEvent:evt_m:{v}", "SessionEvent", "evt_m", None, event, v)
+        conn.commit()
+        assert migrate(conn, available=shipped) == (5, len(shipped))
+        rows = conn.execute("SELECT entity_id, session_id FROM outbox ORDER BY 1").fetchall()
+        assert rows == [("evt_m", "sess_m"), ("step_m", "sess_m")]
+        with pytest.raises(sqlite3.IntegrityError, match="session is fixed at creation"):
+            conn.execute("UPDATE session_tasks SET session_id = 'sess_other'")
+    finally:
+        conn.close()
