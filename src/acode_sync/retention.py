@@ -23,6 +23,7 @@ from acode_sync.sql import queries
 _Q = queries("postgres")
 SCHEMA: Final = "acode"
 KEY_RETENTION_FACTOR: Final = 2
+LOCK_TIMEOUT_MS: Final = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,6 @@ class PartitionedTable:
 
 APPLIED_KEYS: Final = PartitionedTable("applied_keys", "version", Period.DAY, ahead=3)
 CONFLICTS: Final = PartitionedTable("conflicts", "incoming_updated_at", Period.MONTH, ahead=2)
-PARTITIONED_TABLES: Final = (APPLIED_KEYS, CONFLICTS)
 # Partitions are made from this far back: the oldest period a drain still writes into
 # often (a workspace offline for a day or two); older versions go to the DEFAULT one.
 MADE_BACK: Final = timedelta(days=2)
@@ -65,6 +65,9 @@ async def prune(
     spec = table.spec(MADE_BACK)
     forgotten = 0
     async with conn.transaction():
+        # DETACH PARTITION waits for the batches writing the table, and every batch then
+        # waits for it: give up soon (55P03, tried again next time) rather than stall them.
+        await conn.execute(_Q["retention_lock_timeout"], str(LOCK_TIMEOUT_MS))
         for partition in await list_partitions(conn, spec):
             if partition.end is not None and partition.end <= before:
                 count = _Q["count_partition"].replace("<partition>", partition.name)

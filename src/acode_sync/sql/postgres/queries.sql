@@ -229,6 +229,9 @@ LIMIT $2;
 -- Retention (acode_sync/retention.py, beside partitions.py): the rows of a partition
 -- about to be dropped, and the DEFAULT partition's rows before the cutoff (few: versions
 -- older than every partition). <partition>, <default>, <column> come from constant specs.
+-- name: retention_lock_timeout
+SELECT set_config('lock_timeout', $1, true);
+
 -- name: count_partition
 SELECT count(*) FROM acode.<partition>;
 
