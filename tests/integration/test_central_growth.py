@@ -466,3 +466,26 @@ def test_the_workspace_migration_gives_queued_records_their_session(workspace: P
             conn.execute("UPDATE session_tasks SET session_id = 'sess_other'")
     finally:
         conn.close()
+
+
+async def test_retention_gives_up_rather_than_hold_up_the_batches(
+    target: PostgresTarget, pg_url: str
+) -> None:
+    """A transaction writing applied_keys holds its lock: the retention's DETACH gives up
+    after its lock timeout (55P03, the server's state) and drops nothing."""
+    from acode_sync.errors import PostgresRefusedError
+
+    await target.ensure_schema()
+    await make_partitions(pg_url, retention.APPLIED_KEYS, back=timedelta(days=20))
+    holder = await asyncpg.connect(pg_url)
+    try:
+        await holder.execute("BEGIN; LOCK TABLE acode.applied_keys IN ROW EXCLUSIVE MODE")
+        with pytest.raises(PostgresRefusedError, match="55P03"):
+            await target.prune_applied_keys(datetime.now(UTC) - timedelta(days=14))
+    finally:
+        await holder.close()
+    held = await fetch(
+        pg_url,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'acode.applied_keys'::regclass",
+    )
+    assert held[0][0] > 7  # nothing was dropped
