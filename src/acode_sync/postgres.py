@@ -64,6 +64,10 @@ QUERY_CANCELED: Final = "57014"  # statement_timeout (lock waits end in 55P03 fi
 # A serialization failure or a deadlock: the transaction is retried at once, this often.
 RETRY_NOW_SQLSTATES: Final = frozenset({"40001", "40P01"})
 APPLY_ATTEMPTS: Final = 5
+# `acode db migrate --postgres`: a migration that rewrites a large table (7, at 10M keys)
+# takes minutes; the operator who asked waits for it. An automatic one gives up after
+# four statement timeouts (rolled back; records wait) rather than hold the daemon.
+EXPLICIT_MIGRATION_SECONDS: Final = 24 * 3600.0
 # Lock waits give up after this share of the statement timeout, with lock_not_available
 # (55P03, the server's state): a table an administrator locked never looks like a slow
 # record.
@@ -453,7 +457,8 @@ class PostgresTarget:
         unless the migration was asked for explicitly (`acode db migrate --postgres`)."""
         available = load_migrations(DIALECT) if available is None else available
         pool = await self._get_pool()
-        with self._classified("migrating"), anyio.fail_after(self.settings.statement_timeout * 4):
+        limit = EXPLICIT_MIGRATION_SECONDS if explicit else self.settings.statement_timeout * 4
+        with self._classified("migrating"), anyio.fail_after(limit):
             async with pool.acquire() as conn:
                 encoding = await conn.fetchval(_Q["server_encoding"])
                 if encoding != "UTF8":
@@ -472,7 +477,9 @@ class PostgresTarget:
                     async with conn.transaction():
                         await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
                         exists, applied, pending = await self._plan(conn, available)
-                        await self._migrate(conn, exists, applied, pending, explicit=explicit)
+                        await self._migrate(
+                            conn, exists, applied, pending, explicit=explicit, limit=limit
+                        )
         current = max((m.version for m in applied), default=0)
         self._schema_ready = True
         return current, latest_version(available)
@@ -485,8 +492,10 @@ class PostgresTarget:
         pending: Sequence[Migration],
         *,
         explicit: bool,
+        limit: float,
     ) -> None:
-        """Run what is pending, under the migration lock (the caller's transaction)."""
+        """Run what is pending, under the migration lock (the caller's transaction), each
+        migration within `limit` seconds."""
         if not pending:
             return  # another daemon migrated while this one waited for the lock
         current = max((m.version for m in applied), default=0)
@@ -502,7 +511,7 @@ class PostgresTarget:
             await conn.execute(_Q["create_migrations_table"])
         await conn.execute(_Q["set_migration_search_path"])
         for migration in pending:
-            await self._run_migration(conn, migration)
+            await self._run_migration(conn, migration, limit)
 
     @staticmethod
     async def _plan(
@@ -536,10 +545,12 @@ class PostgresTarget:
             async with pool.acquire() as conn, conn.transaction():
                 yield conn
 
-    async def _run_migration(self, conn: asyncpg.Connection, migration: Migration) -> None:
+    async def _run_migration(
+        self, conn: asyncpg.Connection, migration: Migration, limit: float
+    ) -> None:
         try:
             async with conn.transaction():  # a savepoint: its failure is reported by name
-                await conn.execute(migration.sql)
+                await conn.execute(migration.sql, timeout=limit)
                 await conn.execute(
                     _Q["record_migration"], migration.version, migration.name, migration.checksum
                 )

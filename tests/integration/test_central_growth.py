@@ -489,3 +489,13 @@ async def test_retention_gives_up_rather_than_hold_up_the_batches(
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'acode.applied_keys'::regclass",
     )
     assert held[0][0] > 7  # nothing was dropped
+
+
+async def test_an_explicit_migration_is_not_bound_by_the_statement_timeout(pg_url: str) -> None:
+    """`acode db migrate --postgres` waits for a migration that rewrites large tables;
+    four statement timeouts (40 ms here) would not cover even an empty schema's."""
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, statement_timeout=0.01))
+    try:
+        assert await target.ensure_schema(explicit=True) == (0, len(load_migrations(DIALECT)))
+    finally:
+        await target.close()
