@@ -19,9 +19,9 @@ from acode_sync.sql import queries
 _Q = queries(DIALECT)
 
 # What a syncer does: read the schema's version, upsert entities, record keys (and prune
-# them), record conflicts, append versions to the history, call refuse_timestamp on a bad payload time, and, with tenants
-# enabled, let the guard trigger ask who holds an entity. The one list: `acode db grant`
-# grants it, check-config checks it.
+# them), record conflicts, append versions to the history, call refuse_timestamp on a
+# bad payload time, and, with tenants enabled, let the guard trigger ask who holds an
+# entity. The one list: `acode db grant` grants it, check-config checks it.
 SYNCER_PRIVILEGES: Final = (
     ("schema", "acode", "USAGE"),
     ("table", "acode.schema_migrations", "SELECT"),
