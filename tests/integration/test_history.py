@@ -334,3 +334,47 @@ def test_history_maintain_command(
     assert out.startswith("acode.entity_history: 98 range partitions")
     assert "  created entity_history_p" in out
     assert "created entity_history_default" not in out
+
+
+async def test_a_version_applied_without_the_history_is_a_gap_never_skipped_over(
+    workspace: Path, settings: PostgresSettings, tmp_path: Path
+) -> None:
+    """v1 shipped with the history, v2 without, v3 with: as of a time between v2 and v3
+    the state was v2, which the history lacks; v1 must not stand in for it."""
+    clock = SteppingClock()
+    off = replace(settings, keep_history=False)
+    async with await WorkspaceStore.open(workspace, OpenOptions(clock=clock)) as store:
+        clock.at(0)
+        session = await store.save(Session(title="v1"))
+        task = await store.save(SessionTask(session_id=session.session_id, title="kept"))
+        await ship(workspace, settings)
+        clock.at(10)
+        session = await store.save(replace(session, title="v2"))
+        await ship(workspace, off)
+        between = clock.at(15)
+        clock.at(20)
+        await store.save(replace(session, title="v3"))
+        await store.save(replace(task, title="kept, then changed"))
+        await ship(workspace, settings)
+    previous = await fetch(
+        settings,
+        "SELECT previous_version FROM acode.entity_history WHERE entity_type = 'Session' "
+        "ORDER BY version",
+    )
+    assert [r[0] for r in previous] == [None, START + timedelta(minutes=10)]
+    report = await as_of(settings, tmp_path / "r", between)
+    assert report.tables["sessions"].unknown_as_of == 1
+    assert report.tables["sessions"].restored == 0
+    # The task's versions were all shipped with the history: its v1 is found (then skipped:
+    # its session is not restored).
+    assert (report.tables["session_tasks"].read, report.tables["session_tasks"].skipped) == (1, 1)
+    v1 = START
+    followed = await fetch(
+        settings,
+        "SELECT acode.history_followed('SessionTask', $1, $3), "
+        "acode.history_followed('Session', $2, $3)",
+        task.task_id,
+        session.session_id,
+        v1,
+    )
+    assert tuple(followed[0]) == (True, False)

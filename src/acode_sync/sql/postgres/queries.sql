@@ -198,16 +198,17 @@ recorded_keys AS (
 -- would only be dropped with its partition, so it is not kept.
 -- name: append_history
 history_appended AS (
-    INSERT INTO acode.entity_history (entity_type, entity_id, session_id, version, origin_id,
-                                      idempotency_key, payload, payload_digest,
-                                      canonical_digest)
+    INSERT INTO acode.entity_history (entity_type, entity_id, session_id, version,
+                                      previous_version, origin_id, idempotency_key, payload,
+                                      payload_digest, canonical_digest)
     <written_versions>
     ON CONFLICT DO NOTHING
 )
 
 -- name: history_versions
 SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id), d.version,
-       d.origin_id, d.idempotency_key, d.p, d.digest, sha256(convert_to(d.p::text, 'UTF8'))
+       d.current_updated_at, d.origin_id, d.idempotency_key, d.p, d.digest,
+       sha256(convert_to(d.p::text, 'UTF8'))
 FROM <t>_decided AS d
 WHERE d.wins AND d.version >= now() - <retention>::interval
 
@@ -289,9 +290,11 @@ SELECT <selected>, canonical_digest FROM acode.<t> WHERE <where>;
 
 -- A restore as of a time ($1): per entity, the newest version at or before it. The current
 -- row if its version is (it is the newest of all), else the history's newest (last write
--- wins: version, then origin), its payload made into the row as the round made it
--- (<from_payload>; version_text is the payload's own updated_at, which the round checked
--- against the key's). <where> is one of the restore's selections, numbered from $2.
+-- wins: version, then origin) if the history also holds the version that replaced it
+-- (history_followed: nothing applied without the history in between), its payload made
+-- into the row as the round made it (<from_payload>; version_text is the payload's own
+-- updated_at, which the round checked against the key's). <where> is one of the
+-- restore's selections, numbered from $2.
 -- name: restore_entities_as_of
 SELECT <selected>, canonical_digest FROM acode.<t>
 WHERE updated_at <= $1::timestamptz AND <where>
@@ -308,18 +311,23 @@ SELECT <selected>, canonical_digest FROM (
     ) AS d
     WHERE NOT EXISTS (SELECT 1 FROM acode.<t> AS c
                       WHERE c.<id_column> = d.entity_id AND c.updated_at <= $1::timestamptz)
+      AND acode.history_followed('<entity_type>', d.entity_id, d.version)
 ) AS <t>
 WHERE <where>;
 
 -- The entities that existed at $1 (created by then) whose version then neither PostgreSQL
--- nor its history holds: the history began later, or dropped it. A restore as of $1
--- reports them.
+-- nor its history holds: the history began later, dropped it, or lacks a version applied
+-- while it was off (the newest it holds before $1 is not followed by its successor). A
+-- restore as of $1 reports them.
 -- name: restore_unknown_as_of
 SELECT <id_column> FROM acode.<t> AS c
 WHERE c.updated_at > $1::timestamptz AND c.created_at <= $1::timestamptz AND <where>
-  AND NOT EXISTS (SELECT 1 FROM acode.entity_history AS h
-                  WHERE h.entity_type = '<entity_type>' AND h.entity_id = c.<id_column>
-                    AND h.version <= $1::timestamptz);
+  AND NOT coalesce((SELECT acode.history_followed('<entity_type>', h.entity_id, h.version)
+                    FROM acode.entity_history AS h
+                    WHERE h.entity_type = '<entity_type>' AND h.entity_id = c.<id_column>
+                      AND h.version <= $1::timestamptz
+                    ORDER BY h.version DESC, h.origin_id DESC
+                    LIMIT 1), false);
 
 -- name: restore_missing_sessions
 SELECT array(SELECT unnest($1::text[]) EXCEPT

@@ -13,6 +13,8 @@
 -- `payload` is the record's payload as applied (its unknown keys included): a restore
 -- maps it onto the workspace's columns as the apply round maps it onto the entity table,
 -- and proves each row by canonical_digest (the SHA-256 of payload::text, migration 0004).
+-- `previous_version` is the version it replaced (NULL: it created the entity): a version
+-- applied while the history was off leaves a gap that the next recorded version shows.
 -- The DEFAULT partition takes a version no range partition covers, so an apply never
 -- fails for want of a partition; maintenance moves those rows into the partition it
 -- creates for their range.
@@ -21,6 +23,7 @@ CREATE TABLE entity_history (
     entity_id text COLLATE "C" NOT NULL,
     session_id text COLLATE "C",
     version timestamptz NOT NULL,
+    previous_version timestamptz,
     origin_id text COLLATE "C" NOT NULL,
     idempotency_key text COLLATE "C" NOT NULL,
     payload jsonb NOT NULL,
@@ -32,3 +35,16 @@ CREATE TABLE entity_history (
 ) PARTITION BY RANGE (version);
 
 CREATE TABLE entity_history_default PARTITION OF entity_history DEFAULT;
+
+-- Whether the version of an entity recorded at `v` is followed in the history by the
+-- version that replaced it (no version applied without the history in between): then it
+-- is the entity's state from `v` until that next version, and a restore as of a time in
+-- that span is exact.
+CREATE FUNCTION history_followed(kind text, id text, v timestamptz) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT n.previous_version = v
+                     FROM acode.entity_history AS n
+                     WHERE n.entity_type = kind AND n.entity_id = id AND n.version > v
+                     ORDER BY n.version, n.origin_id
+                     LIMIT 1), false)
+$$;
