@@ -273,6 +273,9 @@ class Daemon:
             worker.update(self.shared)
         self.config = new
         configure_daemon_logging(new)
+        if new.postgres.keep_history and not old.postgres.keep_history:
+            assert self._services is not None
+            self._services.start_soon(self.maintain_history_once)  # not a day later
 
     def _record_reload(self, error: str | None) -> None:
         self.reload = {

@@ -4,6 +4,8 @@ it applies is in the history."""
 
 from __future__ import annotations
 
+import signal
+
 import anyio
 import pytest
 
@@ -70,3 +72,20 @@ def test_a_syncer_role_cannot_maintain_it_and_says_so_while_records_still_apply(
         daemon.assert_no_traceback()
     finally:
         pg_execute(rig.pg_url, "DROP OWNED BY acode_hist_syncer; DROP ROLE acode_hist_syncer")
+
+
+def test_turning_the_history_on_by_reload_maintains_it_at_once(rig: Rig) -> None:
+    save_sessions(rig.root / "w", 1)
+    daemon, _ = rig.start_ready(rig.config())
+    rig.wait_sessions(1)
+    assert not daemon.find("version history maintained")
+    rig.write(rig.config(postgres=HISTORY))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded")
+    daemon.wait_log("version history maintained")
+    save_sessions(rig.root / "w", 2)
+    rig.wait_sessions(3)
+    wait_until(lambda: pg_count(rig.pg_url, "acode.entity_history") == 2, "2 versions kept")
+    assert pg_count(rig.pg_url, "acode.entity_history_default") == 0
+    assert rig.stop(daemon) == 0
+    daemon.assert_no_traceback()
