@@ -575,5 +575,6 @@ async def _report_unknown(
         counts.unknown_as_of += 1
         if len(report.unknown_examples) < MAX_SKIPPED_SHOWN:
             report.unknown_examples.append(
-                f"{st.spec.entity_type} {row[0]}: no version at or before {selection.as_of}"
+                f"{st.spec.entity_type} {row[0]}: its version at {selection.as_of} is not in the "
+                "history"
             )

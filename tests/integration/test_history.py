@@ -286,7 +286,7 @@ async def test_an_entity_whose_version_then_predates_the_history_is_reported(
     assert report.tables["sessions"].unknown_as_of == 1
     assert report.total("restored") == 0
     assert report.unknown_examples == [
-        f"Session {session.session_id}: no version at or before {then}"
+        f"Session {session.session_id}: its version at {then} is not in the history"
     ]
     assert "not restored: 1 that existed at" in "\n".join(report.lines())
 
