@@ -139,7 +139,9 @@ recorded_keys AS (
                NOT j.wins
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
-           ) AS in_conflict
+           ) AS in_conflict,
+           -- A version written (and, with the history on, appended): its digest once.
+           CASE WHEN j.wins THEN sha256(convert_to(j.p::text, 'UTF8')) END AS canonical
     FROM <t>_judged AS j
 ),
 <t>_recorded AS (
@@ -164,7 +166,7 @@ recorded_keys AS (
     INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
                                 payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
-           d.digest, sha256(convert_to(d.p::text, 'UTF8'))
+           d.digest, d.canonical
     FROM <t>_decided AS d
     WHERE d.wins AND d.has_current
     ORDER BY d.entity_id COLLATE "C"
@@ -183,7 +185,7 @@ recorded_keys AS (
     INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
                                 payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
-           d.digest, sha256(convert_to(d.p::text, 'UTF8'))
+           d.digest, d.canonical
     FROM <t>_decided AS d
     WHERE NOT d.has_current
     ORDER BY d.entity_id COLLATE "C"
@@ -207,8 +209,7 @@ history_appended AS (
 
 -- name: history_versions
 SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id), d.version,
-       d.current_updated_at, d.origin_id, d.idempotency_key, d.p, d.digest,
-       sha256(convert_to(d.p::text, 'UTF8'))
+       d.current_updated_at, d.origin_id, d.idempotency_key, d.p, d.digest, d.canonical
 FROM <t>_decided AS d
 WHERE d.wins AND d.version >= now() - <retention>::interval
 
