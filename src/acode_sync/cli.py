@@ -22,10 +22,11 @@ from acode_sync.domain import format_timestamp
 from acode_sync.errors import AcodeError, RecordRejectedError
 from acode_sync.flush import DEFAULT_TIMEOUT as DEFAULT_FLUSH_TIMEOUT
 from acode_sync.flush import FlushResult, flush
+from acode_sync.history import maintain_history
 from acode_sync.log import configure_logging
 from acode_sync.outbox import list_records, replay
 from acode_sync.postgres import PostgresTarget
-from acode_sync.restore import RestoreRequest, Selection, restore
+from acode_sync.restore import RestoreRequest, Selection, parse_as_of, restore
 from acode_sync.roles import grant_syncer, set_tenants
 from acode_sync.runtime import find_state_dir, read_status
 from acode_sync.status import workspace_status
@@ -133,6 +134,20 @@ def cmd_tenants(args: argparse.Namespace) -> int:
 
     anyio.run(_set)
     print(f"row-level security by tenant {'on' if enabled else 'off'}")
+    return 0
+
+
+def cmd_history_maintain(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def _maintain() -> list[str]:
+        target = PostgresTarget(config.postgres)
+        try:
+            return (await maintain_history(target)).lines()
+        finally:
+            await target.close()
+
+    print("\n".join(anyio.run(_maintain)))
     return 0
 
 
@@ -371,7 +386,8 @@ def add_recovery_commands(commands: Any, command: Callable[..., argparse.Argumen
 
 def cmd_restore(args: argparse.Namespace) -> int:
     config = _config(args)
-    selection = Selection(session_ids=tuple(args.session or ()), origin=args.origin)
+    as_of = None if args.as_of is None else parse_as_of(args.as_of)
+    selection = Selection(session_ids=tuple(args.session or ()), origin=args.origin, as_of=as_of)
     request = RestoreRequest(_workspace(args), selection)
     on_terminal = sys.stderr.isatty()
 
@@ -404,6 +420,11 @@ def add_restore_command(commands: Any, command: Callable[..., argparse.ArgumentP
     chosen.add_argument("--session", nargs="+", metavar="ID", help="these sessions")
     chosen.add_argument("--origin", metavar="ORIGIN", help="every entity this origin wrote")
     chosen.add_argument("--all", action="store_true", help="everything PostgreSQL holds")
+    sub.add_argument(
+        "--as-of",
+        metavar="TIME",
+        help="the state at this RFC 3339 time, from the version history ([postgres] keep_history)",
+    )
     sub.add_argument("--json", action="store_true", help="print JSON for machines")
 
 
@@ -453,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("disable", "every syncer role may write every row again"),
     ):
         command(tenants_commands, action, cmd_tenants, text, config=True)
+    history = commands.add_parser("history", help="the version history in PostgreSQL")
+    command(
+        history.add_subparsers(dest="sub", required=True),
+        "maintain",
+        cmd_history_maintain,
+        "create the coming partitions, drop those past the retention",
+        config=True,
+    )
     status = command(
         commands, "status", cmd_status, "schema, files, rows, backlog, daemon", config=True
     )

@@ -255,6 +255,10 @@ class PostgresSettings:
     idle_timeout: float = 60.0
     statement_cache_size: int = 100  # 0 behind a transaction-pooling PgBouncer
     auto_migrate: bool = True
+    # Append every version applied to acode.entity_history (docs/postgres.md#version-history),
+    # kept this many days (whole daily partitions past it are dropped).
+    keep_history: bool = False
+    history_retention_days: int = 90
 
     def resolved_password(self) -> str | None:
         if self.password is not None:

@@ -24,10 +24,16 @@ from anyio.abc import TaskGroup, TaskStatus
 from acode_sync import __version__, retention
 from acode_sync.config import Config, load_config
 from acode_sync.discovery import discover
-from acode_sync.errors import ConfigError, PostgresUnavailableError, WorkspaceOpenError
+from acode_sync.errors import (
+    AcodeError,
+    ConfigError,
+    PostgresUnavailableError,
+    WorkspaceOpenError,
+)
+from acode_sync.history import MAINTENANCE_INTERVAL, maintain_history
 from acode_sync.log import configure_logging, get_logger
 from acode_sync.metrics import Health, Metrics, MetricsServer
-from acode_sync.postgres import PostgresTarget
+from acode_sync.postgres import PostgresTarget, RecordFailure
 from acode_sync.runtime import hold_state_dir, remove_status, state_dir, write_status
 from acode_sync.sync import tune_interpreter
 from acode_sync.systemd import Notifier, watchdog_interval
@@ -169,6 +175,7 @@ class Daemon:
         services.start_soon(self._status_loop)
         services.start_soon(self._probe_loop)
         services.start_soon(self._prune_loop)
+        services.start_soon(self._history_loop)
         services.start_soon(self._summary_loop)
         services.start_soon(self.verifier.run)
         interval = watchdog_interval(self.environ, os.getpid())
@@ -263,6 +270,9 @@ class Daemon:
             worker.update(self.shared)
         self.config = new
         configure_daemon_logging(new)
+        if new.postgres.keep_history and not old.postgres.keep_history:
+            assert self._services is not None
+            self._services.start_soon(self.maintain_history_once)  # not a day later
 
     def _record_reload(self, error: str | None) -> None:
         self.reload = {
@@ -483,6 +493,34 @@ class Daemon:
                 continue
             if forgotten:
                 self.log.info(f"pruned {spec.table}", rows=forgotten, older_than_days=days)
+
+    async def _history_loop(self) -> None:
+        """With postgres.keep_history on: the history's partitions maintained at start, then
+        daily (every daemon may; they take turns under a lock, and only the first finds
+        work). Maintenance is DDL, for the schema's owner: a syncer role is told so in the
+        log, and its records are still applied (into the DEFAULT partition if need be)."""
+        while True:
+            if self.config.postgres.keep_history:
+                await self.maintain_history_once()
+            await anyio.sleep(MAINTENANCE_INTERVAL.total_seconds())
+
+    async def maintain_history_once(self) -> None:
+        try:
+            report = await maintain_history(self.shared.target)
+        except (AcodeError, RecordFailure) as error:  # str(): the ACODE-DB code and message
+            self.metrics.history_maintenance.labels("error").inc()
+            self.log.warning("cannot maintain the version history", error=str(error))
+            return
+        self.metrics.history_maintenance.labels("ok").inc()
+        self.metrics.history_partitions.set(sum(p.start is not None for p in report.partitions))
+        self.metrics.history_outside_rows.set(report.outside_rows)
+        self.log.info(
+            "version history maintained",
+            created=len(report.created),
+            dropped=len(report.dropped),
+            partitions=len(report.partitions),
+            default_rows=report.outside_rows,
+        )
 
     async def _watchdog_loop(self, interval: float) -> None:
         """WATCHDOG=1 every half WATCHDOG_USEC unless the daemon itself is wedged: a

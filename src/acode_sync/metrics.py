@@ -156,6 +156,26 @@ class Metrics:
             "How often each workspace is verified (daemon.verify_interval_hours); 0: never.",
             registry=r,
         )
+        self.history_partitions = Gauge(
+            "acode_sync_history_partitions",
+            "Range partitions of the version history after this daemon's last maintenance "
+            "(postgres.keep_history); 0 until it maintained them.",
+            registry=r,
+        )
+        self.history_outside_rows = Gauge(
+            "acode_sync_history_default_rows",
+            "Versions in the history's DEFAULT partition (no range partition covers them) "
+            "after this daemon's last maintenance.",
+            registry=r,
+        )
+        self.history_maintenance = Counter(
+            "acode_sync_history_maintenance",
+            "Maintenance runs of the version history's partitions, by result: ok, error.",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "error"):
+            self.history_maintenance.labels(result)
         build = Gauge("acode_sync_build_info", "Build information.", ["version"], registry=r)
         build.labels(__version__).set(1)
         # The standard process_* (CPU, memory, open files, start time) and python_*

@@ -3,6 +3,8 @@
 The round statement (APPLY_ROUND_SQL) is assembled once, at import, from the blocks of
 sql/postgres/queries.sql (`incoming_entities` and `apply_entities` filled once per table
 from these constant specs, `round_keys`, `round_outcome`): no input ever reaches it.
+APPLY_ROUND_WITH_HISTORY_SQL is the same round that also appends the versions it writes
+to the version history (`append_history`, [postgres] keep_history).
 """
 
 from __future__ import annotations
@@ -114,6 +116,14 @@ class TableSpec:
             )
         )
 
+    def row_from_payload(self) -> str:
+        """The table's row (its columns, then `extra`) made from a payload exactly as the
+        round makes it, for a select from `d` (entity_id, session_id, version,
+        version_text, p): a version the history recorded, as a restore needs it."""
+        known = "{" + ",".join(c.name for c in self.columns) + "}"
+        values = (f"{self._value(c)} AS {c.name}" for c in self.columns)
+        return ", ".join([*values, f"d.p - '{known}'::text[] AS extra"])
+
 
 def _filled(sql: str) -> str:
     if _MARKER.search(sql):
@@ -212,7 +222,23 @@ ENTITY_TYPES: tuple[str, ...] = tuple(TABLES)
 FIRST_TABLE_ARGUMENT = 3
 
 
-def _round_sql() -> str:
+# With the version history on, one more argument after the tables': its retention.
+HISTORY_ARGUMENT = FIRST_TABLE_ARGUMENT + len(ENTITY_TYPES) * ARGUMENTS_PER_TABLE
+
+
+def _history_block(tables: list[TableSpec]) -> str:
+    sql = queries("postgres")
+    versions = "\nUNION ALL\n".join(
+        sql["history_versions"]
+        .replace("<entity_type>", spec.entity_type)
+        .replace("<t>", spec.table)
+        .replace("<retention>", f"${HISTORY_ARGUMENT}")
+        for spec in tables
+    )
+    return sql["append_history"].replace("<written_versions>", versions)
+
+
+def _round_sql(*, history: bool) -> str:
     sql = queries("postgres")
     tables = [TABLES[t] for t in ENTITY_TYPES]
     incoming = [
@@ -241,9 +267,12 @@ def _round_sql() -> str:
         for spec in tables
     )
     blocks = [*incoming, keys, *(spec.apply_block() for spec in tables)]
+    if history:
+        blocks.append(_history_block(tables))
     return _filled(
         "WITH " + ",\n".join(blocks) + "\n" + sql["round_outcome"].replace("<outcomes>", outcomes)
     )
 
 
-APPLY_ROUND_SQL: str = _round_sql()
+APPLY_ROUND_SQL: str = _round_sql(history=False)
+APPLY_ROUND_WITH_HISTORY_SQL: str = _round_sql(history=True)

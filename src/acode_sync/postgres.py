@@ -25,7 +25,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from itertools import accumulate
 from pathlib import Path
@@ -51,7 +51,12 @@ from acode_sync.migrations import (
     load_migrations,
     plan_migrations,
 )
-from acode_sync.pg_tables import APPLY_ROUND_SQL, ENTITY_TYPES, TABLES
+from acode_sync.pg_tables import (
+    APPLY_ROUND_SQL,
+    APPLY_ROUND_WITH_HISTORY_SQL,
+    ENTITY_TYPES,
+    TABLES,
+)
 from acode_sync.sql import queries
 
 DIALECT: Final = "postgres"
@@ -164,7 +169,7 @@ class BatchOutcome:
         self.conflicts += other.conflicts
 
 
-STATEMENT_CACHE_LIMIT: Final = max(64 * 1024, 2 * len(APPLY_ROUND_SQL))
+STATEMENT_CACHE_LIMIT: Final = max(64 * 1024, 2 * len(APPLY_ROUND_WITH_HISTORY_SQL))
 
 
 def lock_key(text: str) -> int:
@@ -367,6 +372,13 @@ class PostgresTarget:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._schema_ready = False
+        # With the version history on, the round that also appends to it, and its
+        # retention as the round's last argument.
+        self._round_sql = APPLY_ROUND_SQL
+        self._history_arguments: tuple[timedelta, ...] = ()
+        if settings.keep_history:
+            self._round_sql = APPLY_ROUND_WITH_HISTORY_SQL
+            self._history_arguments = (timedelta(days=settings.history_retention_days),)
 
     @property
     def description(self) -> str:
@@ -615,7 +627,9 @@ class PostgresTarget:
         outcome = BatchOutcome()
         by_key = {r.idempotency_key: r for r in plan.records}
         for arguments in plan.rounds:
-            rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, True, *arguments)
+            rows = await conn.fetch(
+                self._round_sql, origin_id, True, *arguments, *self._history_arguments
+            )
             self._collect(rows, by_key, outcome)
             held = [row["incoming_key"] for row in rows if row["outcome"] == "held"]
             if held:  # before the next round, which may hold later records of their entities
@@ -652,7 +666,9 @@ class PostgresTarget:
         outcome.duplicates += [r for r in known if r.idempotency_key in delivered]
         ties = [r for r in known if r.idempotency_key not in delivered]
         for arguments in _apply_rounds(ties):  # one round: one record per entity
-            rows = await conn.fetch(APPLY_ROUND_SQL, origin_id, False, *arguments)
+            rows = await conn.fetch(
+                self._round_sql, origin_id, False, *arguments, *self._history_arguments
+            )
             self._collect(rows, by_key, outcome)
 
     @staticmethod

@@ -11,6 +11,12 @@ same or a newer version is kept (skipped, with the reason), and so is a row whos
 the workspace lacks. Each restored row is read back and proven: the jsonb text of the
 payload it makes (its columns and its unknown keys) must hash to the `canonical_digest`
 PostgreSQL recorded when it applied that version (docs/cli.md#acode-db-restore).
+
+As of a time (`--as-of`), each entity's newest version at or before it is restored: the
+current row if it is that old, else the newest the version history holds
+(acode.entity_history, [postgres] keep_history), proved the same way. A time older than
+the history is refused; an entity that existed then but whose version then PostgreSQL
+no longer holds is reported, not restored.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import anyio.to_thread
 import asyncpg
 
 from acode_sync.config import PostgresSettings
+from acode_sync.domain import format_timestamp, parse_timestamp
 from acode_sync.errors import (
     AcodeError,
     BusyError,
@@ -36,6 +43,7 @@ from acode_sync.errors import (
     RecordRejectedError,
     SchemaMismatchError,
 )
+from acode_sync.history import HISTORY_MIGRATION, horizon, refuse_before_horizon
 from acode_sync.migrations import AppliedMigration, load_migrations, plan_migrations
 from acode_sync.pg_tables import TABLES, Kind, TableSpec
 from acode_sync.postgres import PostgresTarget
@@ -66,25 +74,46 @@ _WHERE: Final = {
     "sessions": "session_id = ANY($1::text[])",
     "origin": "origin_id = $1::text",
 }
+# As of a time, bound as $1: the selection's arguments come after it.
+_WHERE_AS_OF: Final = {
+    "all": "true",
+    "sessions": "session_id = ANY($2::text[])",
+    "origin": "origin_id = $2::text",
+}
 # The columns every entity table of this schema version needs (migration 0004).
 _REQUIRED_PG_VERSION: Final = 4
 
 
+def parse_as_of(text: str) -> str:
+    """An RFC 3339 time (any offset) as the canonical text of a version."""
+    try:
+        return format_timestamp(parse_timestamp(text))
+    except RecordRejectedError as error:
+        raise RecordRejectedError(
+            f"--as-of: {error.message}",
+            hint="Give an RFC 3339 time with its offset, such as 2026-01-15T10:30:00Z or "
+            "2026-01-15T11:30:00.250+01:00. Nothing was written.",
+        ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """What to restore: some sessions, one origin's rows, or (neither given) everything."""
+    """What to restore: some sessions, one origin's rows, or (neither given) everything;
+    as of a time (canonical text, see parse_as_of), or (None) the latest versions."""
 
     session_ids: tuple[str, ...] = ()
     origin: str | None = None
+    as_of: str | None = None
 
     @property
     def kind(self) -> str:
         return "sessions" if self.session_ids else "origin" if self.origin else "all"
 
     def arguments(self) -> tuple[Any, ...]:
+        first = () if self.as_of is None else (parse_timestamp(self.as_of),)
         if self.session_ids:
-            return (list(self.session_ids),)
-        return () if self.origin is None else (self.origin,)
+            return (*first, list(self.session_ids))
+        return first if self.origin is None else (*first, self.origin)
 
 
 def _pg_selected(spec: TableSpec, column_name: str) -> str:
@@ -103,6 +132,8 @@ class _TableStatements:
     columns: tuple[str, ...]  # the workspace row: the entity's columns, then extra
     json_columns: frozenset[str]
     select: Mapping[str, str]  # PostgreSQL, by selection kind
+    select_as_of: Mapping[str, str]  # the same, as of a time
+    unknown_as_of: Mapping[str, str]
     local_versions: str
     write: str
     read_back: str
@@ -135,6 +166,24 @@ def _statements(spec: TableSpec) -> _TableStatements:
             .replace("<t>", spec.table)
             .replace("<where>", where)
             for kind, where in _WHERE.items()
+        },
+        select_as_of={
+            kind: _PG["restore_entities_as_of"]
+            .replace("<selected>", selected)
+            .replace("<from_payload>", spec.row_from_payload())
+            .replace("<entity_type>", spec.entity_type)
+            .replace("<id_column>", spec.id_column)
+            .replace("<t>", spec.table)
+            .replace("<where>", where)
+            for kind, where in _WHERE_AS_OF.items()
+        },
+        unknown_as_of={
+            kind: _PG["restore_unknown_as_of"]
+            .replace("<entity_type>", spec.entity_type)
+            .replace("<id_column>", spec.id_column)
+            .replace("<t>", spec.table)
+            .replace("<where>", where)
+            for kind, where in _WHERE_AS_OF.items()
         },
         local_versions=local("restore_local_versions"),
         write=local(
@@ -243,6 +292,8 @@ class TableCounts:
     skipped_newer: int = 0
     skipped_same: int = 0
     skipped_orphan: int = 0
+    # As of a time: existed then, but PostgreSQL no longer holds its version then.
+    unknown_as_of: int = 0
 
     @property
     def skipped(self) -> int:
@@ -253,10 +304,12 @@ class TableCounts:
 class RestoreReport:
     workspace: Path
     origin_id: str
+    as_of: str | None = None
     tables: dict[str, TableCounts] = field(
         default_factory=lambda: {STATEMENTS[t].spec.table: TableCounts() for t in RESTORE_ORDER}
     )
     skipped_examples: list[str] = field(default_factory=list)
+    unknown_examples: list[str] = field(default_factory=list)
 
     def total(self, name: str) -> int:
         return sum(int(getattr(counts, name)) for counts in self.tables.values())
@@ -270,15 +323,18 @@ class RestoreReport:
         return {
             "workspace": str(self.workspace),
             "origin_id": self.origin_id,
+            "as_of": self.as_of,
             "tables": {
                 name: {f: getattr(c, f) for f in TableCounts.__slots__} | {"skipped": c.skipped}
                 for name, c in self.tables.items()
             },
             "skipped_examples": self.skipped_examples,
+            "unknown_examples": self.unknown_examples,
         }
 
     def lines(self) -> list[str]:
-        lines = [f"restored into {self.workspace} (its origin: {self.origin_id})"]
+        when = "" if self.as_of is None else f" as of {self.as_of}"
+        lines = [f"restored into {self.workspace}{when} (its origin: {self.origin_id})"]
         for name, c in self.tables.items():
             lines.append(
                 f"{name:<15} restored {c.restored:>8}  verified {c.verified:>8}  "
@@ -296,6 +352,13 @@ class RestoreReport:
                 f"{self.total('skipped_orphan')} whose parent the workspace lacks"
             )
             lines.extend(f"  {example}" for example in self.skipped_examples)
+        if self.total("unknown_as_of"):
+            lines.append(
+                f"not restored: {self.total('unknown_as_of')} that existed at {self.as_of} "
+                "but whose version then PostgreSQL no longer holds (the version history "
+                "began later, or its retention dropped it)"
+            )
+            lines.extend(f"  {example}" for example in self.unknown_examples)
         return lines
 
 
@@ -390,7 +453,7 @@ def _skip_reason(
     return None
 
 
-async def _check_schema(conn: asyncpg.Connection) -> None:
+async def _check_schema(conn: asyncpg.Connection, selection: Selection) -> None:
     if not await conn.fetchval(_PG["schema_exists"]):
         raise PostgresSchemaMismatchError(
             "PostgreSQL has no acode schema: there is nothing to restore from",
@@ -403,15 +466,21 @@ async def _check_schema(conn: asyncpg.Connection) -> None:
         pending = plan_migrations(applied, load_migrations("postgres"))
     except SchemaMismatchError as error:
         raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
-    if any(m.version <= _REQUIRED_PG_VERSION for m in pending):
+    required = _REQUIRED_PG_VERSION if selection.as_of is None else HISTORY_MIGRATION
+    if any(m.version <= required for m in pending):
+        what = "a restore" if selection.as_of is None else "a restore as of a time"
         raise PostgresSchemaMismatchError(
             f"the PostgreSQL schema is at version {max((a.version for a in applied), default=0)}; "
-            f"a restore needs version {_REQUIRED_PG_VERSION} or later",
+            f"{what} needs version {required} or later",
             hint="Run `acode db migrate --postgres`, then restore again. Nothing was written.",
         )
 
 
 async def _check_selection(conn: asyncpg.Connection, selection: Selection) -> None:
+    if selection.as_of is not None:
+        refuse_before_horizon(
+            selection.as_of, parse_timestamp(selection.as_of), await horizon(conn)
+        )
     if selection.session_ids:
         missing = await conn.fetchval(_PG["restore_missing_sessions"], list(selection.session_ids))
         if missing:
@@ -467,15 +536,18 @@ async def _restore(
 ) -> RestoreReport:
     selection = request.selection
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        await _check_schema(conn)
+        await _check_schema(conn, selection)
         await _check_selection(conn, selection)
         writer = await anyio.to_thread.run_sync(_WorkspaceWriter, request.workspace)
         try:
-            report = RestoreReport(request.workspace, writer.origin_id)
+            report = RestoreReport(request.workspace, writer.origin_id, selection.as_of)
             done = 0
             for entity_type in RESTORE_ORDER:
                 st = STATEMENTS[entity_type]
-                cursor = await conn.cursor(st.select[selection.kind], *selection.arguments())
+                if selection.as_of is not None:
+                    await _report_unknown(conn, st, selection, report)
+                select = (st.select if selection.as_of is None else st.select_as_of)[selection.kind]
+                cursor = await conn.cursor(select, *selection.arguments())
                 rows = await cursor.fetch(request.chunk_rows)
                 while rows:
                     # The next chunk is read from PostgreSQL while this one is written.
@@ -492,3 +564,17 @@ async def _restore(
         finally:
             await anyio.to_thread.run_sync(writer.close)
     return report
+
+
+async def _report_unknown(
+    conn: asyncpg.Connection, st: _TableStatements, selection: Selection, report: RestoreReport
+) -> None:
+    counts = report.tables[st.spec.table]
+    sql = st.unknown_as_of[selection.kind]
+    async for row in conn.cursor(sql, *selection.arguments()):
+        counts.unknown_as_of += 1
+        if len(report.unknown_examples) < MAX_SKIPPED_SHOWN:
+            report.unknown_examples.append(
+                f"{st.spec.entity_type} {row[0]}: its version at {selection.as_of} is not in the "
+                "history"
+            )

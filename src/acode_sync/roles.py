@@ -19,11 +19,11 @@ from acode_sync.sql import queries
 _Q = queries(DIALECT)
 
 # What a syncer does: read the schema's version, upsert entities, record keys (and forget
-# them: --repair, the DEFAULT partition's old ones), record conflicts, call
-# refuse_timestamp on a bad payload time and refuse_session_move on a moved entity, and,
-# with tenants enabled, let the guard trigger ask who holds an entity. Creating and
-# dropping partitions is DDL, for the schema's owner. The one list: `acode db grant`
-# grants it, check-config checks it.
+# them: --repair, the DEFAULT partition's old ones), record conflicts, append versions to
+# the history, call refuse_timestamp on a bad payload time and refuse_session_move on a
+# moved entity, and, with tenants enabled, let the guard trigger ask who holds an entity.
+# Creating and dropping partitions is DDL, for the schema's owner. The one list:
+# `acode db grant` grants it, check-config checks it.
 SYNCER_PRIVILEGES: Final = (
     ("schema", "acode", "USAGE"),
     ("table", "acode.schema_migrations", "SELECT"),
@@ -34,6 +34,8 @@ SYNCER_PRIVILEGES: Final = (
     ),
     *(("table", "acode.applied_keys", p) for p in ("SELECT", "INSERT", "DELETE")),
     *(("table", "acode.conflicts", p) for p in ("SELECT", "INSERT")),
+    # The version history (postgres.keep_history), appended to and read by a restore.
+    *(("table", "acode.entity_history", p) for p in ("SELECT", "INSERT")),
     ("function", "acode.refuse_timestamp(text, text, text)", "EXECUTE"),
     ("function", "acode.held_by_another_tenant(text, text, text, text)", "EXECUTE"),
     ("function", "acode.refuse_session_move(text, text, text)", "EXECUTE"),
@@ -41,7 +43,7 @@ SYNCER_PRIVILEGES: Final = (
 
 # Every table a tenant's rows live in; the entity tables also get the guard trigger.
 ENTITY_TABLES: Final = tuple(spec.table for spec in TABLES.values())
-TENANT_TABLES: Final = (*ENTITY_TABLES, "applied_keys", "conflicts")
+TENANT_TABLES: Final = (*ENTITY_TABLES, "applied_keys", "conflicts", "entity_history")
 
 
 def grant_statement(kind: str, name: str, privileges: str, role: str) -> str:

@@ -135,8 +135,8 @@ async def older_schema_with_syncer(pg_url: str, new_role: NewRole, version: int)
     role, dsn = await new_role()
     database = pg_url.rsplit("/", 1)[1]
     for statement in grant_statements(role, database) if version else ():
-        later = ("held_by_another_tenant", "refuse_session_move")
-        if not any(name in statement for name in later):  # added by migrations 5 and 6
+        later = ("held_by_another_tenant", "refuse_session_move", "entity_history")
+        if not any(name in statement for name in later):  # added by migrations 5, 6 and 8
             await admin(pg_url, statement)
     return role, dsn
 

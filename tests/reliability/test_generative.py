@@ -155,6 +155,7 @@ class Writer:
     workspace: Path
     origin: str
     dsn: str
+    keep_history: bool = False
     syncer: WorkspaceSyncer = field(init=False)
     last: dict[Entity, str] = field(default_factory=dict)
     targets: list[PostgresTarget] = field(default_factory=list)  # closed at the end
@@ -166,7 +167,12 @@ class Writer:
         """A new process: a new pool and a syncer with nothing in memory (the old pool is
         left as a dead process leaves its connections)."""
         target = PostgresTarget(
-            PostgresSettings(dsn=self.dsn, connect_timeout=2, statement_timeout=1)
+            PostgresSettings(
+                dsn=self.dsn,
+                connect_timeout=2,
+                statement_timeout=1,
+                keep_history=self.keep_history,
+            )
         )
         self.targets.append(target)
         self.syncer = WorkspaceSyncer(workspace=self.workspace, target=target, settings=SYNC)
@@ -659,8 +665,17 @@ def role_url(url: str, role: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
 
 
-async def simulate(seed: int, features: frozenset[str], steps: int, root: Path, pg_url: str) -> int:
-    """One seeded history, checked after every step; the number of records written."""
+async def simulate(
+    seed: int,
+    features: frozenset[str],
+    steps: int,
+    root: Path,
+    pg_url: str,
+    *,
+    keep_history: bool = False,
+) -> int:
+    """One seeded history, checked after every step; the number of records written. With
+    `keep_history`, the version history must hold exactly the writes PostgreSQL made."""
     admin_target = PostgresTarget(PostgresSettings(dsn=pg_url))
     try:
         await admin_target.ensure_schema()
@@ -682,9 +697,12 @@ async def simulate(seed: int, features: frozenset[str], steps: int, root: Path, 
                 (origin,) = conn.execute(
                     "SELECT value FROM workspace_meta WHERE key = 'origin_id'"
                 ).fetchone()
-            writers.append(Writer(f"w{n}", workspace, origin, proxy.dsn(role_url(pg_url, role))))
+            dsn = proxy.dsn(role_url(pg_url, role))
+            writers.append(Writer(f"w{n}", workspace, origin, dsn, keep_history))
         sim = Simulation(seed, features, writers, proxy, admin, pg_url, role)
         await sim.run(steps)
+        if keep_history:
+            await check_history(admin)
         return len(sim.model.versions)
     finally:
         for target in (t for writer in writers for t in writer.targets):
@@ -697,6 +715,26 @@ async def simulate(seed: int, features: frozenset[str], steps: int, root: Path, 
             await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
         finally:
             await conn.close()
+
+
+async def check_history(admin: asyncpg.Connection) -> None:
+    """Every version PostgreSQL wrote to an entity table (the audit trigger saw it) is in
+    the history once, and nothing else is."""
+    writes = {
+        (TYPE_OF_TABLE[r[0]], r[1], r[2], r[3])
+        for r in await admin.fetch(
+            f"SELECT entity_table, entity_id, idempotency_key, origin_id FROM {AUDIT_TABLE}"
+        )
+    }
+    kept = [
+        tuple(r)
+        for r in await admin.fetch(
+            "SELECT entity_type, entity_id, idempotency_key, origin_id FROM acode.entity_history"
+        )
+    ]
+    assert len(kept) == len(set(kept))
+    assert set(kept) == writes, (sorted(writes - set(kept))[:5], sorted(set(kept) - writes)[:5])
+    assert writes
 
 
 # A seed that passed found each of these to be zero (the checker fails on any other).
@@ -721,6 +759,16 @@ async def test_generated_histories_match_the_model(seed: int, tmp_path: Path, pg
         **PASSED,
         recovery_s=time.monotonic() - started,
     )
+
+
+@pytest.mark.parametrize("seed", seeds_from_environment()[:3])
+async def test_generated_histories_keep_every_written_version_once(
+    seed: int, tmp_path: Path, pg_url: str
+) -> None:
+    """The same histories with postgres.keep_history on (every feature the environment
+    asks for): the checker's invariants hold, and the version history is the writes."""
+    features = features_from(os.environ.get("ACODE_GEN_FEATURES", ""))
+    await simulate(seed, features, _steps(), tmp_path, pg_url, keep_history=True)
 
 
 # Steps and faults injected in this process, by kind.

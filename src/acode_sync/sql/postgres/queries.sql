@@ -156,7 +156,9 @@ recorded_keys AS (
                NOT j.wins
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
-           ) AS in_conflict
+           ) AS in_conflict,
+           -- A version written (and, with the history on, appended): its digest once.
+           CASE WHEN j.wins THEN sha256(convert_to(j.p::text, 'UTF8')) END AS canonical
     FROM <t>_judged AS j
 ),
 <t>_recorded AS (
@@ -181,7 +183,7 @@ recorded_keys AS (
     INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
                                 payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
-           d.digest, sha256(convert_to(d.p::text, 'UTF8'))
+           d.digest, d.canonical
     FROM <t>_decided AS d
     WHERE d.wins AND d.has_current
     ORDER BY d.entity_id COLLATE "C"
@@ -200,13 +202,33 @@ recorded_keys AS (
     INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
                                 payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
-           d.digest, sha256(convert_to(d.p::text, 'UTF8'))
+           d.digest, d.canonical
     FROM <t>_decided AS d
     WHERE NOT d.has_current
     ORDER BY d.entity_id COLLATE "C"
     ON CONFLICT (<key_columns>) DO NOTHING
     RETURNING t.<id_column> AS entity_id
 )
+
+-- With [postgres] keep_history on, the round also appends every version it writes (a
+-- record that wins: created, or updated over the version held) to the version history,
+-- in this same statement. <written_versions>: one SELECT per table from its decided
+-- records; the last argument is the history's retention, an interval: an older version
+-- would only be dropped with its partition, so it is not kept.
+-- name: append_history
+history_appended AS (
+    INSERT INTO acode.entity_history (entity_type, entity_id, session_id, version,
+                                      previous_version, origin_id, idempotency_key, payload,
+                                      payload_digest, canonical_digest)
+    <written_versions>
+    ON CONFLICT DO NOTHING
+)
+
+-- name: history_versions
+SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id), d.version,
+       d.current_updated_at, d.origin_id, d.idempotency_key, d.p, d.digest, d.canonical
+FROM <t>_decided AS d
+WHERE d.wins AND d.version >= now() - <retention>::interval
 
 -- name: round_outcome
 SELECT 'held' AS outcome, k.idempotency_key AS incoming_key, NULL::bigint AS conflict_id,
@@ -291,6 +313,47 @@ DELETE FROM acode.applied_keys WHERE idempotency_key = ANY($1::text[]);
 -- in canonical text, jsonb as its text), <where> one of the restore's three selections.
 -- name: restore_entities
 SELECT <selected>, canonical_digest FROM acode.<t> WHERE <where>;
+
+-- A restore as of a time ($1): per entity, the newest version at or before it. The current
+-- row if its version is (it is the newest of all), else the history's newest (last write
+-- wins: version, then origin) if the history also holds the version that replaced it
+-- (history_followed: nothing applied without the history in between), its payload made
+-- into the row as the round made it (<from_payload>; version_text is the payload's own
+-- updated_at, which the round checked against the key's). <where> is one of the
+-- restore's selections, numbered from $2.
+-- name: restore_entities_as_of
+SELECT <selected>, canonical_digest FROM acode.<t>
+WHERE updated_at <= $1::timestamptz AND <where>
+UNION ALL
+SELECT <selected>, canonical_digest FROM (
+    SELECT <from_payload>, d.canonical_digest, d.origin_id
+    FROM (
+        SELECT DISTINCT ON (h.entity_id) h.entity_id, h.session_id, h.version,
+               h.payload->>'updated_at' AS version_text, h.payload AS p, h.canonical_digest,
+               h.origin_id
+        FROM acode.entity_history AS h
+        WHERE h.entity_type = '<entity_type>' AND h.version <= $1::timestamptz
+        ORDER BY h.entity_id DESC, h.version DESC, h.origin_id DESC
+    ) AS d
+    WHERE NOT EXISTS (SELECT 1 FROM acode.<t> AS c
+                      WHERE c.<id_column> = d.entity_id AND c.updated_at <= $1::timestamptz)
+      AND acode.history_followed('<entity_type>', d.entity_id, d.version)
+) AS <t>
+WHERE <where>;
+
+-- The entities that existed at $1 (created by then) whose version then neither PostgreSQL
+-- nor its history holds: the history began later, dropped it, or lacks a version applied
+-- while it was off (the newest it holds before $1 is not followed by its successor). A
+-- restore as of $1 reports them.
+-- name: restore_unknown_as_of
+SELECT <id_column> FROM acode.<t> AS c
+WHERE c.updated_at > $1::timestamptz AND c.created_at <= $1::timestamptz AND <where>
+  AND NOT coalesce((SELECT acode.history_followed('<entity_type>', h.entity_id, h.version)
+                    FROM acode.entity_history AS h
+                    WHERE h.entity_type = '<entity_type>' AND h.entity_id = c.<id_column>
+                      AND h.version <= $1::timestamptz
+                    ORDER BY h.version DESC, h.origin_id DESC
+                    LIMIT 1), false);
 
 -- name: restore_missing_sessions
 SELECT array(SELECT unnest($1::text[]) EXCEPT
