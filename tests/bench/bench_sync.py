@@ -517,8 +517,9 @@ def not_processed(workspace: Path, up_to: int | None = None) -> int:
 # --------------------------------------------------------------------------- the baseline
 
 _NAIVE_KEY = (
-    "INSERT INTO applied_keys (idempotency_key, payload_digest, origin_id) "
-    "VALUES ($1, $2, $3) ON CONFLICT (idempotency_key) DO NOTHING"
+    "INSERT INTO applied_keys (session_id, idempotency_key, version, payload_digest, "
+    "origin_id) VALUES ($1, $2, right($2, 27)::timestamptz, $3, $4) "
+    "ON CONFLICT (idempotency_key, session_id, version) DO NOTHING"
 )
 
 
@@ -531,11 +532,12 @@ def naive_upsert_sql(spec: TableSpec) -> str:
     ]
     n = len(names)
     columns = [*names, "origin_id", "idempotency_key"]
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != spec.id_column)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in spec.key_columns)
     return (
         f"INSERT INTO {spec.table} AS t ({', '.join(columns)}) "
         f"VALUES ({', '.join(values)}, ${n + 1}, ${n + 2}) "
-        f"ON CONFLICT ({spec.id_column}) DO UPDATE SET {updates}, synced_at = now() "
+        f"ON CONFLICT ({', '.join(spec.key_columns)}) DO UPDATE SET {updates}, "
+        "synced_at = now() "
         "WHERE t.updated_at < excluded.updated_at"
     )
 
@@ -581,9 +583,10 @@ async def naive_relay(dsn: str, workspaces: Sequence[Path], concurrency: int) ->
             for outbox_id, key, entity_type, _entity_id, payload in pending:
                 spec = TABLES[entity_type]
                 digest = hashlib.sha256(payload.encode()).digest()
-                arguments = naive_arguments(spec, json.loads(payload))
+                row = json.loads(payload)
+                arguments = naive_arguments(spec, row)
                 async with pg.transaction():
-                    await pg.execute(_NAIVE_KEY, key, digest, origin)
+                    await pg.execute(_NAIVE_KEY, row["session_id"], key, digest, origin)
                     await pg.execute(statements[entity_type], *arguments, origin, key)
                 await anyio.to_thread.run_sync(mark, outbox_id)
                 relayed += 1
