@@ -514,7 +514,9 @@ class WorkspaceSyncer:
         for record in outcome.applied:
             self.log.debug("applied", idempotency_key=record.idempotency_key)
         for record in outcome.duplicates:
-            self.log.info("duplicate", idempotency_key=record.idempotency_key)
+            # At debug: a resend storm (a restored backup) would flood the log at info;
+            # the batch line, the summary line and the metric count them.
+            self.log.debug("duplicate", idempotency_key=record.idempotency_key)
         for c in outcome.conflicts:
             self.log.warning(
                 "conflict",

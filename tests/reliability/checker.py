@@ -260,20 +260,21 @@ def read_outbox(workspaces: Iterable[Path]) -> list[OutboxRow]:
 
 
 def count_resends(logs: Iterable[Path]) -> int:
-    """`duplicate` lines in the daemons' JSON logs: deliveries PostgreSQL already had."""
+    """Duplicates in the daemons' `sync summary` lines (info; the per-record `duplicate`
+    line is at debug): deliveries PostgreSQL already had."""
     count = 0
     for path in logs:
         if not path.exists():
             continue
         for line in path.read_text(errors="replace").splitlines():
-            if '"duplicate"' not in line:
+            if '"sync summary"' not in line:
                 continue
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and event.get("event") == "duplicate":
-                count += 1
+            if isinstance(event, dict) and event.get("event") == "sync summary":
+                count += int(event.get("duplicates", 0))
     return count
 
 

@@ -1,0 +1,50 @@
+"""Holes an operator meets on a bad day: a resend storm's log volume, a restore's tie,
+a flush behind a daemon's backoff, a repair judged a conflict. Real SQLite files and a
+real PostgreSQL; each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from acode_sync.config import PostgresSettings, SyncSettings
+from acode_sync.domain import Session
+from acode_sync.log import configure_logging
+from acode_sync.postgres import PostgresTarget
+from acode_sync.store import WorkspaceDatabase
+from acode_sync.sync import WorkspaceSyncer
+from tests.records import run_sql
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+def events(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+async def test_a_resend_storm_logs_its_duplicates_at_debug_and_counts_them(
+    workspace: Path, pg_url: str
+) -> None:
+    db = WorkspaceDatabase(workspace)
+    for _ in range(5):
+        db.save(Session())
+    db.close()
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        syncer = WorkspaceSyncer(workspace=workspace, target=target, settings=SyncSettings())
+        assert (await syncer.drain()).applied == 5
+        for level, shown in (("info", []), ("debug", ["duplicate"] * 5)):
+            run_sql(workspace, "UPDATE outbox SET state = 'pending', processed_at = NULL")
+            stream = io.StringIO()
+            configure_logging(level=level, json_lines=True, stream=stream)
+            resent = WorkspaceSyncer(workspace=workspace, target=target, settings=SyncSettings())
+            summary = await resent.drain()
+            assert (summary.applied, summary.duplicates) == (0, 5)
+            logged = [e for e in events(stream) if e["event"] == "duplicate"]
+            assert [e["event"] for e in logged] == shown
+            assert all(e["level"] == "debug" and e["idempotency_key"] for e in logged)
+    finally:
+        await target.close()
