@@ -14,11 +14,14 @@ from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session
 from acode_sync.log import configure_logging
 from acode_sync.postgres import PostgresTarget
-from acode_sync.store import WorkspaceDatabase
+from acode_sync.restore import RestoreRequest, Selection, restore
+from acode_sync.store import WorkspaceDatabase, WorkspaceStore
 from acode_sync.sync import WorkspaceSyncer
+from tests.integration.test_restore import settings, ship
 from tests.records import run_sql
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+__all__ = ["settings"]  # a fixture, used by name
 
 
 def events(stream: io.StringIO) -> list[dict[str, object]]:
@@ -48,3 +51,30 @@ async def test_a_resend_storm_logs_its_duplicates_at_debug_and_counts_them(
             assert all(e["level"] == "debug" and e["idempotency_key"] for e in logged)
     finally:
         await target.close()
+
+
+async def test_a_restore_tie_with_other_content_is_reported_apart_and_kept(
+    store: WorkspaceStore, settings: PostgresSettings
+) -> None:
+    # The store spells the JSON its own way (insertion order), PostgreSQL as jsonb: equal
+    # values, other text. Only the edited title is a difference.
+    edited = await store.save(Session(title="central title", metadata={"tool": "x", "args": [1]}))
+    same = await store.save(Session(title="untouched", metadata={"tool": "y", "args": [2.5]}))
+    workspace = store.path.parent.parent
+    await ship(workspace, settings)
+    run_sql(
+        workspace,
+        "UPDATE sessions SET title = 'edited locally' WHERE session_id = ?",
+        (edited.session_id,),
+    )
+
+    report = await restore(settings, RestoreRequest(workspace, Selection()))
+
+    counts = report.tables["sessions"]
+    assert (counts.skipped_same, counts.skipped_differs, counts.restored) == (1, 1, 0)
+    assert report.as_dict()["tables"]["sessions"]["skipped_differs"] == 1
+    (why,) = [line for line in report.skipped_examples if edited.session_id in line]
+    assert "with other content than PostgreSQL's" in why
+    assert "1 at that version locally with other content" in "\n".join(report.lines())
+    titles = dict(run_sql(workspace, "SELECT session_id, title FROM sessions"))
+    assert titles == {edited.session_id: "edited locally", same.session_id: "untouched"}
