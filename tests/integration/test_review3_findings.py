@@ -8,8 +8,12 @@ import io
 import json
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
+import asyncpg
 import pytest
 
+from acode_sync import cli
 from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session
 from acode_sync.log import configure_logging
@@ -17,6 +21,7 @@ from acode_sync.postgres import PostgresTarget
 from acode_sync.restore import RestoreRequest, Selection, restore
 from acode_sync.store import WorkspaceDatabase, WorkspaceStore
 from acode_sync.sync import WorkspaceSyncer
+from acode_sync.verify import Kind, Verifier
 from tests.integration.test_restore import settings, ship
 from tests.records import run_sql
 
@@ -78,3 +83,57 @@ async def test_a_restore_tie_with_other_content_is_reported_apart_and_kept(
     assert "1 at that version locally with other content" in "\n".join(report.lines())
     titles = dict(run_sql(workspace, "SELECT session_id, title FROM sessions"))
     assert titles == {edited.session_id: "edited locally", same.session_id: "untouched"}
+
+
+async def test_repairing_a_stale_row_ships_without_a_conflict(
+    store: WorkspaceStore,
+    settings: PostgresSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """PostgreSQL restored from a backup taken after v1: it holds v1, the workspace v3 (whose
+    kept record is based on v2). The repaired v3 replaces v1 as a plain update."""
+    v1 = await store.save(Session(title="v1"))
+    workspace = store.path.parent.parent
+    await ship(workspace, settings)
+    await store.save(Session(session_id=v1.session_id, title="v2"))
+    v3 = await store.save(Session(session_id=v1.session_id, title="v3"))
+    await ship(workspace, settings)
+    conn = await asyncpg.connect(settings.connect_dsn())
+    try:
+        await conn.execute(
+            "UPDATE acode.sessions SET updated_at = $2::text::timestamptz, title = 'v1', "
+            "idempotency_key = 'Session:' || session_id || ':' || $2 WHERE session_id = $1",
+            v1.session_id,
+            v1.updated_at,
+        )
+        await conn.execute(  # the backup predates the later versions' keys too
+            "DELETE FROM acode.applied_keys WHERE idempotency_key LIKE 'Session:' || $1 || ':%' "
+            "AND idempotency_key <> 'Session:' || $1 || ':' || $2",
+            v1.session_id,
+            v1.updated_at,
+        )
+    finally:
+        await conn.close()
+    target = PostgresTarget(settings)
+    try:
+        found = await Verifier(workspace=workspace, target=target).run(repair=True)
+        assert [(d.kind, d.central_version) for d in found.problems] == [
+            (Kind.STALE, v1.updated_at)
+        ]
+        assert found.queued == 1
+        await ship(workspace, settings)  # asserts no conflict in the drain's summary
+        assert (await Verifier(workspace=workspace, target=target).run()).ok
+    finally:
+        await target.close()
+    monkeypatch.setenv("ACODE_POSTGRES_URL", settings.dsn)
+    capsys.readouterr()  # the drains' log lines
+    listed = ["db", "conflicts", "list", "--json"]
+    assert await anyio.to_thread.run_sync(cli.main, listed) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    rows = run_sql(
+        workspace,
+        "SELECT base_updated_at FROM outbox WHERE idempotency_key = ?",
+        (f"Session:{v3.session_id}:{v3.updated_at}",),
+    )
+    assert rows == [(v1.updated_at,)]
