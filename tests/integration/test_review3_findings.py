@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from pathlib import Path
 
 import anyio
@@ -22,6 +23,7 @@ from acode_sync.restore import RestoreRequest, Selection, restore
 from acode_sync.store import WorkspaceDatabase, WorkspaceStore
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.verify import Kind, Verifier
+from acode_sync.workspace import database_path
 from tests.integration.test_restore import settings, ship
 from tests.records import run_sql
 
@@ -137,3 +139,46 @@ async def test_repairing_a_stale_row_ships_without_a_conflict(
         (f"Session:{v3.session_id}:{v3.updated_at}",),
     )
     assert rows == [(v1.updated_at,)]
+
+
+def put_backup_in_place(source: Path, workspace: Path, backup: Path) -> None:
+    """operations.md's restore of a backup: an online backup, the stale -wal and -shm
+    removed, the copy renamed over the database."""
+    original, copy = sqlite3.connect(database_path(source)), sqlite3.connect(backup)
+    original.backup(copy)
+    original.close()
+    copy.close()
+    backup.chmod(0o600)
+    for side in ("-wal", "-shm"):
+        Path(f"{database_path(workspace)}{side}").unlink(missing_ok=True)
+    backup.replace(database_path(workspace))
+
+
+async def test_a_database_replaced_under_a_kept_connection_is_reopened(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A backup put in place while the daemon runs (its -wal and -shm removed, as
+    operations.md says): the worker's kept connection still read the old file, so the new
+    one's records waited as long as the workspace stayed busy."""
+    workspace, other = tmp_path / "ws", tmp_path / "other"
+    for path in (workspace, other):
+        path.mkdir()
+        db = WorkspaceDatabase(path)
+        db.save(Session(title=path.name))
+        db.close()
+    stream = io.StringIO()
+    configure_logging(level="info", json_lines=True, stream=stream)
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        syncer = WorkspaceSyncer(workspace=workspace, target=target, settings=SyncSettings())
+        assert (await syncer.drain(keep_open=True)).applied == 1
+        put_backup_in_place(other, workspace, tmp_path / "backup.db")
+        db = WorkspaceDatabase(workspace)
+        db.save(Session(title="after the backup was put in place"))
+        db.close()
+        assert (await syncer.drain(keep_open=True)).applied == 2
+        await syncer.release()
+    finally:
+        await target.close()
+    assert [e["event"] for e in events(stream)] == ["workspace database replaced: reopening it"]
+    assert run_sql(workspace, "SELECT count(*) FROM outbox WHERE state = 'pending'") == [(0,)]
