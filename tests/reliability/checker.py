@@ -260,21 +260,21 @@ def read_outbox(workspaces: Iterable[Path]) -> list[OutboxRow]:
 
 
 def count_resends(logs: Iterable[Path]) -> int:
-    """Duplicates in the daemons' `sync summary` lines (info; the per-record `duplicate`
-    line is at debug): deliveries PostgreSQL already had."""
+    """`duplicate` lines in the daemons' JSON logs (at debug, as the rig runs them):
+    deliveries PostgreSQL already had."""
     count = 0
     for path in logs:
         if not path.exists():
             continue
         for line in path.read_text(errors="replace").splitlines():
-            if '"sync summary"' not in line:
+            if '"duplicate"' not in line:
                 continue
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and event.get("event") == "sync summary":
-                count += int(event.get("duplicates", 0))
+            if isinstance(event, dict) and event.get("event") == "duplicate":
+                count += 1
     return count
 
 
