@@ -442,8 +442,28 @@ LOG_FORMATS: Final = ("auto", "json", "console")
 def _parse_postgres(raw: Mapping[str, Any]) -> PostgresSettings:
     settings: PostgresSettings = _parse_section(raw, "postgres", PostgresSettings)
     dsn, password = split_password(settings.dsn)
+    _check_one_password(
+        {
+            "a password in postgres.dsn": password,
+            "postgres.password": settings.password,
+            "postgres.password_file": settings.password_file,
+        }
+    )
     settings = replace(settings, dsn=dsn, password=settings.password or password)
     return _check_postgres(settings, "postgres.dsn")
+
+
+def _check_one_password(sources: Mapping[str, object]) -> None:
+    """The file may give the password one way only: which one would win is not obvious,
+    and a rotated password written where it is ignored would go unnoticed."""
+    given = [name for name, value in sources.items() if value is not None]
+    if len(given) > 1:
+        raise ConfigError(
+            f"[postgres] gives the password more than once: {' and '.join(given)}",
+            hint="Keep one of them (postgres.password_file keeps the password out of this "
+            "file) and remove the others; the environment's ACODE_POSTGRES_PASSWORD(_FILE) "
+            "still overrides it.",
+        )
 
 
 def _expanded(text: str, key: str) -> Path:

@@ -68,8 +68,7 @@ def _listener(config: Config) -> tuple[bool, str, int]:
     return metrics.enabled, metrics.address, metrics.port
 
 
-def configure_daemon_logging(config: Config) -> None:
-    password = config.postgres.resolved_password()
+def configure_daemon_logging(config: Config, password: str | None) -> None:
     log_format = config.daemon.log_format
     configure_logging(
         level=config.daemon.log_level,
@@ -86,8 +85,12 @@ class Daemon:
         config_path: Path | None,
         environ: Mapping[str, str],
         cwd: Path,
+        password: str | None = None,
     ) -> None:
         self.config = config
+        # What the pool authenticates with: a password file rewritten in place leaves the
+        # settings equal, so a reload compares this too.
+        self._password = password
         self.config_path = config_path
         # Fixed for the process's life: the directory it holds the lock of.
         self.state_dir = state_dir(config.daemon, environ, config_path)
@@ -233,7 +236,7 @@ class Daemon:
         self.log.info("reloading configuration", path=str(self.config_path or "(defaults)"))
         try:
             new = await anyio.to_thread.run_sync(load_config, self.config_path, self.environ)
-            await anyio.to_thread.run_sync(new.postgres.resolved_password)  # file readable?
+            password = await anyio.to_thread.run_sync(new.postgres.resolved_password)
             metrics_server = self._metrics_server
             if _listener(new) != _listener(self.config):
                 metrics_server = await self._start_metrics(new)
@@ -247,20 +250,24 @@ class Daemon:
             )
             self.notifier.ready(self.status_line())
             return
-        self._apply(new, metrics_server)
+        self._apply(new, password, metrics_server)
         await self._rescan()
         self.metrics.reloads.labels("success").inc()
         self._record_reload(None)
         self.log.info("configuration reloaded", workspaces=len(self.workers))
         self.notifier.ready(self.status_line())
 
-    def _apply(self, new: Config, metrics_server: MetricsServer | None) -> None:
+    def _apply(
+        self, new: Config, password: str | None, metrics_server: MetricsServer | None
+    ) -> None:
         old = self.config
         if metrics_server is not self._metrics_server and self._metrics_server is not None:
             self._metrics_server.close()
         self._metrics_server = metrics_server
         target = self.shared.target
-        if new.postgres != old.postgres:
+        if new.postgres != old.postgres or password != self._password:
+            if new.postgres == old.postgres:
+                self.log.info("postgres password changed: new connections use the new one")
             retired, target = target, PostgresTarget(new.postgres)
             assert self._services is not None
             self._services.start_soon(retired.close)  # after its in-flight batches
@@ -269,7 +276,8 @@ class Daemon:
         for worker in self.workers.values():
             worker.update(self.shared)
         self.config = new
-        configure_daemon_logging(new)
+        self._password = password
+        configure_daemon_logging(new, password)
         if new.postgres.keep_history and not old.postgres.keep_history:
             assert self._services is not None
             self._services.start_soon(self.maintain_history_once)  # not a day later
@@ -604,10 +612,15 @@ class Daemon:
 
 def run_daemon(config_path: Path | None) -> int:
     config = load_config(config_path, os.environ)
-    configure_daemon_logging(config)
+    password = config.postgres.resolved_password()
+    configure_daemon_logging(config, password)
     tune_interpreter()
     daemon = Daemon(
-        config, config_path=config_path or config.source, environ=os.environ, cwd=Path.cwd()
+        config,
+        config_path=config_path or config.source,
+        environ=os.environ,
+        cwd=Path.cwd(),
+        password=password,
     )
     lock = hold_state_dir(daemon.state_dir)
     try:

@@ -19,6 +19,7 @@ import anyio.to_thread
 
 from acode_sync.config import SyncSettings
 from acode_sync.errors import (
+    AcodeError,
     BusyError,
     PostgresUnavailableError,
     RecordRejectedError,
@@ -77,9 +78,11 @@ async def flush(
 ) -> FlushResult:
     """Return once every outbox record committed before the call is in PostgreSQL.
 
-    Raises RecordRejectedError (ACODE-DB-006) if one of them is a dead letter; on timeout,
-    PostgresUnavailableError (ACODE-DB-005) if PostgreSQL could not be reached, else
-    BusyError (ACODE-DB-004); both name the number of records still pending."""
+    Raises RecordRejectedError (ACODE-DB-006) if one of them is a dead letter. On timeout,
+    naming the number still pending: PostgresUnavailableError (ACODE-DB-005) if PostgreSQL
+    could not be reached (by this command, or by the syncer holding the lock),
+    RecordRejectedError if they wait for a retry after PostgreSQL refused them, else
+    BusyError (ACODE-DB-004)."""
     started = anyio.current_time()
     deadline = started + max_wait
     progress = await anyio.to_thread.run_sync(_Progress, workspace)
@@ -87,7 +90,7 @@ async def flush(
         workspace=workspace, target=target, settings=settings or SyncSettings()
     )
     shipped_here = False
-    outage: PostgresUnavailableError | None = None
+    stalled = _Stall()  # this command shipping; a drain cut off by the deadline keeps it
     try:
         through = await anyio.to_thread.run_sync(progress.last_id)
         while True:
@@ -102,28 +105,52 @@ async def flush(
             if not pending:
                 return FlushResult(through, shipped_here, anyio.current_time() - started)
             if anyio.current_time() >= deadline:
-                raise _timed_out(max_wait, pending, outage)
+                raise await stalled.error(target, max_wait, pending)
             with anyio.move_on_after(deadline - anyio.current_time()):
                 try:
                     await syncer.drain()
-                    shipped_here, outage = True, None
+                    shipped_here = True
+                    stalled = _Stall(next_retry=syncer.summary.next_retry_at)
                 except BusyError:
-                    outage = None  # another syncer (the daemon) is shipping: wait for it
+                    stalled = _Stall(busy=True)  # another syncer (the daemon): wait for it
                 except PostgresUnavailableError as error:
-                    outage = error
+                    stalled = _Stall(outage=error)
             await anyio.sleep(min(poll, max(0.0, deadline - anyio.current_time())))
     finally:
         await anyio.to_thread.run_sync(progress.close)
 
 
-def _timed_out(
-    timeout: float, pending: int, outage: PostgresUnavailableError | None
-) -> BusyError | PostgresUnavailableError:
-    waited = f"flush timed out after {timeout:g} s: {pending} record(s) still pending"
-    if outage is not None:
-        return PostgresUnavailableError(f"{waited}; {outage.message}")
-    return BusyError(
-        f"{waited}; the syncer holding the workspace has not shipped them yet",
-        hint="The records stay queued and ship later. Check the daemon "
-        "(`acode db status`) and flush again with a longer --timeout.",
-    )
+@dataclass(frozen=True, slots=True)
+class _Stall:
+    """What held the records back at the last try: the timeout's error says it."""
+
+    busy: bool = False  # another syncer held the sync lock
+    outage: PostgresUnavailableError | None = None
+    next_retry: str | None = None  # shipped what it could; the rest wait for their retry
+
+    async def error(self, target: PostgresTarget, waited_for: float, pending: int) -> AcodeError:
+        waited = f"flush timed out after {waited_for:g} s: {pending} record(s) still pending"
+        if self.outage is not None:
+            return PostgresUnavailableError(f"{waited}; {self.outage.message}")
+        if self.busy and not await target.probe():
+            # A syncer waits for PostgreSQL inside its turn (connecting, a failover)
+            # while holding the lock; between turns it waits without it.
+            return PostgresUnavailableError(
+                f"{waited}; another syncer (the daemon?) holds the workspace's sync lock and "
+                f"is waiting for PostgreSQL at {target.description}, which does not answer",
+                hint="The records stay queued and ship once PostgreSQL answers; "
+                "`acode db status` shows the daemon's view. Flush again then.",
+            )
+        if self.busy or self.next_retry is None:
+            holder = "another syncer (the daemon?) holds the workspace's sync lock and is"
+            return BusyError(
+                f"{waited}; {holder if self.busy else 'this command was'} still shipping them",
+                hint="The records stay queued and ship later. Check the daemon "
+                "(`acode db status`) and flush again with a longer --timeout.",
+            )
+        return RecordRejectedError(
+            f"{waited}; they wait behind records PostgreSQL refused, retried with a backoff "
+            f"(the next attempt at {self.next_retry})",
+            hint="See the failures with `acode db outbox list --failed`; they are retried by "
+            "themselves. Fix the cause, or flush again with a longer --timeout.",
+        )

@@ -291,13 +291,14 @@ class TableCounts:
     no_digest: int = 0  # restored; PostgreSQL recorded none (applied before migration 0004)
     skipped_newer: int = 0
     skipped_same: int = 0
+    skipped_differs: int = 0  # the same version locally, with other content: kept
     skipped_orphan: int = 0
     # As of a time: existed then, but PostgreSQL no longer holds its version then.
     unknown_as_of: int = 0
 
     @property
     def skipped(self) -> int:
-        return self.skipped_newer + self.skipped_same + self.skipped_orphan
+        return self.skipped_newer + self.skipped_same + self.skipped_differs + self.skipped_orphan
 
 
 @dataclass
@@ -349,6 +350,7 @@ class RestoreReport:
             lines.append(
                 f"skipped: {self.total('skipped_newer')} with a newer local version, "
                 f"{self.total('skipped_same')} already at that version locally, "
+                f"{self.total('skipped_differs')} at that version locally with other content, "
                 f"{self.total('skipped_orphan')} whose parent the workspace lacks"
             )
             lines.extend(f"  {example}" for example in self.skipped_examples)
@@ -404,6 +406,18 @@ class _WorkspaceWriter:
         sql = _PRESENT_IDS[table, id_column]
         return {row[0] for row in self.conn.execute(sql, (json.dumps(sorted(ids)),))}
 
+    def _differing(self, st: _TableStatements, central: Mapping[str, asyncpg.Record]) -> set[str]:
+        """The ids whose local row, at the central version, holds other content: both rows
+        hashed the same way, so spellings of equal JSON do not count as a difference."""
+        if not central:
+            return set()
+        return {
+            local[0]
+            for local in self.conn.execute(st.read_back, (json.dumps(list(central)),))
+            if canonical_digest(st.columns, local, st.json_columns)
+            != canonical_digest(st.columns, tuple(central[local[0]])[:-1], st.json_columns)
+        }
+
     def _write_chunk(
         self, st: _TableStatements, rows: Sequence[asyncpg.Record], report: RestoreReport
     ) -> None:
@@ -416,9 +430,11 @@ class _WorkspaceWriter:
             column: self._ids_present(parent, parent_id, {r[column] for r in rows} - {None})
             for column, (parent, parent_id) in PARENTS[spec.table].items()
         }
+        tied = [i for i, row in rows_by_id.items() if local.get(i) == row["updated_at"]]
+        differs = self._differing(st, {i: rows_by_id[i] for i in tied})
         chosen: dict[str, asyncpg.Record] = {}
         for entity_id, row in rows_by_id.items():
-            skipped = _skip_reason(row, local.get(entity_id), present)
+            skipped = _skip_reason(row, local.get(entity_id), present, entity_id in differs)
             if skipped is None:
                 chosen[entity_id] = row
             else:
@@ -439,12 +455,21 @@ class _WorkspaceWriter:
 
 
 def _skip_reason(
-    row: asyncpg.Record, local_version: str | None, present: Mapping[str, set[str]]
+    row: asyncpg.Record,
+    local_version: str | None,
+    present: Mapping[str, set[str]],
+    differs: bool,
 ) -> tuple[str, str] | None:
     """Why a row read from PostgreSQL is not written (None: it is)."""
     version = row["updated_at"]
     if local_version is not None and local_version > version:
         return "skipped_newer", f"the local version {local_version} is newer than {version}"
+    if local_version == version and differs:
+        return (
+            "skipped_differs",
+            f"at version {version} locally too, but with other content than PostgreSQL's "
+            "(the local row is kept)",
+        )
     if local_version == version:
         return "skipped_same", f"already at version {version} locally"
     for column, ids in present.items():

@@ -58,6 +58,7 @@ from acode_sync.retry import RecordRetryPolicy
 from acode_sync.workspace import (
     AGENT_DIR,
     FILE_MODE,
+    DatabaseId,
     check_workspace_files,
     database_path,
     open_in_agent_dir,
@@ -235,13 +236,14 @@ class SyncLock:
         self.workspace = workspace
         self.path = workspace / AGENT_DIR / LOCK_NAME
         self._fd: int | None = None
+        self.database_id: DatabaseId | None = None  # the database file checked with the lock
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
     def try_acquire(self) -> bool:
-        check_workspace_files(self.workspace)
+        self.database_id = check_workspace_files(self.workspace)
         fd = open_in_agent_dir(self.workspace, LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -272,6 +274,7 @@ class WorkspaceSyncer:
         self.log = get_logger(workspace=str(self.workspace))
         self._strikes: dict[int, int] = {}
         self._open: Outbox | None = None
+        self._open_id: DatabaseId | None = None  # the database file `_open` reads
         self.summary = SyncSummary()  # the current (or last) drain's, even if it failed
         self._maintained_at = -math.inf
 
@@ -305,8 +308,13 @@ class WorkspaceSyncer:
                 hint="Wait for it, or stop it first; it ships the same records.",
             )
         self.summary = SyncSummary()
+        if self._open is not None and self._open_id != lock.database_id:
+            # Replaced under a kept connection (a backup put in place): that connection
+            # still reads the old file.
+            self.log.info("workspace database replaced: reopening it")
+            await self.release()
         try:
-            outbox = await self._outbox()
+            outbox = await self._outbox(lock.database_id)
             return await self._drain(outbox, max_batches, stop)
         except AcodeError:
             await self.release()  # the connection may be what is broken
@@ -316,15 +324,21 @@ class WorkspaceSyncer:
             if not keep_open:
                 await self.release()
 
-    async def _outbox(self) -> Outbox:
+    async def _outbox(self, database_id: DatabaseId | None = None) -> Outbox:
         """The syncer's connection to the workspace, opened on demand; kept between turns
         while the workspace is busy, closed by release() when it goes idle."""
         if self._open is None:
-            self._open = await anyio.to_thread.run_sync(
-                lambda: Outbox(
+
+            def open_outbox() -> tuple[DatabaseId, Outbox]:
+                checked = database_id or check_workspace_files(self.workspace)
+                outbox = Outbox(
                     self.workspace, busy_timeout=self.settings.busy_timeout, clock=self.clock
                 )
-            )
+                return checked, outbox
+
+            self._open_id, opened = await anyio.to_thread.run_sync(open_outbox)
+            self._open = opened
+            return opened
         return self._open
 
     async def release(self) -> None:
@@ -514,7 +528,9 @@ class WorkspaceSyncer:
         for record in outcome.applied:
             self.log.debug("applied", idempotency_key=record.idempotency_key)
         for record in outcome.duplicates:
-            self.log.info("duplicate", idempotency_key=record.idempotency_key)
+            # At debug: a resend storm (a restored backup) would flood the log at info;
+            # the batch line, the summary line and the metric count them.
+            self.log.debug("duplicate", idempotency_key=record.idempotency_key)
         for c in outcome.conflicts:
             self.log.warning(
                 "conflict",

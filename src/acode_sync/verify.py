@@ -394,15 +394,19 @@ class Verifier:
                 if version != difference.local_version:
                     continue
                 key = idempotency_key(difference.entity_type, difference.entity_id, version)
+                # Based on what PostgreSQL holds, not on the version the save replaced:
+                # PostgreSQL merely lacks the versions in between (a restored backup), which
+                # must not make the repair a conflict.
+                base = difference.central_version
                 kept = conn.execute(_Q["record_by_key"], (key,)).fetchone()
                 if kept is not None:
-                    conn.execute(_Q["requeue_record"], (kept[0],))
+                    conn.execute(_Q["requeue_record"], (base, kept[0]))
                 else:
                     session_id = row[reads.columns.index("session_id")]
                     conn.execute(
                         _Q["insert_outbox"],
                         (key, difference.entity_type, difference.entity_id, session_id,
-                         reads.payload(row, values[len(reads.columns)]).decode(), None, now),
+                         reads.payload(row, values[len(reads.columns)]).decode(), base, now),
                     )  # fmt: skip
                 queued += 1
         return queued

@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import sqlite3
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -95,15 +97,60 @@ _OCTAL_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
 def mount_points(mountinfo: Path = MOUNTINFO) -> frozenset[str]:
     """Every mount point of this process (Linux); empty where /proc is not there."""
     try:
-        lines = mountinfo.read_text().splitlines()
+        return _parse_mount_points(mountinfo.read_text())
     except OSError:
         return frozenset()
+
+
+def _parse_mount_points(text: str) -> frozenset[str]:
     # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
     return frozenset(
         _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4])
-        for line in lines
+        for line in text.splitlines()
         if len(fields := line.split(" ")) > 4
     )
+
+
+# The end of a database's real path: `.agent/` and the database are never links.
+_DATABASE_SUFFIX: Final = f"/{AGENT_DIR}/{DATABASE_NAME}"
+
+
+class MountTable:
+    """The mount points that may be a workspace database, read again only when the mount
+    table changed: a descriptor of /proc/self/mountinfo polls POLLPRI once after each mount
+    or unmount (proc(5)). Every sync turn checks its workspace's files; this spares it
+    reading and parsing the whole table each time."""
+
+    def __init__(self, path: Path = MOUNTINFO) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._poller = select.poll()
+        self._databases: frozenset[str] = frozenset()
+
+    def databases(self) -> frozenset[str]:
+        with self._lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return frozenset()  # no /proc: no mount points known, as before
+                self._poller.register(self._fd, select.POLLPRI)
+                self._read(self._fd)
+            elif self._poller.poll(0):  # polled before reading: no change slips between
+                self._read(self._fd)
+            return self._databases
+
+    def _read(self, fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        points = _parse_mount_points(b"".join(chunks).decode(errors="surrogateescape"))
+        self._databases = frozenset(p for p in points if p.endswith(_DATABASE_SUFFIX))
+
+
+MOUNTS: Final = MountTable()
 
 
 def _lstat(path: Path) -> os.stat_result | None:
@@ -151,7 +198,7 @@ def check_workspace_files(workspace: Path, *, mounts: frozenset[str] | None = No
         if side is not None and not stat.S_ISREG(side.st_mode):
             kind = "a symbolic link" if stat.S_ISLNK(side.st_mode) else "not a regular file"
             raise refused(f"{agent / name} is {kind}")
-    mounts = mount_points() if mounts is None else mounts
+    mounts = MOUNTS.databases() if mounts is None else mounts
     if mounts and os.path.realpath(database) in mounts:
         raise refused(f"{database} is a mount point (a second name)")
     return info.st_dev, info.st_ino
@@ -442,7 +489,7 @@ def open_workspace(
                 f"no workspace database at {path}",
                 hint="Run `acode db migrate` in the workspace to create it.",
             )
-        mounts = mount_points()
+        mounts = MOUNTS.databases()
         checked = check_workspace_files(workspace, mounts=mounts)
         conn = _connect(path, options)
         try:

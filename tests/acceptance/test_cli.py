@@ -15,6 +15,7 @@ from acode_sync.domain import Session
 from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.workspace import DIALECT, database_path
+from tests.daemon_harness import render_toml
 from tests.integration.test_outbox_migration import version_1_workspace
 
 LATEST = latest_version(load_migrations(DIALECT))
@@ -218,3 +219,33 @@ def test_check_config_shows_that_a_password_file_is_set_never_its_content(
         assert shown["password"] == "******** (from password_file)"
         assert shown["password_file"] == str(password_file)
         assert secret not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("postgres", "named"),
+    [
+        (
+            {"dsn": "postgresql://u:dsn-pw-5521@db/acode", "password": "toml-pw-5521"},
+            "a password in postgres.dsn and postgres.password",
+        ),
+        (
+            {"dsn": "postgresql://u@db/acode?password=dsn-pw-5521", "password_file": "/pw"},
+            "a password in postgres.dsn and postgres.password_file",
+        ),
+        (
+            {"password": "toml-pw-5521", "password_file": "/pw"},
+            "postgres.password and postgres.password_file",
+        ),
+    ],
+)
+def test_check_config_refuses_a_password_given_twice_without_showing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres: dict[str, str], named: str
+) -> None:
+    config = tmp_path / "acode-syncd.toml"
+    config.write_text(render_toml({"postgres": postgres}))
+    assert daemon_cli.main(["check-config", "--config", str(config)]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"ACODE-DB-007: [postgres] gives the password more than once: {named}")
+    assert "hint: Keep one of them" in err
+    assert "pw-5521" not in err

@@ -196,8 +196,8 @@ def test_flush_waits_while_another_syncer_holds_the_workspace(tmp_path: Path, pg
         done = acode("flush", "--workspace", str(workspace), "--timeout", "1", url=pg_url)
         assert done.returncode == 1
         assert done.stderr.startswith(
-            "ACODE-DB-004: flush timed out after 1 s: 20 record(s) still pending; the syncer "
-            "holding the workspace has not shipped them yet\n"
+            "ACODE-DB-004: flush timed out after 1 s: 20 record(s) still pending; another "
+            "syncer (the daemon?) holds the workspace's sync lock and is still shipping them\n"
         )
         env = child_env(ACODE_POSTGRES_URL=pg_url)
         waiting = subprocess.Popen(

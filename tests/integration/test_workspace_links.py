@@ -237,6 +237,45 @@ def test_a_bind_mount_is_the_same_workspace_and_a_file_mount_is_refused(tmp_path
     )
 
 
+def test_a_file_mounted_while_the_syncer_runs_is_refused_at_its_next_lock(
+    tmp_path: Path,
+) -> None:
+    """The mount table is read again only when it changes; a mount made between two turns
+    is still seen at the next one, and its unmount too."""
+    tmp_path = tmp_path.resolve()
+    real = make_workspace(tmp_path / "real")
+    other = make_workspace(tmp_path / "other")
+    out = in_mount_namespace(
+        [],
+        f"""
+        import subprocess
+        from pathlib import Path
+        from acode_sync.errors import WorkspaceOpenError
+        from acode_sync.sync import SyncLock
+        real, other = Path({str(real)!r}), Path({str(other)!r})
+        def turn(workspace):
+            lock = SyncLock(workspace)
+            try:
+                assert lock.try_acquire()
+            except WorkspaceOpenError as error:
+                return error.message
+            lock.release()
+            return "ok"
+        database = "/.agent/workspace.db"
+        print(turn(real), turn(other))
+        subprocess.run(["mount", "--bind", str(real) + database, str(other) + database], check=True)
+        print(turn(real), turn(other))
+        subprocess.run(["umount", str(other) + database], check=True)
+        print(turn(real), turn(other))
+        """,
+    )
+    assert out.splitlines() == [
+        "ok ok",
+        f"ok {other}/.agent/workspace.db is a mount point (a second name)",
+        "ok ok",
+    ]
+
+
 # A process that holds a workspace's sync lock until its standard input closes.
 HOLDER: Final = """
 import sys

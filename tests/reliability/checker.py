@@ -260,7 +260,8 @@ def read_outbox(workspaces: Iterable[Path]) -> list[OutboxRow]:
 
 
 def count_resends(logs: Iterable[Path]) -> int:
-    """`duplicate` lines in the daemons' JSON logs: deliveries PostgreSQL already had."""
+    """`duplicate` lines in the daemons' JSON logs (at debug, as the rig runs them):
+    deliveries PostgreSQL already had."""
     count = 0
     for path in logs:
         if not path.exists():

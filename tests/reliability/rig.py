@@ -130,7 +130,8 @@ class Rig:
             postgres={"connect_timeout": 2.0, "statement_timeout": 5.0}
             | sections.pop("postgres", {}),
             sync=sync | sections.pop("sync", {}),
-            daemon=sections.pop("daemon", {}),
+            # At debug: each `duplicate` line is a resend the checker counts.
+            daemon={"log_level": "debug"} | sections.pop("daemon", {}),
         )
 
     def start_daemon(self, config: dict[str, Any] | None = None) -> DaemonProcess:

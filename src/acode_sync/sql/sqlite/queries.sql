@@ -368,9 +368,10 @@ SELECT coalesce(max(through_id), 0) FROM outbox_progress;
 -- name: record_by_key
 SELECT outbox_id FROM outbox_records WHERE idempotency_key = ?;
 
--- A record back to pending through the view's trigger (attempts start over).
+-- A record back to pending through the view's trigger (attempts start over), based on
+-- the version PostgreSQL holds (verify --repair).
 -- name: requeue_record
-UPDATE outbox SET state = 'pending' WHERE outbox_id = ?;
+UPDATE outbox SET state = 'pending', base_updated_at = ? WHERE outbox_id = ?;
 
 -- name: last_outbox_id
 SELECT coalesce(max(outbox_id), 0) FROM outbox_records;
