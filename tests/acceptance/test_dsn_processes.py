@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from acode_sync.domain import Session
@@ -73,18 +73,34 @@ def test_a_malformed_dsn_stops_every_entry_point_with_exit_78(places: Path) -> N
         assert_config_error(result, f"{argv} file")
 
 
+def shown_outputs(places: Path, url: str) -> tuple[subprocess.CompletedProcess[str], ...]:
+    env = env_with(places, url)
+    check = run_cli(SYNCD, "check-config", env=env)
+    status = run_cli(ACODE, "db", "status", "--workspace", str(places / "workspace"), env=env)
+    return check, status
+
+
+@pytest.fixture(scope="module")
+def innocent_output(places: Path) -> str:
+    """What the commands print with no password at all: a password spelt like a word they
+    print anyway ('pool_min') shows nothing of a leak."""
+    runs = shown_outputs(places, "postgresql://syncer@127.0.0.1:5432/acode")
+    return "".join(run.stdout + run.stderr for run in runs)
+
+
 @settings(max_examples=6, deadline=None)
 @given(password=PASSWORDS)
 @example(password="pa/ss#w?rd")
-def test_no_password_reaches_check_config_or_db_status(places: Path, password: str) -> None:
+def test_no_password_reaches_check_config_or_db_status(
+    places: Path, innocent_output: str, password: str
+) -> None:
     shown = {password, unquote(password), quote(password, safe=""), json.dumps(password)[1:-1]}
+    assume(not any(form in innocent_output for form in shown))
     for url, encoded in (
         (f"postgresql://syncer:{quote(password, safe='')}@127.0.0.1:5432/acode", True),
         (f"postgresql://syncer:{password}@127.0.0.1:5432/acode", False),
     ):
-        env = env_with(places, url)
-        check = run_cli(SYNCD, "check-config", env=env)
-        status = run_cli(ACODE, "db", "status", "--workspace", str(places / "workspace"), env=env)
+        check, status = shown_outputs(places, url)
         output = check.stdout + check.stderr + status.stdout + status.stderr
         assert not any(form in output for form in shown), output
         assert "Traceback" not in output
