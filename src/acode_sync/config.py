@@ -323,6 +323,9 @@ class DaemonSettings:
     max_depth: int = 3
     rescan_seconds: float = 30.0
     sweep_seconds: float = 300.0
+    # After a write wakes an idle workspace, wait this long for the agent's next saves so
+    # that they ship as one batch (0: ship at once). Not while a full batch is pending.
+    gather_seconds: float = 0.5
     drain_timeout_seconds: float = 20.0
     batches_per_turn: int = 10
     # Workspaces shipping batches at once (also bounded by postgres.pool_max). More than
@@ -419,7 +422,14 @@ def _parse_section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
 
 
 _MAY_BE_ZERO = frozenset(
-    {"pool_min", "max_depth", "port", "statement_cache_size", "verify_interval_hours"}
+    {
+        "pool_min",
+        "max_depth",
+        "port",
+        "statement_cache_size",
+        "verify_interval_hours",
+        "gather_seconds",
+    }
 )
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("auto", "json", "console")

@@ -169,7 +169,8 @@ class WorkspaceWorker:
             self.shared.on_backlog()
             while not self.is_stopping():
                 if delay is None:
-                    await self._idle()
+                    if await self._idle():
+                        await self._gather()
                 elif delay > 0:
                     await self.syncer.release()  # waiting holds no connection either
                     await self._sleep(delay, wake_on_change=False)
@@ -200,10 +201,11 @@ class WorkspaceWorker:
                 await self.syncer.release()
         self._force = False
 
-    async def _idle(self) -> None:
+    async def _idle(self) -> bool:
         """Sleep until there is work: a change of the files (checked with a read, which
         writes nothing, so the daemon's own commits cannot keep it busy), a record's
-        backoff running out, or the slow periodic sweep."""
+        backoff running out, or the slow periodic sweep. True if the read found work;
+        False for sync_now(), stop() or a read that failed."""
         while not self.is_stopping():
             sweep = self.shared.config.daemon.sweep_seconds * self._rng.uniform(0.8, 1.0)
             if self.next_retry is not None:
@@ -213,13 +215,29 @@ class WorkspaceWorker:
                 await self.syncer.release()  # idle: no open connection, no open file
             await self._sleep(sweep, wake_on_change=True)
             if forced or self.is_stopping():
-                return
+                return False
             try:
                 if await self.syncer.has_work():
                     await self._refresh_backlog()  # true while the turn waits or fails
-                    return
+                    return True
             except AcodeError:
-                return  # let a turn report it
+                return False  # let a turn report it
+        return False
+
+    async def _gather(self) -> None:
+        """An interactive agent saves a record at a time: wait `gather_seconds` for the
+        saves that follow, so that they ship as one batch, not a batch (a PostgreSQL
+        transaction) each. Changes do not end the wait; sync_now() and stop() do, and a
+        full batch pending skips it."""
+        config = self.shared.config
+        seconds = config.daemon.gather_seconds
+        if seconds <= 0 or self.backlog >= config.sync.batch_max_records:
+            return
+        with anyio.move_on_after(seconds):
+            while not (self._stopping or self._force):
+                await self._wake.wait()
+                self._wake = anyio.Event()
+        self._force = False
 
     async def _turn(self) -> float | None:
         """Ship up to batches_per_turn batches. Returns seconds to wait before the next

@@ -31,6 +31,11 @@ def test_defaults() -> None:
     assert config.sync.batch_max_records == 1000
     assert config.sync.max_attempts == 10
     assert config.sync.retention_days == 7
+    assert config.daemon.gather_seconds == 0.5
+
+
+def test_gathering_may_be_off() -> None:
+    assert parse_config({"daemon": {"gather_seconds": 0}}).daemon.gather_seconds == 0.0
 
 
 @pytest.mark.parametrize(
@@ -149,6 +154,7 @@ def test_remote_hosts_without_tls_are_flagged(dsn: str, sslmode: str | None, war
         ({"sync": {"batch_max_records": 0}}, "sync.batch_max_records"),
         ({"sync": {"batch_max_records": 1.5}}, "sync.batch_max_records"),
         ({"sync": {"nope": 1}}, "sync.nope"),
+        ({"daemon": {"gather_seconds": -0.1}}, "daemon.gather_seconds"),
     ],
 )
 def test_invalid_values_name_their_key(raw: dict[str, object], key: str) -> None:
