@@ -2,7 +2,8 @@
 
 A worker never lets an error out: a broken workspace is logged with its code, counted,
 and retried later; an outage backs off the workspace without touching any record's
-attempts. Idle, it holds no connection, no thread and no open file of the workspace.
+attempts. Idle (a few seconds after its last turn), it holds no connection, no thread and
+no open file of the workspace.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import anyio
 import anyio.to_thread
@@ -33,6 +35,9 @@ from acode_sync.metrics import Metrics
 from acode_sync.postgres import PostgresTarget
 from acode_sync.retry import OutageBackoff
 from acode_sync.sync import SyncSummary, WorkspaceSyncer
+
+# An idle worker closes its workspace's connection once no write came for this long.
+IDLE_RELEASE_SECONDS: Final = 5.0
 
 
 @dataclass
@@ -212,7 +217,7 @@ class WorkspaceWorker:
                 sweep = min(sweep, max(0.0, self.next_retry - time.time()))
             forced = self._force
             if not self._wake.is_set():
-                await self.syncer.release()  # idle: no open connection, no open file
+                sweep = await self._linger(sweep)
             await self._sleep(sweep, wake_on_change=True)
             if forced or self.is_stopping():
                 return False
@@ -223,6 +228,20 @@ class WorkspaceWorker:
             except AcodeError:
                 return False  # let a turn report it
         return False
+
+    async def _linger(self, seconds: float) -> float:
+        """Keep the workspace's connection for a moment after a turn: an agent at work
+        writes again within seconds, and opening the workspace costs more than a small
+        batch. Closed if no change comes in that moment (idle: no open connection, no open
+        file). Returns what is left of `seconds` to sleep (0 once something woke it)."""
+        if not self.syncer.is_open:
+            return seconds
+        linger = min(seconds, IDLE_RELEASE_SECONDS)
+        with anyio.move_on_after(linger):
+            await self._wake.wait()
+            return 0.0
+        await self.syncer.release()
+        return seconds - linger
 
     async def _gather(self) -> None:
         """An interactive agent saves a record at a time: wait `gather_seconds` for the

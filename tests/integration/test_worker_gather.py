@@ -1,6 +1,7 @@
 """The daemon's worker gathers an interactive agent's saves into one batch
-([daemon] gather_seconds): the daemon's own WorkspaceWorker on a real workspace, a real
-store writing into it and a real PostgreSQL. Each wait is bounded far below the gather
+([daemon] gather_seconds) and keeps its workspace connection between an agent's close
+writes: the daemon's own WorkspaceWorker on a real workspace, a real store writing into
+it and a real PostgreSQL. Each wait is bounded far below the gather
 time of the test that must not wait for it.
 """
 
@@ -15,6 +16,7 @@ from typing import Final
 import anyio
 import pytest
 
+from acode_sync import worker as worker_module
 from acode_sync.config import Config, DaemonSettings, PostgresSettings, SyncSettings
 from acode_sync.domain import Session
 from acode_sync.metrics import Metrics
@@ -138,3 +140,22 @@ async def test_stop_ends_a_gather_and_leaves_the_records_pending(
     async with running(workspace, shared) as worker:
         await wait_for(lambda: batches(shared) == 1 and worker.backlog == 0, "shipped")
     assert await sessions_in_postgres(pg_url) == 2
+
+
+async def test_the_workspace_connection_is_kept_between_close_writes_then_closed(
+    workspace: Path, store: WorkspaceStore, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = shared_for(pg_url, gather=0.0)
+    async with running(workspace, shared) as worker:
+        # Idle after its first turn: a moment later nothing of the workspace is open.
+        await wait_for(lambda: not worker.syncer.is_open, "the connection closed")
+
+        monkeypatch.setattr(worker_module, "IDLE_RELEASE_SECONDS", LONG_GATHER)
+        await save(store, worker, 1)
+        await wait_for(lambda: batches(shared) == 1 and worker.backlog == 0, "shipped")
+        kept = worker.syncer.connection
+        assert kept is not None
+        await save(store, worker, 1)  # the agent's next save, within the moment
+        await wait_for(lambda: batches(shared) == 2 and worker.backlog == 0, "shipped again")
+        assert worker.syncer.connection is kept
+        assert await sessions_in_postgres(pg_url) == 2
