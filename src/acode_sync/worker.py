@@ -19,7 +19,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from acode_sync.config import Config
+from acode_sync.config import Config, gather_seconds
 from acode_sync.domain import parse_timestamp
 from acode_sync.errors import (
     AcodeError,
@@ -249,7 +249,7 @@ class WorkspaceWorker:
         transaction) each. Changes do not end the wait; sync_now() and stop() do, and a
         full batch pending skips it."""
         config = self.shared.config
-        seconds = config.daemon.gather_seconds
+        seconds = gather_seconds(config)
         if seconds <= 0 or self.backlog >= config.sync.batch_max_records:
             return
         with anyio.move_on_after(seconds):

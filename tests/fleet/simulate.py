@@ -57,7 +57,7 @@ from typing import Any, Final
 import anyio
 import asyncpg
 
-from acode_sync.config import Config, DaemonSettings, PostgresSettings
+from acode_sync.config import Config, DaemonSettings, PostgresSettings, gather_seconds
 from acode_sync.daemon import concurrent_syncs
 from acode_sync.domain import Entity, Session, SessionEvent, idempotency_key
 from acode_sync.log import configure_logging
@@ -661,7 +661,8 @@ async def ready_database(url: str) -> None:
 
 
 def gather_of(args: argparse.Namespace) -> float:
-    return DaemonSettings().gather_seconds if args.gather is None else float(args.gather)
+    """The gather every simulated daemon uses (its default: behind PgBouncer)."""
+    return gather_seconds(daemon_shared("postgresql://fleet/", 1, args.gather).config)
 
 
 @contextmanager
@@ -690,7 +691,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pending", type=int, default=1000, help="per workspace (catch-up)")
     parser.add_argument("--server-connections", type=int, default=20)
     parser.add_argument(
-        "--gather", type=float, help="[daemon] gather_seconds of every daemon (default: its own)"
+        "--gather", type=float, help="[daemon] gather_seconds of every daemon (default: unset)"
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)

@@ -16,6 +16,7 @@ from typing import Final
 import anyio
 import pytest
 
+from acode_sync import config as config_module
 from acode_sync import worker as worker_module
 from acode_sync.config import Config, DaemonSettings, PostgresSettings, SyncSettings
 from acode_sync.domain import Session
@@ -31,9 +32,20 @@ LONG_GATHER: Final = 600.0  # beyond every wait below: a test that ships did not
 WAIT: Final = 60.0
 
 
-def shared_for(url: str, *, gather: float, batch_max_records: int = 1000) -> Shared:
+def shared_for(
+    url: str,
+    *,
+    gather: float | None,
+    batch_max_records: int = 1000,
+    statement_cache_size: int = 100,
+) -> Shared:
     config = Config(
-        postgres=PostgresSettings(dsn=url, connect_timeout=5.0, statement_timeout=10.0),
+        postgres=PostgresSettings(
+            dsn=url,
+            connect_timeout=5.0,
+            statement_timeout=10.0,
+            statement_cache_size=statement_cache_size,
+        ),
         sync=SyncSettings(batch_max_records=batch_max_records),
         daemon=dataclasses.replace(DaemonSettings(), gather_seconds=gather),
     )
@@ -84,10 +96,15 @@ async def save(store: WorkspaceStore, worker: WorkspaceWorker, count: int) -> No
         worker.notify_change()  # as the daemon's watcher does on the commit
 
 
+@pytest.mark.parametrize("how", ["set", "unset, behind a pooler"])
 async def test_saves_made_while_gathering_ship_as_one_batch(
-    workspace: Path, store: WorkspaceStore, pg_url: str
+    workspace: Path, store: WorkspaceStore, pg_url: str, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shared = shared_for(pg_url, gather=LONG_GATHER)
+    if how == "set":
+        shared = shared_for(pg_url, gather=LONG_GATHER)
+    else:  # the default without a statement cache, as behind a transaction pooler
+        monkeypatch.setattr(config_module, "POOLED_GATHER_SECONDS", LONG_GATHER)
+        shared = shared_for(pg_url, gather=None, statement_cache_size=0)
     async with running(workspace, shared) as worker:
         await save(store, worker, 1)
         # The worker read that there is work (its backlog shows it) and now gathers.
@@ -105,14 +122,14 @@ async def test_saves_made_while_gathering_ship_as_one_batch(
 
 @pytest.mark.parametrize(
     ("gather", "batch_max_records", "saves"),
-    [(0.0, 1000, 1), (LONG_GATHER, 3, 3)],
-    ids=["gather off", "a full batch pending"],
+    [(0.0, 1000, 1), (None, 1000, 1), (LONG_GATHER, 3, 3)],
+    ids=["gather off", "unset, direct", "a full batch pending"],
 )
-async def test_no_gather_when_off_or_a_full_batch_is_pending(
+async def test_no_gather_when_off_direct_or_a_full_batch_is_pending(
     workspace: Path,
     store: WorkspaceStore,
     pg_url: str,
-    gather: float,
+    gather: float | None,
     batch_max_records: int,
     saves: int,
 ) -> None:
