@@ -82,10 +82,10 @@ P99_TARGET_SECONDS: Final = 2.0
 COLD_START_TARGET_SECONDS: Final = 10.0
 CATCH_UP_RATIO_TARGET: Final = 0.8
 DRAIN_GRACE_SECONDS: Final = 60.0
-# The children's common start, once they have set up their workspaces (a late child says
-# so in the report: its lateness counts against the figures).
-START_DELAY_SECONDS: Final = 3.0
-SETUP_SECONDS_PER_WORKSPACE: Final = 0.02
+# The children's common start, this long after the last of them has set up its
+# workspaces (a late child says so in the report: its lateness counts against the figures).
+START_DELAY_SECONDS: Final = 1.0
+READY_POLL_SECONDS: Final = 0.1
 SAMPLE_SECONDS: Final = 1.0
 LAG_PROBE_SECONDS: Final = 0.1
 COLD_START_RECORDS: Final = 5  # pending in each workspace before its daemon starts
@@ -197,6 +197,15 @@ def _event(session_id: str, n: int) -> SessionEvent:
 # -- a child process: its share of the fleet on one event loop -------------------------
 
 
+async def ready_then_start(spec: dict[str, Any]) -> float:
+    """Tell the parent this child is set up; the common start it then announces."""
+    await anyio.Path(spec["ready"]).write_text("ready")
+    go = anyio.Path(spec["go"])
+    while not await go.exists():  # noqa: ASYNC110 - another process writes it
+        await anyio.sleep(READY_POLL_SECONDS)
+    return float(await go.read_text())
+
+
 async def wait_until(moment: float) -> None:
     await anyio.sleep(max(0.0, moment - time.time()))
 
@@ -238,6 +247,7 @@ async def _run_members(spec: dict[str, Any]) -> dict[str, Any]:
     rng = random.Random(spec["seed"])
     result: dict[str, Any] = {}
     try:
+        spec["start_at"] = await ready_then_start(spec)
         result["late"] = max(0.0, time.time() - spec["start_at"])
         await wait_until(spec["start_at"])
         lags: list[float] = []
@@ -312,8 +322,9 @@ def run_children(
     workdir: Path,
     shared_pool: int = 0,
 ) -> tuple[list[dict[str, Any]], float]:
-    """The fleet split over --processes children; their results and the common start."""
-    start_at = time.time() + START_DELAY_SECONDS + len(workspaces) * SETUP_SECONDS_PER_WORKSPACE
+    """The fleet split over --processes children; their results and the common start,
+    announced once every child has set up its share."""
+    go = workdir / f"{scenario}.go"
     children = []
     for n in range(args.processes):
         spec = {
@@ -328,7 +339,8 @@ def run_children(
             "pending": args.pending,
             "gather": args.gather,
             "seed": args.seed * 1000 + n,
-            "start_at": start_at,
+            "ready": str(workdir / f"{scenario}-{n}.ready"),
+            "go": str(go),
             "log": str(workdir / f"{scenario}-{n}.log"),
             "out": str(workdir / f"{scenario}-{n}.json"),
         }
@@ -336,6 +348,15 @@ def run_children(
         path.write_text(json.dumps(spec))
         command = [sys.executable, "-m", "tests.fleet.simulate", "--child", str(path)]
         children.append((subprocess.Popen(command), spec))
+    start_at = 0.0
+    if scenario != "seed":
+        while not all(Path(spec["ready"]).exists() for _, spec in children):
+            if any(process.poll() is not None for process, _ in children):
+                break  # a child failed while setting up: reported below
+            time.sleep(READY_POLL_SECONDS)
+        start_at = time.time() + START_DELAY_SECONDS
+        go.with_suffix(".tmp").write_text(repr(start_at))
+        go.with_suffix(".tmp").rename(go)  # whole, for the children polling for it
     results = []
     for process, spec in children:
         if process.wait(CHILD_TIMEOUT) != 0:
