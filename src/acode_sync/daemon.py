@@ -27,7 +27,6 @@ from acode_sync.discovery import discover
 from acode_sync.errors import (
     AcodeError,
     ConfigError,
-    PostgresUnavailableError,
     WorkspaceOpenError,
 )
 from acode_sync.history import MAINTENANCE_INTERVAL, maintain_history
@@ -496,8 +495,10 @@ class Daemon:
             before = datetime.now(UTC) - timedelta(days=days)
             try:
                 forgotten = await self.shared.target.prune(spec, before)
-            except PostgresUnavailableError as error:
-                self.log.warning(f"cannot prune {spec.table}", code=error.code, error=error.message)
+            except (AcodeError, RecordFailure) as error:
+                # Any refusal (an unknown schema, a partition's rows raced in): tried again
+                # next hour; the loop, a service of the daemon, must not end it.
+                self.log.warning(f"cannot prune {spec.table}", error=str(error))
                 continue
             if forgotten:
                 self.log.info(f"pruned {spec.table}", rows=forgotten, older_than_days=days)

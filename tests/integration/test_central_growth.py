@@ -426,6 +426,34 @@ async def test_the_daemons_hourly_retention_drops_keys_and_conflicts_when_asked(
     await run(30.0, "postgresql://postgres@127.0.0.1:1/none")  # unreachable: logged, no raise
 
 
+async def test_the_daemons_hourly_retention_survives_a_schema_it_does_not_know(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A schema newer than this daemon (another host upgraded first) is the prune's
+    refusal, logged: it never ends the daemon."""
+    from acode_sync.config import Config, DaemonSettings
+    from acode_sync.daemon import Daemon
+
+    setup = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await setup.ensure_schema()
+    finally:
+        await setup.close()
+    await execute(
+        pg_url,
+        "INSERT INTO acode.schema_migrations (version, name, checksum) VALUES (99, 'later', 'x')",
+    )
+    config = Config(
+        postgres=PostgresSettings(dsn=pg_url, connect_timeout=2.0),
+        daemon=DaemonSettings(roots=(tmp_path,), state_dir=tmp_path / "state"),
+    )
+    daemon = Daemon(config, config_path=None, environ={}, cwd=tmp_path)
+    try:
+        await daemon.prune_once()  # logged, no raise
+    finally:
+        await daemon.shared.target.close()
+
+
 def test_acode_db_prune_runs_the_retention_as_the_owner(pg_url: str) -> None:
     from tests.daemon_harness import ACODE, child_env, run_cli
 
