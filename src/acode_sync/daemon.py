@@ -496,9 +496,11 @@ class Daemon:
             try:
                 forgotten = await self.shared.target.prune(spec, before)
             except (AcodeError, RecordFailure) as error:
-                # Any refusal (an unknown schema, a partition's rows raced in): tried again
-                # next hour; the loop, a service of the daemon, must not end it.
-                self.log.warning(f"cannot prune {spec.table}", error=str(error))
+                # Any refusal (an unknown schema, a row raced into a new partition's range:
+                # 23514): tried again next hour; this loop must not end the daemon.
+                code = error.code if isinstance(error, AcodeError) else None
+                message = error.message if isinstance(error, AcodeError) else str(error)
+                self.log.warning(f"cannot prune {spec.table}", code=code, error=message)
                 continue
             if forgotten:
                 self.log.info(f"pruned {spec.table}", rows=forgotten, older_than_days=days)
