@@ -527,3 +527,27 @@ async def test_an_explicit_migration_is_not_bound_by_the_statement_timeout(pg_ur
         assert await target.ensure_schema(explicit=True) == (0, len(load_migrations(DIALECT)))
     finally:
         await target.close()
+
+
+async def test_an_automatic_migration_past_its_time_says_to_migrate_explicitly(
+    pg_url: str,
+) -> None:
+    """An automatic migration that cannot finish within four statement timeouts (here: the
+    migration lock held elsewhere) is rolled back, and the error says what to do, not
+    that PostgreSQL is unreachable."""
+    from acode_sync.errors import PostgresUnavailableError
+    from acode_sync.postgres import LOCK_NAMESPACE, MIGRATION_LOCK
+
+    holder = await asyncpg.connect(pg_url)
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, statement_timeout=0.25))
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK)
+        with pytest.raises(PostgresUnavailableError) as timed_out:
+            await target.ensure_schema()
+        assert timed_out.value.code == "ACODE-DB-005"
+        assert "the schema's migration did not finish within 1 s" in timed_out.value.message
+        assert "acode db migrate --postgres" in (timed_out.value.hint or "")
+    finally:
+        await target.close()
+        await holder.close()
+    assert await fetch(pg_url, "SELECT to_regclass('acode.schema_migrations')") == [(None,)]
