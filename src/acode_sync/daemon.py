@@ -27,7 +27,6 @@ from acode_sync.discovery import discover
 from acode_sync.errors import (
     AcodeError,
     ConfigError,
-    PostgresUnavailableError,
     WorkspaceOpenError,
 )
 from acode_sync.history import MAINTENANCE_INTERVAL, maintain_history
@@ -496,8 +495,12 @@ class Daemon:
             before = datetime.now(UTC) - timedelta(days=days)
             try:
                 forgotten = await self.shared.target.prune(spec, before)
-            except PostgresUnavailableError as error:
-                self.log.warning(f"cannot prune {spec.table}", code=error.code, error=error.message)
+            except (AcodeError, RecordFailure) as error:
+                # Any refusal (an unknown schema, a row raced into a new partition's range:
+                # 23514): tried again next hour; this loop must not end the daemon.
+                code = error.code if isinstance(error, AcodeError) else None
+                message = error.message if isinstance(error, AcodeError) else str(error)
+                self.log.warning(f"cannot prune {spec.table}", code=code, error=message)
                 continue
             if forgotten:
                 self.log.info(f"pruned {spec.table}", rows=forgotten, older_than_days=days)

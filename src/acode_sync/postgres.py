@@ -470,7 +470,8 @@ class PostgresTarget:
         available = load_migrations(DIALECT) if available is None else available
         pool = await self._get_pool()
         limit = EXPLICIT_MIGRATION_SECONDS if explicit else self.settings.statement_timeout * 4
-        with self._classified("migrating"), anyio.fail_after(limit):
+        pending: Sequence[Migration] = ()
+        with self._classified("migrating"), anyio.move_on_after(limit) as deadline:
             async with pool.acquire() as conn:
                 encoding = await conn.fetchval(_Q["server_encoding"])
                 if encoding != "UTF8":
@@ -492,6 +493,17 @@ class PostgresTarget:
                         await self._migrate(
                             conn, exists, applied, pending, explicit=explicit, limit=limit
                         )
+        if deadline.cancelled_caught:
+            if pending and not explicit:  # the migration's time (or the lock's), not the server's
+                raise PostgresUnavailableError(
+                    f"PostgreSQL at {self.description}: the schema's migration did not finish "
+                    f"within {limit:g} s (four postgres.statement_timeout) and was rolled back "
+                    "(or another migration held the migration lock that long)",
+                    hint="Run `acode db migrate --postgres` as the schema's owner: it waits as "
+                    "long as the migration takes. Records wait in the outbox meanwhile; "
+                    "nothing is lost.",
+                )
+            raise self.outage(TimeoutError(), "migrating")
         current = max((m.version for m in applied), default=0)
         self._schema_ready = True
         return current, latest_version(available)

@@ -426,6 +426,34 @@ async def test_the_daemons_hourly_retention_drops_keys_and_conflicts_when_asked(
     await run(30.0, "postgresql://postgres@127.0.0.1:1/none")  # unreachable: logged, no raise
 
 
+async def test_the_daemons_hourly_retention_survives_a_schema_it_does_not_know(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A schema newer than this daemon (another host upgraded first) is the prune's
+    refusal, logged: it never ends the daemon."""
+    from acode_sync.config import Config, DaemonSettings
+    from acode_sync.daemon import Daemon
+
+    setup = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await setup.ensure_schema()
+    finally:
+        await setup.close()
+    await execute(
+        pg_url,
+        "INSERT INTO acode.schema_migrations (version, name, checksum) VALUES (99, 'later', 'x')",
+    )
+    config = Config(
+        postgres=PostgresSettings(dsn=pg_url, connect_timeout=2.0),
+        daemon=DaemonSettings(roots=(tmp_path,), state_dir=tmp_path / "state"),
+    )
+    daemon = Daemon(config, config_path=None, environ={}, cwd=tmp_path)
+    try:
+        await daemon.prune_once()  # logged, no raise
+    finally:
+        await daemon.shared.target.close()
+
+
 def test_acode_db_prune_runs_the_retention_as_the_owner(pg_url: str) -> None:
     from tests.daemon_harness import ACODE, child_env, run_cli
 
@@ -499,3 +527,27 @@ async def test_an_explicit_migration_is_not_bound_by_the_statement_timeout(pg_ur
         assert await target.ensure_schema(explicit=True) == (0, len(load_migrations(DIALECT)))
     finally:
         await target.close()
+
+
+async def test_an_automatic_migration_past_its_time_says_to_migrate_explicitly(
+    pg_url: str,
+) -> None:
+    """An automatic migration that cannot finish within four statement timeouts (here: the
+    migration lock held elsewhere) is rolled back, and the error says what to do, not
+    that PostgreSQL is unreachable."""
+    from acode_sync.errors import PostgresUnavailableError
+    from acode_sync.postgres import LOCK_NAMESPACE, MIGRATION_LOCK
+
+    holder = await asyncpg.connect(pg_url)
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, statement_timeout=0.25))
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK)
+        with pytest.raises(PostgresUnavailableError) as timed_out:
+            await target.ensure_schema()
+        assert timed_out.value.code == "ACODE-DB-005"
+        assert "the schema's migration did not finish within 1 s" in timed_out.value.message
+        assert "acode db migrate --postgres" in (timed_out.value.hint or "")
+    finally:
+        await target.close()
+        await holder.close()
+    assert await fetch(pg_url, "SELECT to_regclass('acode.schema_migrations')") == [(None,)]

@@ -378,3 +378,48 @@ async def test_a_version_applied_without_the_history_is_a_gap_never_skipped_over
         v1,
     )
     assert tuple(followed[0]) == (True, False)
+
+
+async def test_the_history_of_a_schema_with_tenants_enabled_is_kept_by_tenant(
+    pg_url: str,
+) -> None:
+    """Tenants enabled before the history existed (an older program): migration 8 gives
+    the history the same row security, so a syncer role sees and writes only its own
+    tenant's versions there too."""
+    from acode_sync.migrations import load_migrations
+    from acode_sync.postgres import DIALECT
+    from acode_sync.roles import ENTITY_TABLES, TENANT_TABLES
+    from acode_sync.sql import queries
+
+    sql = queries(DIALECT)
+    older = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await older.ensure_schema(load_migrations(DIALECT)[:7])
+    finally:
+        await older.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for table in TENANT_TABLES:
+            if table != "entity_history":  # what enabling tenants did before migration 8
+                await conn.execute(sql["enable_tenant_rows"].replace("<t>", table))
+        for table in ENTITY_TABLES:
+            await conn.execute(sql["enable_tenant_guard"].replace("<t>", table))
+    finally:
+        await conn.close()
+    newer = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await newer.ensure_schema(explicit=True)
+    finally:
+        await newer.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        secured = await conn.fetchval(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'acode.entity_history'::regclass"
+        )
+        policies = await conn.fetchval(
+            "SELECT count(*) FROM pg_policies WHERE schemaname = 'acode' "
+            "AND tablename = 'entity_history' AND policyname = 'tenant_rows'"
+        )
+    finally:
+        await conn.close()
+    assert (secured, policies) == (True, 1)

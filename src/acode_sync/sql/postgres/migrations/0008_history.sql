@@ -38,6 +38,19 @@ CREATE TABLE entity_history (
 
 CREATE TABLE entity_history_default PARTITION OF entity_history DEFAULT;
 
+-- With tenants enabled (`acode db tenants enable`, before this table existed), the history
+-- holds a tenant's versions under the same row security as its entity rows: otherwise
+-- every syncer role could read, and add to, every tenant's history.
+DO $$
+BEGIN
+    IF (SELECT relrowsecurity FROM pg_class WHERE oid = 'acode.sessions'::regclass) THEN
+        ALTER TABLE acode.entity_history ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY tenant_rows ON acode.entity_history
+            USING (tenant = current_user) WITH CHECK (tenant = current_user);
+    END IF;
+END
+$$;
+
 -- Whether the version of an entity recorded at `v` is followed in the history by the
 -- version that replaced it (no version applied without the history in between): then it
 -- is the entity's state from `v` until that next version, and a restore as of a time in
