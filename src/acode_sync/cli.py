@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -272,19 +272,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     the daemons' role does not own the tables (docs/postgres.md#retention)."""
     config = _config(args)
 
-    async def _prune() -> list[tuple[str, float, int]]:
+    async def _prune() -> list[tuple[str, float | None, int]]:
         target = PostgresTarget(config.postgres)
         done = []
         try:
             for table, days in retention.plans(config.sync):
-                before = datetime.now(UTC) - timedelta(days=days)
+                before = retention.cutoff(days, datetime.now(UTC))
                 done.append((table.table, days, await target.prune(table, before)))
         finally:
             await target.close()
         return done
 
     for table, days, forgotten in anyio.run(_prune):
-        print(f"{table}: {forgotten} row(s) older than {days:g} days forgotten")
+        if days is None:
+            print(f"{table}: kept forever; partitions made ahead")
+        else:
+            print(f"{table}: {forgotten} row(s) older than {days:g} days forgotten")
     return 0
 
 

@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -492,7 +492,7 @@ class Daemon:
         """Partition maintenance is DDL: a syncer role that does not own the tables is
         refused, logged here; the schema's owner runs `acode db prune` instead."""
         for spec, days in retention.plans(self.config.sync):
-            before = datetime.now(UTC) - timedelta(days=days)
+            before = retention.cutoff(days, datetime.now(UTC))
             try:
                 forgotten = await self.shared.target.prune(spec, before)
             except (AcodeError, RecordFailure) as error:

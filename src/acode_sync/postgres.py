@@ -732,7 +732,7 @@ class PostgresTarget:
         returns the keys forgotten."""
         return await self.prune(retention.APPLIED_KEYS, before)
 
-    async def prune(self, spec: retention.PartitionedTable, before: datetime) -> int:
+    async def prune(self, spec: retention.PartitionedTable, before: datetime | None) -> int:
         """Drop `spec`'s partitions wholly before `before`, then create those of today and
         the days ahead (see acode_sync/retention.py); returns the rows forgotten. It is
         DDL: a role that does not own the tables is refused (42501, logged by the daemon;

@@ -46,18 +46,26 @@ CONFLICTS: Final = PartitionedTable("conflicts", "incoming_updated_at", Period.M
 MADE_BACK: Final = timedelta(days=2)
 
 
-def plans(sync: SyncSettings) -> list[tuple[PartitionedTable, float]]:
-    """What the retention keeps, in days, per table: applied keys twice as long as the
-    outboxes keep processed records (a record resent from any outbox is still found),
-    conflicts only when sync.conflict_retention_days asks for it."""
-    kept = [(APPLIED_KEYS, sync.retention_days * KEY_RETENTION_FACTOR)]
-    if sync.conflict_retention_days > 0:
-        kept.append((CONFLICTS, sync.conflict_retention_days))
-    return kept
+def plans(sync: SyncSettings) -> list[tuple[PartitionedTable, float | None]]:
+    """What the retention keeps, in days, per table (None: forever): applied keys twice as
+    long as the outboxes keep processed records (a record resent from any outbox is still
+    found), conflicts only as long as sync.conflict_retention_days asks, when set. Kept
+    forever, a table still gets its partitions made ahead (else every later row would
+    land in the DEFAULT partition)."""
+    conflicts = sync.conflict_retention_days
+    return [
+        (APPLIED_KEYS, sync.retention_days * KEY_RETENTION_FACTOR),
+        (CONFLICTS, conflicts if conflicts > 0 else None),
+    ]
+
+
+def cutoff(days: float | None, now: datetime) -> datetime | None:
+    """The time before which a table's rows are forgotten (None: kept forever)."""
+    return None if days is None else now - timedelta(days=days)
 
 
 async def prune(
-    conn: asyncpg.Connection, table: PartitionedTable, before: datetime, now: datetime
+    conn: asyncpg.Connection, table: PartitionedTable, before: datetime | None, now: datetime
 ) -> int:
     """Drop `table`'s partitions wholly before `before`, forget the DEFAULT partition's
     rows before it, and make the partitions from just before `now` through the ones
@@ -68,6 +76,9 @@ async def prune(
         # DETACH PARTITION waits for the batches writing the table, and every batch then
         # waits for it: give up soon (55P03, tried again next time) rather than stall them.
         await conn.execute(_Q["retention_lock_timeout"], str(LOCK_TIMEOUT_MS))
+        if before is None:  # kept forever: only the partitions ahead
+            await ensure(conn, spec, now=now)
+            return 0
         for partition in await list_partitions(conn, spec):
             if partition.end is not None and partition.end <= before:
                 count = _Q["count_partition"].replace("<partition>", partition.name)

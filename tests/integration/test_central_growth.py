@@ -17,7 +17,7 @@ from acode_sync import retention
 from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, format_timestamp
 from acode_sync.migrations import load_migrations
-from acode_sync.partitions import ensure
+from acode_sync.partitions import ensure, list_partitions
 from acode_sync.postgres import DIALECT, PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
@@ -459,7 +459,45 @@ def test_acode_db_prune_runs_the_retention_as_the_owner(pg_url: str) -> None:
 
     done = run_cli(ACODE, "db", "prune", env=child_env(ACODE_POSTGRES_URL=pg_url))
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "applied_keys: 0 row(s) older than 14 days forgotten\n"
+    assert done.stdout == (
+        "applied_keys: 0 row(s) older than 14 days forgotten\n"
+        "conflicts: kept forever; partitions made ahead\n"
+    )
+
+
+async def test_conflicts_kept_forever_still_get_their_partitions_ahead(pg_url: str) -> None:
+    """With no conflict retention (the default) the hourly prune still makes the months
+    ahead: months after the migration, new conflicts land in their own partitions, not all
+    in the DEFAULT one."""
+    from tests.daemon_harness import ACODE, child_env, run_cli
+
+    setup = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await setup.ensure_schema()
+    finally:
+        await setup.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        spec = retention.CONFLICTS.spec(timedelta(days=1))
+        for partition in await list_partitions(conn, spec):
+            if partition.start is not None:  # as if the migration's months ahead had passed
+                await conn.execute(f"DROP TABLE acode.{partition.name}")
+    finally:
+        await conn.close()
+    done = run_cli(ACODE, "db", "prune", env=child_env(ACODE_POSTGRES_URL=pg_url))
+    assert done.returncode == 0, done.stderr
+    later = stamp(datetime.now(UTC) + timedelta(days=35))
+    await execute(
+        pg_url,
+        "INSERT INTO acode.conflicts (entity_type, entity_id, session_id, incoming_key, "
+        "incoming_digest, incoming_origin, incoming_updated_at, incoming_version, "
+        "current_key, current_origin, current_updated_at, current_version, winner) "
+        f"VALUES ('Session', 'sess_f', 'sess_f', 'k', '\\x00', 'o', '{later}', '{{}}', 'c', "
+        f"'o', '{later}', '{{}}', 'current')",
+    )
+    held = await fetch(pg_url, "SELECT tableoid::regclass::text FROM acode.conflicts")
+    assert len(held) == 1
+    assert held[0][0] != "acode.conflicts_default", held
 
 
 def test_the_workspace_migration_gives_queued_records_their_session(workspace: Path) -> None:
