@@ -589,3 +589,36 @@ async def test_an_automatic_migration_past_its_time_says_to_migrate_explicitly(
         await target.close()
         await holder.close()
     assert await fetch(pg_url, "SELECT to_regclass('acode.schema_migrations')") == [(None,)]
+
+
+async def test_an_ancient_conflict_does_not_make_a_partition_for_every_month_since(
+    pg_url: str,
+) -> None:
+    """Migration 7 makes conflict months from at most a year back: one conflict dated 1970
+    would otherwise make 687 partitions. It is kept, in the DEFAULT partition."""
+    old = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await old.ensure_schema(load_migrations(DIALECT)[:KEYS_BEFORE_PARTITIONS])
+    finally:
+        await old.close()
+    ancient = "1970-01-01T00:00:00.000000Z"
+    await execute(
+        pg_url,
+        "INSERT INTO acode.conflicts (entity_type, entity_id, session_id, incoming_key, "
+        "incoming_digest, incoming_origin, incoming_updated_at, incoming_version, "
+        "current_key, current_origin, current_updated_at, current_version, winner) "
+        f"VALUES ('Session', 'sess_o', 'sess_o', 'Session:sess_o:{ancient}', '\\x00', 'o', "
+        f"'{ancient}', '{{}}', 'c', 'o', '{ancient}', '{{}}', 'current')",
+    )
+    new = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await new.ensure_schema(explicit=True)
+    finally:
+        await new.close()
+    months = await fetch(
+        pg_url,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'acode.conflicts'::regclass",
+    )
+    assert months[0][0] <= 16  # 12 back, this one, 2 ahead, and the DEFAULT partition
+    held = await fetch(pg_url, "SELECT tableoid::regclass::text FROM acode.conflicts")
+    assert held == [("acode.conflicts_default",)]

@@ -60,8 +60,9 @@ CREATE INDEX conflicts_session ON conflicts (session_id, conflict_id);
 CREATE INDEX conflicts_entity ON conflicts (entity_type, entity_id);
 CREATE INDEX conflicts_detected_at ON conflicts (detected_at);
 
--- Partitions for the rows held (keys of the last 60 days; older ones go to the default,
--- which the next retention run empties) and the periods ahead, named as
+-- Partitions for the rows held (keys of the last 60 days, conflicts of the last 12 months;
+-- older ones go to the default, which the next retention run empties of what it no
+-- longer keeps) and the periods ahead, named as
 -- acode_sync/partitions.py names them (<table>_pYYYYMMDD, <table>_pYYYYMM), which keeps
 -- them from then on. A one-off loop: no function is left behind.
 DO $$
@@ -77,7 +78,11 @@ BEGIN
                now() + interval '3 days' AS last_time
         UNION ALL
         SELECT 'conflicts', 'month', 'YYYYMM',
-               coalesce((SELECT min(incoming_updated_at) FROM conflicts_unpartitioned), now()),
+               -- Bounded like the keys': one conflict dated 1970 must not make 687 months
+               -- of partitions; older conflicts are kept in the DEFAULT partition.
+               greatest(coalesce((SELECT min(incoming_updated_at) FROM conflicts_unpartitioned),
+                                 now()),
+                        now() - interval '12 months'),
                now() + interval '2 months'
     LOOP
         lower_bound := date_trunc(plan.period, plan.first_time AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
