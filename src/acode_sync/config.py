@@ -330,6 +330,9 @@ class DaemonSettings:
     max_depth: int = 3
     rescan_seconds: float = 30.0
     sweep_seconds: float = 300.0
+    # After a write wakes an idle workspace, wait this long for the agent's next saves so
+    # that they ship as one batch (0: ship at once). Unset: gather_seconds(config).
+    gather_seconds: float | None = None
     drain_timeout_seconds: float = 20.0
     batches_per_turn: int = 10
     # Workspaces shipping batches at once (also bounded by postgres.pool_max). More than
@@ -369,6 +372,20 @@ class Config:
     source: Path | None = None
 
 
+# Behind a transaction pooler (no statement cache) every statement of a batch is parsed
+# and planned again: there an agent's saves are gathered into fewer batches by default.
+POOLED_GATHER_SECONDS: Final = 0.5
+
+
+def gather_seconds(config: Config) -> float:
+    """[daemon] gather_seconds as set; unset, POOLED_GATHER_SECONDS behind a transaction
+    pooler (postgres.statement_cache_size = 0), else 0: a direct connection's batch is
+    cheap, and shipping at once keeps commit-to-visible in milliseconds."""
+    if config.daemon.gather_seconds is not None:
+        return config.daemon.gather_seconds
+    return POOLED_GATHER_SECONDS if config.postgres.statement_cache_size == 0 else 0.0
+
+
 def split_password(text: str, origin: str = "postgres.dsn") -> tuple[str, Secret | None]:
     """Check a postgresql:// URL; return it rebuilt without its password, and the password
     (from the user info or ?password=)."""
@@ -390,7 +407,7 @@ def _convert(key: str, kind: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise wrong
         return value
-    if kind in ("int", "float"):
+    if kind in ("int", "float", "float | None"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong
         if kind == "int" and not isinstance(value, int):
@@ -433,6 +450,7 @@ _MAY_BE_ZERO = frozenset(
         "statement_cache_size",
         "verify_interval_hours",
         "conflict_retention_days",
+        "gather_seconds",
     }
 )
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")

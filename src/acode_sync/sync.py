@@ -70,8 +70,10 @@ LOCK_POLL_SECONDS: Final = 0.2
 # A batch that fails "transiently" this many times in a row while PostgreSQL answers a
 # probe is treated as holding a bad record (a statement it always times out on, ...).
 SUSPECT_STRIKES: Final = 3
-# Pruning and WAL checkpoints run when a drain finds nothing left, at most this often.
-MAINTENANCE_SECONDS: Final = 30.0
+# Pruning and WAL checkpoints run when a drain finds nothing left, at most this often
+# (an agent at work, a few saves a second, fills the 1,000 pages of its own automatic
+# checkpoint in a few minutes; each checkpoint is an fsync).
+MAINTENANCE_SECONDS: Final = 120.0
 CHECKPOINT_EVERY_BATCHES: Final = 20
 # While PostgreSQL applies a batch, a worker thread prepares the next one. When PostgreSQL
 # answers, the event loop must get the GIL back at once to send the next statement:
@@ -340,6 +342,15 @@ class WorkspaceSyncer:
             self._open = opened
             return opened
         return self._open
+
+    @property
+    def connection(self) -> Outbox | None:
+        """The connection to the workspace, while the syncer holds it (between turns)."""
+        return self._open
+
+    @property
+    def is_open(self) -> bool:
+        return self._open is not None
 
     async def release(self) -> None:
         outbox, self._open = self._open, None

@@ -2,7 +2,8 @@
 
 A worker never lets an error out: a broken workspace is logged with its code, counted,
 and retried later; an outage backs off the workspace without touching any record's
-attempts. Idle, it holds no connection, no thread and no open file of the workspace.
+attempts. Idle (a few seconds after its last turn), it holds no connection, no thread and
+no open file of the workspace.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from acode_sync.config import Config
+from acode_sync.config import Config, gather_seconds
 from acode_sync.domain import parse_timestamp
 from acode_sync.errors import (
     AcodeError,
@@ -33,6 +35,9 @@ from acode_sync.metrics import Metrics
 from acode_sync.postgres import PostgresTarget
 from acode_sync.retry import OutageBackoff
 from acode_sync.sync import SyncSummary, WorkspaceSyncer
+
+# An idle worker closes its workspace's connection once no write came for this long.
+IDLE_RELEASE_SECONDS: Final = 5.0
 
 
 @dataclass
@@ -169,7 +174,8 @@ class WorkspaceWorker:
             self.shared.on_backlog()
             while not self.is_stopping():
                 if delay is None:
-                    await self._idle()
+                    if await self._idle():
+                        await self._gather()
                 elif delay > 0:
                     await self.syncer.release()  # waiting holds no connection either
                     await self._sleep(delay, wake_on_change=False)
@@ -200,26 +206,57 @@ class WorkspaceWorker:
                 await self.syncer.release()
         self._force = False
 
-    async def _idle(self) -> None:
+    async def _idle(self) -> bool:
         """Sleep until there is work: a change of the files (checked with a read, which
         writes nothing, so the daemon's own commits cannot keep it busy), a record's
-        backoff running out, or the slow periodic sweep."""
+        backoff running out, or the slow periodic sweep. True if the read found work;
+        False for sync_now(), stop() or a read that failed."""
         while not self.is_stopping():
             sweep = self.shared.config.daemon.sweep_seconds * self._rng.uniform(0.8, 1.0)
             if self.next_retry is not None:
                 sweep = min(sweep, max(0.0, self.next_retry - time.time()))
             forced = self._force
             if not self._wake.is_set():
-                await self.syncer.release()  # idle: no open connection, no open file
+                sweep = await self._linger(sweep)
             await self._sleep(sweep, wake_on_change=True)
             if forced or self.is_stopping():
-                return
+                return False
             try:
                 if await self.syncer.has_work():
                     await self._refresh_backlog()  # true while the turn waits or fails
-                    return
+                    return True
             except AcodeError:
-                return  # let a turn report it
+                return False  # let a turn report it
+        return False
+
+    async def _linger(self, seconds: float) -> float:
+        """Keep the workspace's connection for a moment after a turn: an agent at work
+        writes again within seconds, and opening the workspace costs more than a small
+        batch. Closed if no change comes in that moment (idle: no open connection, no open
+        file). Returns what is left of `seconds` to sleep (0 once something woke it)."""
+        if not self.syncer.is_open:
+            return seconds
+        linger = min(seconds, IDLE_RELEASE_SECONDS)
+        with anyio.move_on_after(linger):
+            await self._wake.wait()
+            return 0.0
+        await self.syncer.release()
+        return seconds - linger
+
+    async def _gather(self) -> None:
+        """An interactive agent saves a record at a time: wait `gather_seconds` for the
+        saves that follow, so that they ship as one batch, not a batch (a PostgreSQL
+        transaction) each. Changes do not end the wait; sync_now() and stop() do, and a
+        full batch pending skips it."""
+        config = self.shared.config
+        seconds = gather_seconds(config)
+        if seconds <= 0 or self.backlog >= config.sync.batch_max_records:
+            return
+        with anyio.move_on_after(seconds):
+            while not (self._stopping or self._force):
+                await self._wake.wait()
+                self._wake = anyio.Event()
+        self._force = False
 
     async def _turn(self) -> float | None:
         """Ship up to batches_per_turn batches. Returns seconds to wait before the next

@@ -35,6 +35,7 @@ PostgreSQL's address comes from ACODE_TEST_POSTGRES_URL; PgBouncer and psql from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -56,7 +57,7 @@ from typing import Any, Final
 import anyio
 import asyncpg
 
-from acode_sync.config import Config, DaemonSettings, PostgresSettings
+from acode_sync.config import Config, DaemonSettings, PostgresSettings, gather_seconds
 from acode_sync.daemon import concurrent_syncs
 from acode_sync.domain import Entity, Session, SessionEvent, idempotency_key
 from acode_sync.log import configure_logging
@@ -64,6 +65,7 @@ from acode_sync.metrics import Metrics
 from acode_sync.migrations import load_migrations
 from acode_sync.postgres import DIALECT, PostgresTarget
 from acode_sync.store import WorkspaceDatabase, WorkspaceStore
+from acode_sync.sync import tune_interpreter
 from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
 from acode_sync.workspace import OpenOptions, Synchronous
 from tests.bouncer import PgBouncer, pgbouncer
@@ -80,11 +82,12 @@ P99_TARGET_SECONDS: Final = 2.0
 COLD_START_TARGET_SECONDS: Final = 10.0
 CATCH_UP_RATIO_TARGET: Final = 0.8
 DRAIN_GRACE_SECONDS: Final = 60.0
-# The children's common start, once they have set up their workspaces (a late child says
-# so in the report: its lateness counts against the figures).
-START_DELAY_SECONDS: Final = 3.0
-SETUP_SECONDS_PER_WORKSPACE: Final = 0.02
+# The children's common start, this long after the last of them has set up its
+# workspaces (a late child says so in the report: its lateness counts against the figures).
+START_DELAY_SECONDS: Final = 1.0
+READY_POLL_SECONDS: Final = 0.1
 SAMPLE_SECONDS: Final = 1.0
+LAG_PROBE_SECONDS: Final = 0.1
 COLD_START_RECORDS: Final = 5  # pending in each workspace before its daemon starts
 CHILD_TIMEOUT: Final = 3600.0
 ERROR_TEXT_CHARS: Final = 200  # of each warning's message, in the report
@@ -94,8 +97,12 @@ CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 # -- one simulated daemon --------------------------------------------------------------
 
 
-def daemon_shared(dsn: str, pool_max: int) -> Shared:
-    """What a Daemon gives its workers, built as Daemon.__init__ builds it."""
+def daemon_shared(dsn: str, pool_max: int, gather: float | None = None) -> Shared:
+    """What a Daemon gives its workers, built as Daemon.__init__ builds it. `gather`:
+    [daemon] gather_seconds (None: its default)."""
+    daemon = DaemonSettings(max_concurrent_syncs=pool_max)
+    if gather is not None:
+        daemon = dataclasses.replace(daemon, gather_seconds=gather)
     config = Config(
         postgres=PostgresSettings(
             dsn=dsn,
@@ -104,7 +111,7 @@ def daemon_shared(dsn: str, pool_max: int) -> Shared:
             connect_timeout=10.0,
             statement_timeout=30.0,
         ),
-        daemon=DaemonSettings(max_concurrent_syncs=pool_max),
+        daemon=daemon,
     )
     return Shared(
         config=config,
@@ -190,6 +197,15 @@ def _event(session_id: str, n: int) -> SessionEvent:
 # -- a child process: its share of the fleet on one event loop -------------------------
 
 
+async def ready_then_start(spec: dict[str, Any]) -> float:
+    """Tell the parent this child is set up; the common start it then announces."""
+    await anyio.Path(spec["ready"]).write_text("ready")
+    go = anyio.Path(spec["go"])
+    while not await go.exists():  # noqa: ASYNC110 - another process writes it
+        await anyio.sleep(READY_POLL_SECONDS)
+    return float(await go.read_text())
+
+
 async def wait_until(moment: float) -> None:
     await anyio.sleep(max(0.0, moment - time.time()))
 
@@ -213,10 +229,12 @@ async def _run_members(spec: dict[str, Any]) -> dict[str, Any]:
     scenario = spec["scenario"]
     workspaces = [Path(w) for w in spec["workspaces"]]
     if spec["shared_pool"]:  # one daemon for the whole process, as with direct connections
-        one = daemon_shared(spec["dsn"], spec["shared_pool"])
+        one = daemon_shared(spec["dsn"], spec["shared_pool"], spec["gather"])
         shared = [one] * len(workspaces)
     else:  # a daemon each, pools of one or two connections
-        shared = [daemon_shared(spec["dsn"], 1 + n % 2) for n in range(len(workspaces))]
+        shared = [
+            daemon_shared(spec["dsn"], 1 + n % 2, spec["gather"]) for n in range(len(workspaces))
+        ]
     for workspace in workspaces:
         workspace.mkdir(parents=True, exist_ok=True)
     if scenario == "cold-start":
@@ -229,9 +247,13 @@ async def _run_members(spec: dict[str, Any]) -> dict[str, Any]:
     rng = random.Random(spec["seed"])
     result: dict[str, Any] = {}
     try:
+        spec["start_at"] = await ready_then_start(spec)
         result["late"] = max(0.0, time.time() - spec["start_at"])
         await wait_until(spec["start_at"])
+        lags: list[float] = []
+        probing = anyio.Event()
         async with anyio.create_task_group() as tg:
+            tg.start_soon(measure_lag, lags, probing)
             for member in members:
                 await tg.start(member.worker.run)
             if scenario == "steady":
@@ -245,13 +267,30 @@ async def _run_members(spec: dict[str, Any]) -> dict[str, Any]:
             result["drained_at"] = time.time()
             for member in members:
                 member.worker.stop()
+            probing.set()
+        result["lags"] = lags
     finally:
         with anyio.CancelScope(shield=True):
             for target in {id(s.target): s.target for s in shared}.values():
                 await target.close()
     result["commits"] = [c for m in members for c in m.commits]
+    result["batches"] = sum(batches_shipped(s.metrics) for s in {id(s): s for s in shared}.values())
     result["broken"] = [str(m.workspace) for m in members if m.worker.broken_code]
     return result
+
+
+async def measure_lag(lags: list[float], done: anyio.Event) -> None:
+    """How late this process's event loop wakes a sleeper: the time every callback (a
+    worker's next statement, a writer's next save) waits for its turn."""
+    while not done.is_set():
+        before = time.perf_counter()
+        await anyio.sleep(LAG_PROBE_SECONDS)
+        lags.append(time.perf_counter() - before - LAG_PROBE_SECONDS)
+
+
+def batches_shipped(metrics: Metrics) -> int:
+    count = metrics.registry.get_sample_value("acode_sync_batch_duration_seconds_count")
+    return int(count or 0)
 
 
 def child_main(spec_path: Path) -> None:
@@ -260,6 +299,7 @@ def child_main(spec_path: Path) -> None:
         keys = sum(len(seed(Path(w), spec["pending"])) for w in spec["workspaces"])
         Path(spec["out"]).write_text(json.dumps({"seeded": keys}))
         return
+    tune_interpreter()  # as run_daemon does: the event loop gets the GIL back at once
     result = anyio.run(run_child, spec, backend="asyncio")
     Path(spec["out"]).write_text(json.dumps(result))
 
@@ -282,8 +322,9 @@ def run_children(
     workdir: Path,
     shared_pool: int = 0,
 ) -> tuple[list[dict[str, Any]], float]:
-    """The fleet split over --processes children; their results and the common start."""
-    start_at = time.time() + START_DELAY_SECONDS + len(workspaces) * SETUP_SECONDS_PER_WORKSPACE
+    """The fleet split over --processes children; their results and the common start,
+    announced once every child has set up its share."""
+    go = workdir / f"{scenario}.go"
     children = []
     for n in range(args.processes):
         spec = {
@@ -296,8 +337,10 @@ def run_children(
             "burst": args.burst,
             "burst_every": args.burst_every,
             "pending": args.pending,
+            "gather": args.gather,
             "seed": args.seed * 1000 + n,
-            "start_at": start_at,
+            "ready": str(workdir / f"{scenario}-{n}.ready"),
+            "go": str(go),
             "log": str(workdir / f"{scenario}-{n}.log"),
             "out": str(workdir / f"{scenario}-{n}.json"),
         }
@@ -305,6 +348,15 @@ def run_children(
         path.write_text(json.dumps(spec))
         command = [sys.executable, "-m", "tests.fleet.simulate", "--child", str(path)]
         children.append((subprocess.Popen(command), spec))
+    start_at = 0.0
+    if scenario != "seed":
+        while not all(Path(spec["ready"]).exists() for _, spec in children):
+            if any(process.poll() is not None for process, _ in children):
+                break  # a child failed while setting up: reported below
+            time.sleep(READY_POLL_SECONDS)
+        start_at = time.time() + START_DELAY_SECONDS
+        go.with_suffix(".tmp").write_text(repr(start_at))
+        go.with_suffix(".tmp").rename(go)  # whole, for the children polling for it
     results = []
     for process, spec in children:
         if process.wait(CHILD_TIMEOUT) != 0:
@@ -393,6 +445,14 @@ async def fetch(dsn: str, sql: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
+def loop_lag_line(results: Sequence[dict[str, Any]]) -> str:
+    lags = [lag for r in results for lag in r["lags"]] or [0.0]
+    return (
+        f"simulator event loops: late by p50 {percentile(lags, 0.5) * 1000:,.0f} ms, "
+        f"p99 {percentile(lags, 0.99) * 1000:,.0f} ms"
+    )
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
@@ -470,16 +530,19 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
         latencies = [visible[key] - at for key, at in commits.items() if key in visible]
         account = ledger(list(commits), [str(r[0]) for r in rows], [str(r[0]) for r in applied])
         writing = max(r["writing_ended"] for r in results) - start_at
+        batches = sum(r["batches"] for r in results)
         last_visible = max(visible.values(), default=start_at)
         problems = log_problems(workdir, "steady")
         report.say(
             f"steady: {args.daemons} daemons in {args.processes} processes, {args.seconds:g} s, "
-            f"{args.rate:g} records/s each (bursts of {args.burst} every ~{args.burst_every:g} s)"
+            f"{args.rate:g} records/s each (bursts of {args.burst} every ~{args.burst_every:g} s), "
+            f"gather_seconds {gather_of(args):g}"
         )
         report.say(
             f"  offered {len(commits) / writing:,.0f} records/s, "
             f"shipped {len(visible) / (last_visible - start_at):,.0f} records/s "
-            f"({len(visible):,} of {len(commits):,})"
+            f"({len(visible):,} of {len(commits):,}) in {batches:,} batches "
+            f"({len(visible) / max(1, batches):.1f} records each)"
         )
         p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
         report.say(
@@ -491,6 +554,7 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             f"({peaks.waiting} waiting), {peaks.servers} server connections"
         )
         report.say(f"  PostgreSQL server CPU: {cpu * 100:.0f}% of one core")
+        report.say(f"  {loop_lag_line(results)}")
         report.say(f"  warnings and errors: {dict(problems) or 'none'}")
         report.say(f"  {account.line()}")
         report.check(account.ok, "all offered load shipped, nothing twice")
@@ -617,6 +681,11 @@ async def ready_database(url: str) -> None:
     await install_audit(url)
 
 
+def gather_of(args: argparse.Namespace) -> float:
+    """The gather every simulated daemon uses (its default: behind PgBouncer)."""
+    return gather_seconds(daemon_shared("postgresql://fleet/", 1, args.gather).config)
+
+
 @contextmanager
 def fleet_bouncer(args: argparse.Namespace) -> Iterator[PgBouncer]:
     pool = args.server_connections
@@ -642,6 +711,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst-every", type=float, default=100.0)
     parser.add_argument("--pending", type=int, default=1000, help="per workspace (catch-up)")
     parser.add_argument("--server-connections", type=int, default=20)
+    parser.add_argument(
+        "--gather", type=float, help="[daemon] gather_seconds of every daemon (default: unset)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

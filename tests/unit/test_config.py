@@ -8,11 +8,13 @@ from urllib.parse import quote
 import pytest
 
 from acode_sync.config import (
+    POOLED_GATHER_SECONDS,
     Config,
     PostgresSettings,
     _unreadable_hint,
     apply_environment,
     find_config_file,
+    gather_seconds,
     load_config,
     parse_config,
     read_config_file,
@@ -31,6 +33,23 @@ def test_defaults() -> None:
     assert config.sync.batch_max_records == 1000
     assert config.sync.max_attempts == 10
     assert config.sync.retention_days == 7
+    assert config.daemon.gather_seconds is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ({}, 0.0),  # direct: ship at once
+        ({"postgres": {"statement_cache_size": 0}}, POOLED_GATHER_SECONDS),  # behind PgBouncer
+        ({"postgres": {"statement_cache_size": 0}, "daemon": {"gather_seconds": 0}}, 0.0),
+        ({"daemon": {"gather_seconds": 2}}, 2.0),
+    ],
+    ids=["direct", "behind a pooler", "off behind a pooler", "set"],
+)
+def test_gathering_defaults_to_on_behind_a_pooler_only(
+    raw: dict[str, dict[str, object]], seconds: float
+) -> None:
+    assert gather_seconds(parse_config(raw)) == seconds
 
 
 @pytest.mark.parametrize(
@@ -149,6 +168,7 @@ def test_remote_hosts_without_tls_are_flagged(dsn: str, sslmode: str | None, war
         ({"sync": {"batch_max_records": 0}}, "sync.batch_max_records"),
         ({"sync": {"batch_max_records": 1.5}}, "sync.batch_max_records"),
         ({"sync": {"nope": 1}}, "sync.nope"),
+        ({"daemon": {"gather_seconds": -0.1}}, "daemon.gather_seconds"),
     ],
 )
 def test_invalid_values_name_their_key(raw: dict[str, object], key: str) -> None:

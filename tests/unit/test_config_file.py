@@ -18,7 +18,8 @@ EXAMPLES = {
     "sslrootcert",
     "roots",
     "state_dir",
-}  # no default
+    "gather_seconds",
+}  # no default (gather_seconds: one by the connection's kind)
 SETTING = re.compile(r"^# (\w+) = (.+)$")
 
 
