@@ -58,8 +58,10 @@ class TableSpec:
                 "'is not the version in the idempotency key') END"
             )
         if column.name == "created_at":
+            # Most often the version itself (a new entity): no need to match the pattern.
             return (
-                "CASE WHEN d.p->>'created_at' IS NULL THEN d.version "
+                "CASE WHEN d.p->>'created_at' IS NULL OR d.p->>'created_at' = d.version_text "
+                "THEN d.version "
                 f"WHEN d.p->>'created_at' ~ '{CANONICAL_TIMESTAMP_PATTERN}' "
                 "THEN (d.p->>'created_at')::timestamptz "
                 "ELSE acode.refuse_timestamp('created_at', d.p->>'created_at', "
@@ -79,30 +81,36 @@ class TableSpec:
             return ("session_id",)
         return ("session_id", self.id_column)
 
-    @property
-    def session_expression(self) -> str:
-        """The entity's session in the incoming block: the payload's, else the record's."""
+    def session_expression(self, first_parameter: int) -> str:
+        """The entity's session in the incoming block: the payload's, else the record's.
+        Every record needs it before the round knows which records are written (and so
+        parsed): the payload is parsed here only for a record whose sender could not see
+        that its session is the record's own (postgres.session_is_the_records)."""
         if self.id_column == "session_id":
             return "r.entity_id"
-        return "coalesce(r.p->>'session_id', r.record_session)"
+        payload = f"{_payload_text(first_parameter, 'r')}::jsonb"
+        return (
+            f"CASE WHEN r.session_unseen THEN coalesce(({payload})->>'session_id', "
+            "r.record_session) ELSE r.record_session END"
+        )
 
     def incoming_block(self, first_parameter: int) -> str:
         """This table's records in the round statement; its five arguments are numbered
         from `first_parameter` (see ARGUMENTS_PER_TABLE)."""
-        block = queries("postgres")["incoming_entities"]
+        block = queries("postgres")["incoming_entities"].replace(
+            "<session>", self.session_expression(first_parameter)
+        )
         for offset, marker in enumerate(_ARGUMENT_MARKERS):
             block = block.replace(marker, f"${first_parameter + offset}")
-        return _filled(
-            block.replace("<entity_type>", self.entity_type)
-            .replace("<t>", self.table)
-            .replace("<session>", self.session_expression)
-        )
+        return _filled(block.replace("<entity_type>", self.entity_type).replace("<t>", self.table))
 
-    def apply_block(self) -> str:
-        """This table's last-write-wins decision, conflicts and upsert."""
+    def apply_block(self, first_parameter: int) -> str:
+        """This table's last-write-wins decision, conflicts and upsert; its arguments are
+        numbered from `first_parameter`, as in incoming_block."""
         names = [c.name for c in self.columns]
         return _filled(
             queries("postgres")["apply_entities"]
+            .replace("<payload>", f"{_payload_text(first_parameter, 'd')}::jsonb")
             .replace("<entity_type>", self.entity_type)
             .replace("<t>", self.table)
             .replace("<id_column>", self.id_column)
@@ -123,6 +131,14 @@ class TableSpec:
         known = "{" + ",".join(c.name for c in self.columns) + "}"
         values = (f"{self._value(c)} AS {c.name}" for c in self.columns)
         return ", ".join([*values, f"d.p - '{known}'::text[] AS extra"])
+
+
+def _payload_text(first_parameter: int, alias: str) -> str:
+    """A record's payload as text, cut from the round's blob at its offset and length."""
+    payloads = f"${first_parameter + _ARGUMENT_MARKERS.index('<payloads>')}"
+    return (
+        f"convert_from(substring({payloads}::bytea FROM {alias}.start FOR {alias}.length), 'UTF8')"
+    )
 
 
 def _filled(sql: str) -> str:
@@ -241,10 +257,8 @@ def _history_block(tables: list[TableSpec]) -> str:
 def _round_sql(*, history: bool) -> str:
     sql = queries("postgres")
     tables = [TABLES[t] for t in ENTITY_TYPES]
-    incoming = [
-        spec.incoming_block(FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE)
-        for i, spec in enumerate(tables)
-    ]
+    first = [FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE for i in range(len(tables))]
+    incoming = [spec.incoming_block(at) for spec, at in zip(tables, first, strict=True)]
     keys = sql["round_keys"].replace(
         "<incoming_keys>",
         " UNION ALL SELECT idempotency_key, digest, session_id, version FROM ".join(
@@ -261,12 +275,10 @@ def _round_sql(*, history: bool) -> str:
         f"FROM {spec.table}_recorded"
         f"\nUNION ALL\nSELECT 'duplicate', idempotency_key, {no_conflict} "
         f"FROM {spec.table}_decided WHERE same"
-        f"\nUNION ALL\nSELECT 'raced', idempotency_key, {no_conflict} "
-        f"FROM {spec.table}_decided WHERE NOT has_current AND entity_id NOT IN "
-        f"(SELECT entity_id FROM {spec.table}_created)"
         for spec in tables
     )
-    blocks = [*incoming, keys, *(spec.apply_block() for spec in tables)]
+    applied = (spec.apply_block(at) for spec, at in zip(tables, first, strict=True))
+    blocks = [*incoming, keys, *applied]
     if history:
         blocks.append(_history_block(tables))
     return _filled(

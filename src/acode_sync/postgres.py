@@ -108,6 +108,23 @@ class _Raced(Exception):
     """Another transaction created an entity this round judged as new: judge again."""
 
 
+# A round holds one record per entity: a unique violation of an entity table's primary
+# key (session, id), or of its id alone (UNIQUE, migration 6: the entity created under
+# another session), can only be another transaction's creation of an entity the round
+# judged as new (pg_tables). Any other unique violation is the record's.
+ENTITY_KEYS: Final = frozenset(
+    (spec.table, constraint)
+    for spec in TABLES.values()
+    for constraint in (f"{spec.table}_pkey", f"{spec.table}_{spec.id_column}_key")
+)
+
+
+def _raced(error: asyncpg.UniqueViolationError) -> bool:
+    return error.schema_name == "acode" and (error.table_name, error.constraint_name) in (
+        ENTITY_KEYS
+    )
+
+
 class RecordFailure(Exception):
     """PostgreSQL (or the driver) refused the data of a batch: some record in it is bad."""
 
@@ -212,13 +229,46 @@ class BatchPlan:
     rounds: list[list[Any]]
 
 
+_SESSION_KEY: Final = b'"session_id"'
+_JSON_SPACE: Final = b" \t\n\r"
+
+
+def session_is_the_records(payload: bytes, session: str | None) -> bool:
+    """Whether a payload's session, as the round reads it (its session_id, else the
+    record's), is the record's own, seen without parsing it. For a payload that is valid
+    JSON: with no \\u escape, a key session_id is spelled as such; if it is spelled at most
+    once, and then with the record's session as its value, the payload names either that
+    session or none (the one spelling is a nested key's), and either way the record's
+    session is the payload's. Otherwise (False) the round parses the payload's session."""
+    if session is None or b"\\u" in payload:
+        return False
+    found = payload.count(_SESSION_KEY)
+    if found == 0:
+        return True
+    if found > 1 or '"' in session or "\\" in session:
+        return False
+    rest = payload[payload.index(_SESSION_KEY) + len(_SESSION_KEY) :].lstrip(_JSON_SPACE)
+    if rest[:1] != b":":
+        return False
+    return rest[1:].lstrip(_JSON_SPACE).startswith(b'"' + session.encode() + b'"')
+
+
 def _columns(records: list[PreparedRecord]) -> Columns:
     if not records:
         return _NO_RECORDS
     records.sort(key=lambda r: r.entity_id)  # a fixed row lock order
     # The key is not sent: it is EntityType:entity_id:version, rebuilt by the statement.
     fields = json.dumps(
-        [(r.entity_id, r.session_id, r.version, r.base_updated_at) for r in records]
+        [
+            (
+                r.entity_id,
+                r.session_id,
+                r.version,
+                r.base_updated_at,
+                not session_is_the_records(r.payload, r.session_id),
+            )
+            for r in records
+        ]
     )
     lengths = [len(r.payload) for r in records]
     starts = list(accumulate(lengths[:-1], initial=1))  # substring() counts from 1
@@ -639,9 +689,7 @@ class PostgresTarget:
         outcome = BatchOutcome()
         by_key = {r.idempotency_key: r for r in plan.records}
         for arguments in plan.rounds:
-            rows = await conn.fetch(
-                self._round_sql, origin_id, True, *arguments, *self._history_arguments
-            )
+            rows = await self._round(conn, origin_id, True, arguments)
             self._collect(rows, by_key, outcome)
             held = [row["incoming_key"] for row in rows if row["outcome"] == "held"]
             if held:  # before the next round, which may hold later records of their entities
@@ -678,24 +726,36 @@ class PostgresTarget:
         outcome.duplicates += [r for r in known if r.idempotency_key in delivered]
         ties = [r for r in known if r.idempotency_key not in delivered]
         for arguments in _apply_rounds(ties):  # one round: one record per entity
-            rows = await conn.fetch(
-                self._round_sql, origin_id, False, *arguments, *self._history_arguments
-            )
+            rows = await self._round(conn, origin_id, False, arguments)
             self._collect(rows, by_key, outcome)
+
+    async def _round(
+        self, conn: asyncpg.Connection, origin_id: str, record_keys: bool, arguments: list[Any]
+    ) -> list[asyncpg.Record]:
+        """One round statement; a new entity another transaction created meanwhile rolls
+        the batch back (_Raced)."""
+        try:
+            return list(
+                await conn.fetch(
+                    self._round_sql, origin_id, record_keys, *arguments, *self._history_arguments
+                )
+            )
+        except asyncpg.UniqueViolationError as error:
+            if _raced(error):
+                raise _Raced(error.table_name) from None
+            raise
 
     @staticmethod
     def _collect(
         rows: Sequence[asyncpg.Record], by_key: dict[str, PreparedRecord], outcome: BatchOutcome
     ) -> None:
-        """A round's conflicts and duplicates; a raced entity rolls the batch back."""
+        """A round's conflicts and duplicates."""
         for row in rows:
             kind = row["outcome"]
             if kind == "conflict":
                 outcome.conflicts.append(_conflict(row))
             elif kind == "duplicate":
                 outcome.duplicates.append(by_key[row["incoming_key"]])
-            elif kind == "raced":
-                raise _Raced(row["incoming_key"])
 
     async def list_conflicts(self, session_id: str | None, limit: int) -> list[dict[str, Any]]:
         pool = await self._get_pool()

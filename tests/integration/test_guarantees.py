@@ -341,6 +341,26 @@ async def test_a_new_entity_created_meanwhile_under_another_session_fails_visibl
     assert "belongs to session sess_a; a version naming session sess_b is refused" in error
 
 
+async def test_another_unique_index_on_an_entity_table_refuses_the_records_not_a_race(
+    workspace: Path, pg_url: str
+) -> None:
+    """Only a violation of an entity's primary key or id means that another transaction
+    created it meanwhile (judged again); a unique index an administrator added refuses the
+    records that break it, which are isolated and charged."""
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    await target.ensure_schema()
+    await admin(pg_url, "CREATE UNIQUE INDEX one_per_state ON acode.sessions (state)")
+    write_sessions(workspace, 3)  # all three CREATED
+    syncer = WorkspaceSyncer(workspace=workspace, target=target, settings=SyncSettings(**SETTINGS))
+    try:
+        summary = await syncer.drain()
+    finally:
+        await target.close()
+    assert summary.applied == 1
+    assert summary.retried + summary.dead >= 2
+    assert (await admin(pg_url, "SELECT count(*) FROM acode.sessions"))[0][0] == 1
+
+
 async def test_a_resend_after_its_applied_key_was_pruned_is_a_duplicate(
     workspace: Path, pg_url: str
 ) -> None:

@@ -13,7 +13,13 @@ from acode_sync.pg_tables import (
     FIRST_TABLE_ARGUMENT,
     TABLES,
 )
-from acode_sync.postgres import PreparedRecord, is_record_error, lock_key, rounds
+from acode_sync.postgres import (
+    PreparedRecord,
+    is_record_error,
+    lock_key,
+    rounds,
+    session_is_the_records,
+)
 
 
 def record(n: int, entity: str) -> PreparedRecord:
@@ -92,3 +98,31 @@ def test_console_logs_on_a_terminal_style_stream() -> None:
 @pytest.fixture(autouse=True)
 def _reset_logging() -> None:
     configure_logging(level="warning", json_lines=True, stream=io.StringIO())
+
+
+@pytest.mark.parametrize(
+    ("payload", "session", "seen"),
+    [
+        (b'{"task_id":"t","session_id":"sess_a","title":"x"}', "sess_a", True),
+        (b'{"task_id" : "t", "session_id"\n :\t "sess_a"}', "sess_a", True),
+        (b'{"step_id":"s","task_id":"t"}', "sess_a", True),  # names none: the record's
+        (b'{"meta":{"session_id":"sess_a"}}', "sess_a", True),  # nested only: the record's
+        (b'{"title":"a\\"session_id","session_id":"sess_a"}', "sess_a", False),  # twice
+        (b'{"session_id":"sess_b"}', "sess_a", False),  # another session: parsed
+        (b'{"session_id":"sess_ab"}', "sess_a", False),
+        (b'{"session_id":null}', "sess_a", False),
+        (b'{"session\\u005fid":"sess_b"}', "sess_a", False),  # spelled with an escape
+        (b'{"session_id":"sess_a","session_id":"sess_b"}', "sess_a", False),
+        (b'{"session_id":"sess_a"}', None, False),
+        (b'{"session_id":"x\\\\"}', "x\\", False),
+    ],
+)
+def test_the_sender_tells_a_payloads_session_only_when_it_is_the_records(
+    payload: bytes, session: str | None, seen: bool
+) -> None:
+    """When it says so, the payload's session (its top-level session_id, the last one
+    given, else the record's: as jsonb reads it) is the record's; else the round parses."""
+    assert session_is_the_records(payload, session) is seen
+    named = json.loads(payload).get("session_id")
+    if seen:
+        assert (named if isinstance(named, str) else session) == session

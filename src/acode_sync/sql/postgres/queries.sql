@@ -81,19 +81,24 @@ WHERE a.payload_digest = u.digest
 -- held with another payload) it applies every record. Last write wins on (updated_at,
 -- origin_id, key); a record not based on the version held is a conflict, stored with both
 -- versions and returned as 'conflict'. A record whose key and digest are those of the
--- version held is returned as 'duplicate' (a resend after its applied key was pruned), and
--- a new entity that another transaction created meanwhile as 'raced'.
+-- version held is returned as 'duplicate' (a resend after its applied key was pruned). A
+-- new entity that another transaction created meanwhile fails the round with a unique
+-- violation of its table's primary key or id, taken as 'raced' (acode_sync/postgres.py).
 -- name: incoming_entities
 <t>_incoming AS (
-    -- <fields>: [entity_id, session_id, version, base] per record (JSON); <payloads>: the
+    -- <fields>: [entity_id, session_id, version, base, session_unseen] per record (JSON;
+    -- session_unseen: the sender could not tell that the payload's session is the
+    -- record's, acode_sync/postgres.session_is_the_records); <payloads>: the
     -- payloads, end to end, at offsets <starts> with lengths <lengths>; <digests>: the
     -- digests, 32 bytes each, end to end. The key is rebuilt: EntityType:entity_id:version.
     -- session_id is the entity's session: <session> (the payload's, else the record's).
+    -- The payload itself is parsed only where a record is written or recorded (below):
+    -- carried through the blocks as jsonb, it was copied into every one of them.
     SELECT r.*, <session> AS session_id
     FROM (
         SELECT '<entity_type>:' || (i.f->>0) || ':' || (i.f->>2) AS idempotency_key,
                i.f->>0 AS entity_id, i.f->>1 AS record_session,
-               convert_from(substring(<payloads>::bytea FROM i.start FOR i.length), 'UTF8')::jsonb AS p,
+               (i.f->>4)::boolean AS session_unseen, i.start, i.length,
                (i.f->>2)::timestamptz AS version, i.f->>2 AS version_text,
                (i.f->>3)::timestamptz AS base,
                substring(<digests>::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest,
@@ -116,9 +121,20 @@ recorded_keys AS (
     FROM round_keys AS k WHERE $2::boolean
     ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
     RETURNING idempotency_key
+),
+-- Most often every key is new: then nothing needs to look each key up among the recorded
+-- ones (a hash of them built per table). Read once, as a scalar subquery.
+round_held AS (
+    SELECT $2::boolean AND (SELECT count(*) FROM recorded_keys) < (SELECT count(*) FROM round_keys)
+           AS some_held
 )
 
 -- name: apply_entities
+-- <payload> is a record's payload as jsonb, parsed from the round's blob (see
+-- <t>_incoming). <t>_parsed parses it, in a subquery that OFFSET 0 keeps apart, once per
+-- record that is written or recorded as a conflict, with the digest of a version written;
+-- the conflicts, the writes and the history read it there. The other records are held
+-- or duplicates, whose digest is that of a payload parsed before.
 <t>_judged AS (
     SELECT n.*,
            -- The entity is held under its id, whatever the session: a record naming
@@ -148,7 +164,8 @@ recorded_keys AS (
         WHERE t.<id_column> = n.entity_id
         FOR UPDATE
     ) AS c ON true
-    WHERE NOT $2::boolean OR n.idempotency_key IN (SELECT idempotency_key FROM recorded_keys)
+    WHERE NOT (SELECT some_held FROM round_held)
+       OR n.idempotency_key IN (SELECT idempotency_key FROM recorded_keys)
 ),
 <t>_decided AS (
     SELECT j.*,
@@ -156,10 +173,19 @@ recorded_keys AS (
                NOT j.wins
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
-           ) AS in_conflict,
-           -- A version written (and, with the history on, appended): its digest once.
-           CASE WHEN j.wins THEN sha256(convert_to(j.p::text, 'UTF8')) END AS canonical
+           ) AS in_conflict
     FROM <t>_judged AS j
+    -- The blocks below read these rows in this order (a CTE is read back as stored), so
+    -- rows are written in one order by every batch. Sorted here, before the payloads are
+    -- parsed: a sort below would copy every payload.
+    ORDER BY j.entity_id COLLATE "C"
+),
+<t>_parsed AS (
+    SELECT d.*,
+           -- A version written (and, with the history on, appended): its digest once.
+           CASE WHEN d.wins THEN sha256(convert_to(d.p::text, 'UTF8')) END AS canonical
+    FROM (SELECT d.*, <payload> AS p FROM <t>_decided AS d WHERE d.in_conflict OR d.wins
+          OFFSET 0) AS d
 ),
 <t>_recorded AS (
     INSERT INTO acode.conflicts (
@@ -172,7 +198,7 @@ recorded_keys AS (
            (to_jsonb(d.current_row) - '{extra,origin_id,idempotency_key,synced_at,payload_digest,canonical_digest}'::text[])
                || (d.current_row).extra,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
-    FROM <t>_decided AS d
+    FROM <t>_parsed AS d
     WHERE d.in_conflict
     ON CONFLICT (incoming_key, incoming_digest, session_id, incoming_updated_at) DO NOTHING
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
@@ -184,9 +210,8 @@ recorded_keys AS (
                                 payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
            d.digest, d.canonical
-    FROM <t>_decided AS d
+    FROM <t>_parsed AS d
     WHERE d.wins AND d.has_current
-    ORDER BY d.entity_id COLLATE "C"
     ON CONFLICT (<key_columns>) DO UPDATE SET
         <updates>, extra = excluded.extra, origin_id = excluded.origin_id,
         idempotency_key = excluded.idempotency_key, synced_at = excluded.synced_at,
@@ -195,19 +220,19 @@ recorded_keys AS (
           < (excluded.updated_at, excluded.origin_id, excluded.idempotency_key)
     RETURNING 1
 ),
--- A new entity. If another transaction created it since this statement's snapshot,
--- nothing is written here and the entity is returned as 'raced': the batch is rolled
--- back and judged again against that version.
+-- A new entity, inserted without ON CONFLICT (its check would probe the key the lookup
+-- above just probed). A round holds one record per entity, so a unique violation of the
+-- table's primary key, or of its id under another session, means that another
+-- transaction created the entity since this statement's snapshot: the caller takes it as
+-- 'raced', rolls the batch back and judges it again against that version
+-- (acode_sync/postgres.py).
 <t>_created AS (
     INSERT INTO acode.<t> AS t (<columns>, extra, origin_id, idempotency_key, synced_at,
                                 payload_digest, canonical_digest)
     SELECT <values>, d.p - '<known_keys>'::text[], d.origin_id, d.idempotency_key, now(),
            d.digest, d.canonical
-    FROM <t>_decided AS d
+    FROM <t>_parsed AS d
     WHERE NOT d.has_current
-    ORDER BY d.entity_id COLLATE "C"
-    ON CONFLICT (<key_columns>) DO NOTHING
-    RETURNING t.<id_column> AS entity_id
 )
 
 -- With [postgres] keep_history on, the round also appends every version it writes (a
@@ -227,7 +252,7 @@ history_appended AS (
 -- name: history_versions
 SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id), d.version,
        d.current_updated_at, d.origin_id, d.idempotency_key, d.p, d.digest, d.canonical
-FROM <t>_decided AS d
+FROM <t>_parsed AS d
 WHERE d.wins AND d.version >= now() - <retention>::interval
 
 -- name: round_outcome
@@ -236,7 +261,8 @@ SELECT 'held' AS outcome, k.idempotency_key AS incoming_key, NULL::bigint AS con
        NULL::timestamptz AS current_updated_at, NULL::text AS incoming_origin,
        NULL::text AS current_origin, NULL::text AS winner
 FROM round_keys AS k
-WHERE $2::boolean AND k.idempotency_key NOT IN (SELECT idempotency_key FROM recorded_keys)
+WHERE (SELECT some_held FROM round_held)
+  AND k.idempotency_key NOT IN (SELECT idempotency_key FROM recorded_keys)
 <outcomes>
 
 -- name: list_conflicts
