@@ -3,12 +3,23 @@ it: fast enough for a million entities (restores and their benchmark read it bac
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 
 from acode_sync.config import PostgresSettings
 from acode_sync.postgres import PostgresTarget
 
 SEED_ORIGIN = "origin-seed"
+
+
+async def fetch(settings: PostgresSettings, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(settings.connect_dsn())
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
 
 # Each session gets `events` events. The payload is rebuilt here as the store writes it,
 # and its canonical digest as the apply statement records it.

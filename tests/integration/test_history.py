@@ -32,6 +32,7 @@ from acode_sync.restore import RestoreReport, RestoreRequest, Selection, parse_a
 from acode_sync.store import WorkspaceStore
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import OpenOptions, database_path
+from tests.central import fetch
 from tests.integration.test_restore import TABLE_NAMES, rows
 from tests.records import enqueue_raw, run_sql, session_payload
 
@@ -81,14 +82,6 @@ async def ship(workspace: Path, settings: PostgresSettings) -> Any:
         ).drain()
     finally:
         await target.close()
-
-
-async def fetch(settings: PostgresSettings, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(settings.connect_dsn())
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
 
 
 async def history(settings: PostgresSettings) -> list[tuple[str, str, str]]:

@@ -35,6 +35,7 @@ from acode_sync.restore import (
 from acode_sync.store import WorkspaceStore
 from acode_sync.sync import SyncLock, WorkspaceSyncer
 from acode_sync.workspace import OpenOptions, database_path
+from tests.central import fetch
 from tests.records import enqueue_raw, run_sql
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -60,14 +61,6 @@ async def ship(workspace: Path, settings: PostgresSettings) -> None:
     finally:
         await target.close()
     assert (summary.retried, summary.dead, summary.conflicts, summary.backlog) == (0, 0, 0, 0)
-
-
-async def fetch(settings: PostgresSettings, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(settings.connect_dsn())
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
 
 
 def rows(workspace: Path, table: str) -> dict[str, dict[str, Any]]:
