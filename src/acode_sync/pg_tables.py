@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 
 from acode_sync.sql import queries
 
@@ -233,30 +234,39 @@ TABLES: Mapping[str, TableSpec] = {
 }
 
 # The round statement's tables, in a fixed order. $1 is the origin, $2 whether the round
-# records its keys, then five arguments per table (see postgres.Columns).
+# records its keys, then five arguments per table present in the round (see
+# postgres.Columns), in this order.
 ENTITY_TYPES: tuple[str, ...] = tuple(TABLES)
 FIRST_TABLE_ARGUMENT = 3
 
 
-# With the version history on, one more argument after the tables': its retention.
-HISTORY_ARGUMENT = FIRST_TABLE_ARGUMENT + len(ENTITY_TYPES) * ARGUMENTS_PER_TABLE
+def history_argument(entity_types: tuple[str, ...]) -> int:
+    """With the version history on, the argument after the tables': its retention."""
+    return FIRST_TABLE_ARGUMENT + len(entity_types) * ARGUMENTS_PER_TABLE
 
 
 def _history_block(tables: list[TableSpec]) -> str:
     sql = queries("postgres")
+    retention = f"${history_argument(tuple(spec.entity_type for spec in tables))}"
     versions = "\nUNION ALL\n".join(
         sql["history_versions"]
         .replace("<entity_type>", spec.entity_type)
         .replace("<t>", spec.table)
-        .replace("<retention>", f"${HISTORY_ARGUMENT}")
+        .replace("<retention>", retention)
         for spec in tables
     )
     return sql["append_history"].replace("<written_versions>", versions)
 
 
-def _round_sql(*, history: bool) -> str:
+@cache
+def round_sql(entity_types: tuple[str, ...], *, history: bool) -> str:
+    """The round statement for the entity types a round holds (in ENTITY_TYPES order).
+    Behind a transaction-pooling PgBouncer nothing is prepared once: the statement is
+    parsed and planned for every round, in time proportional to the tables it names."""
+    if not entity_types or list(entity_types) != [t for t in ENTITY_TYPES if t in entity_types]:
+        raise ValueError(f"entity types not in ENTITY_TYPES order: {entity_types!r}")
     sql = queries("postgres")
-    tables = [TABLES[t] for t in ENTITY_TYPES]
+    tables = [TABLES[t] for t in entity_types]
     first = [FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE for i in range(len(tables))]
     incoming = [spec.incoming_block(at) for spec, at in zip(tables, first, strict=True)]
     keys = sql["round_keys"].replace(
@@ -286,5 +296,6 @@ def _round_sql(*, history: bool) -> str:
     )
 
 
-APPLY_ROUND_SQL: str = _round_sql(history=False)
-APPLY_ROUND_WITH_HISTORY_SQL: str = _round_sql(history=True)
+# Every table: the longest statement (the size the statement cache must admit).
+APPLY_ROUND_SQL: str = round_sql(ENTITY_TYPES, history=False)
+APPLY_ROUND_WITH_HISTORY_SQL: str = round_sql(ENTITY_TYPES, history=True)

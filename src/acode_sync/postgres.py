@@ -52,10 +52,10 @@ from acode_sync.migrations import (
     plan_migrations,
 )
 from acode_sync.pg_tables import (
-    APPLY_ROUND_SQL,
     APPLY_ROUND_WITH_HISTORY_SQL,
     ENTITY_TYPES,
     TABLES,
+    round_sql,
 )
 from acode_sync.sql import queries
 
@@ -215,7 +215,14 @@ def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
 # digests as one blob. (An array parameter per field costs several times more: asyncpg
 # checks and copies array elements one by one.)
 Columns = tuple[str, bytes, list[int], list[int], bytes]
-_NO_RECORDS: Columns = ("[]", b"", [], [], b"")
+
+
+class RoundPlan(NamedTuple):
+    """One round: the entity types it holds (in ENTITY_TYPES order: its statement is
+    pg_tables.round_sql(entity_types)) and their arguments, table by table."""
+
+    entity_types: tuple[str, ...]
+    arguments: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +232,7 @@ class BatchPlan:
 
     records: Sequence[PreparedRecord]
     locks: list[int]
-    # Per round: the round statement's per-table arguments, table by table.
-    rounds: list[list[Any]]
+    rounds: list[RoundPlan]
 
 
 _SESSION_KEY: Final = b'"session_id"'
@@ -254,8 +260,6 @@ def session_is_the_records(payload: bytes, session: str | None) -> bool:
 
 
 def _columns(records: list[PreparedRecord]) -> Columns:
-    if not records:
-        return _NO_RECORDS
     records.sort(key=lambda r: r.entity_id)  # a fixed row lock order
     # The key is not sent: it is EntityType:entity_id:version, rebuilt by the statement.
     fields = json.dumps(
@@ -276,14 +280,30 @@ def _columns(records: list[PreparedRecord]) -> Columns:
     return fields, payloads, starts, lengths, b"".join(r.digest for r in records)
 
 
-def _apply_rounds(records: Sequence[PreparedRecord]) -> list[list[Any]]:
+def _apply_rounds(records: Sequence[PreparedRecord]) -> list[RoundPlan]:
     planned = []
     for batch_round in rounds(records):
-        by_type: dict[str, list[PreparedRecord]] = {t: [] for t in ENTITY_TYPES}
+        by_type: dict[str, list[PreparedRecord]] = {}
         for record in batch_round:
-            by_type[record.entity_type].append(record)
-        planned.append([argument for t in ENTITY_TYPES for argument in _columns(by_type[t])])
+            by_type.setdefault(record.entity_type, []).append(record)
+        present = tuple(t for t in ENTITY_TYPES if t in by_type)
+        arguments = [argument for t in present for argument in _columns(by_type[t])]
+        planned.append(RoundPlan(present, arguments))
     return planned
+
+
+def batch_opening(statement_timeout: float, locks: Sequence[int]) -> str:
+    """The batch's settings and session locks, after BEGIN, as one simple query (its
+    values are numbers: nothing else reaches the text)."""
+    timeout_ms = int(statement_timeout * 1000)
+    lock_timeout_ms = max(1, int(timeout_ms * LOCK_TIMEOUT_SHARE))
+    return (
+        _Q["batch_opening"]
+        .replace("<statement_timeout>", str(timeout_ms))
+        .replace("<lock_timeout>", str(lock_timeout_ms))
+        .replace("<namespace>", str(LOCK_NAMESPACE))
+        .replace("<locks>", ",".join(str(int(lock)) for lock in locks))
+    )
 
 
 def plan_batch(records: Sequence[PreparedRecord]) -> BatchPlan:
@@ -325,11 +345,13 @@ def is_record_error(error: BaseException) -> bool:
 
 
 async def read_schema_plan(
-    conn: asyncpg.Connection, available: Sequence[Migration]
+    conn: asyncpg.Connection, available: Sequence[Migration], *, exists: bool | None = None
 ) -> tuple[bool, list[AppliedMigration], list[Migration]]:
-    """Whether the central schema exists, the migrations applied, and those to run. Raises
-    SchemaMismatchError for a schema this program does not know (newer, or edited)."""
-    exists = bool(await conn.fetchval(_Q["schema_exists"]))
+    """Whether the central schema exists (read here unless given), the migrations
+    applied, and those to run. Raises SchemaMismatchError for a schema this program does
+    not know (newer, or edited)."""
+    if exists is None:
+        exists = bool(await conn.fetchval(_Q["schema_exists"]))
     applied = []
     if exists:
         rows = await conn.fetch(_Q["applied_migrations"])
@@ -424,10 +446,8 @@ class PostgresTarget:
         self._schema_ready = False
         # With the version history on, the round that also appends to it, and its
         # retention as the round's last argument.
-        self._round_sql = APPLY_ROUND_SQL
         self._history_arguments: tuple[timedelta, ...] = ()
         if settings.keep_history:
-            self._round_sql = APPLY_ROUND_WITH_HISTORY_SQL
             self._history_arguments = (timedelta(days=settings.history_retention_days),)
 
     @property
@@ -523,7 +543,8 @@ class PostgresTarget:
         pending: Sequence[Migration] = ()
         with self._classified("migrating"), anyio.move_on_after(limit) as deadline:
             async with pool.acquire() as conn:
-                encoding = await conn.fetchval(_Q["server_encoding"])
+                facts = await conn.fetchrow(_Q["schema_facts"])
+                encoding = facts["encoding"]
                 if encoding != "UTF8":
                     raise PostgresSchemaMismatchError(
                         f"the PostgreSQL database's encoding is {encoding}; acode-sync needs "
@@ -533,7 +554,9 @@ class PostgresTarget:
                     )
                 # Read first, without the lock: a fleet starting at once on a current schema
                 # goes on at once instead of queueing on the lock one transaction at a time.
-                _, applied, pending = await self._plan(conn, available)
+                _, applied, pending = await self._plan(
+                    conn, available, exists=facts["schema_exists"]
+                )
                 if pending:
                     # In a transaction of its own: one that had already read the catalog
                     # would not see a migration committed while it waited for the lock.
@@ -589,10 +612,10 @@ class PostgresTarget:
 
     @staticmethod
     async def _plan(
-        conn: asyncpg.Connection, available: Sequence[Migration]
+        conn: asyncpg.Connection, available: Sequence[Migration], *, exists: bool | None = None
     ) -> tuple[bool, list[AppliedMigration], list[Migration]]:
         try:
-            return await read_schema_plan(conn, available)
+            return await read_schema_plan(conn, available, exists=exists)
         except SchemaMismatchError as error:
             raise PostgresSchemaMismatchError(f"PostgreSQL: {error.message}") from None
 
@@ -682,14 +705,11 @@ class PostgresTarget:
     async def _apply_in_transaction(
         self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan
     ) -> BatchOutcome:
-        timeout_ms = int(self.settings.statement_timeout * 1000)
-        lock_timeout_ms = str(max(1, int(timeout_ms * LOCK_TIMEOUT_SHARE)))
-        await conn.fetchval(_Q["batch_settings"], str(timeout_ms), lock_timeout_ms)
-        await conn.fetchval(_Q["lock_entities"], LOCK_NAMESPACE, plan.locks)
+        await conn.execute(batch_opening(self.settings.statement_timeout, plan.locks))
         outcome = BatchOutcome()
         by_key = {r.idempotency_key: r for r in plan.records}
-        for arguments in plan.rounds:
-            rows = await self._round(conn, origin_id, True, arguments)
+        for planned in plan.rounds:
+            rows = await self._round(conn, origin_id, True, planned)
             self._collect(rows, by_key, outcome)
             held = [row["incoming_key"] for row in rows if row["outcome"] == "held"]
             if held:  # before the next round, which may hold later records of their entities
@@ -725,19 +745,20 @@ class PostgresTarget:
         delivered = {row[0] for row in rows}
         outcome.duplicates += [r for r in known if r.idempotency_key in delivered]
         ties = [r for r in known if r.idempotency_key not in delivered]
-        for arguments in _apply_rounds(ties):  # one round: one record per entity
-            rows = await self._round(conn, origin_id, False, arguments)
+        for planned in _apply_rounds(ties):  # one round: one record per entity
+            rows = await self._round(conn, origin_id, False, planned)
             self._collect(rows, by_key, outcome)
 
     async def _round(
-        self, conn: asyncpg.Connection, origin_id: str, record_keys: bool, arguments: list[Any]
+        self, conn: asyncpg.Connection, origin_id: str, record_keys: bool, planned: RoundPlan
     ) -> list[asyncpg.Record]:
         """One round statement; a new entity another transaction created meanwhile rolls
         the batch back (_Raced)."""
+        sql = round_sql(planned.entity_types, history=bool(self._history_arguments))
         try:
             return list(
                 await conn.fetch(
-                    self._round_sql, origin_id, record_keys, *arguments, *self._history_arguments
+                    sql, origin_id, record_keys, *planned.arguments, *self._history_arguments
                 )
             )
         except asyncpg.UniqueViolationError as error:

@@ -10,13 +10,19 @@ from acode_sync.log import Redactor, configure_logging, get_logger
 from acode_sync.pg_tables import (
     APPLY_ROUND_SQL,
     ARGUMENTS_PER_TABLE,
+    ENTITY_TYPES,
     FIRST_TABLE_ARGUMENT,
     TABLES,
+    history_argument,
+    round_sql,
 )
 from acode_sync.postgres import (
+    LOCK_NAMESPACE,
     PreparedRecord,
+    batch_opening,
     is_record_error,
     lock_key,
+    plan_batch,
     rounds,
     session_is_the_records,
 )
@@ -57,6 +63,46 @@ def test_the_round_statement_writes_every_table_with_its_own_arguments() -> None
     last = FIRST_TABLE_ARGUMENT - 1 + ARGUMENTS_PER_TABLE * len(TABLES)
     assert f"${last}::" in APPLY_ROUND_SQL
     assert f"${last + 1}" not in APPLY_ROUND_SQL
+
+
+def test_a_round_names_only_the_tables_of_its_records() -> None:
+    sql = round_sql(("SessionEvent", "ToolCall"), history=True)
+    written = {
+        spec.table for spec in TABLES.values() if f"INSERT INTO acode.{spec.table} AS" in sql
+    }
+    assert written == {"session_events", "tool_calls"}
+    retention = history_argument(("SessionEvent", "ToolCall"))
+    assert retention == FIRST_TABLE_ARGUMENT + 2 * ARGUMENTS_PER_TABLE
+    assert f"${retention}::interval" in sql
+    assert f"${retention + 1}" not in sql
+    assert len(sql) < len(APPLY_ROUND_SQL) / 2
+
+
+@pytest.mark.parametrize("entity_types", [(), ("ToolCall", "Session"), ("Nope",)])
+def test_a_round_statement_takes_known_types_in_their_order(
+    entity_types: tuple[str, ...],
+) -> None:
+    with pytest.raises(ValueError, match="ENTITY_TYPES order"):
+        round_sql(entity_types, history=False)
+
+
+def test_a_batch_plan_sends_arguments_only_for_the_types_present() -> None:
+    def of(n: int, entity_type: str, entity: str) -> PreparedRecord:
+        return PreparedRecord(n, f"k{n}", entity_type, entity, "s", b"{}", "v", None, b"")
+
+    plan = plan_batch([of(1, "ToolCall", "t1"), of(2, "Session", "s"), of(3, "ToolCall", "t1")])
+    assert [r.entity_types for r in plan.rounds] == [("Session", "ToolCall"), ("ToolCall",)]
+    assert [len(r.arguments) for r in plan.rounds] == [2 * ARGUMENTS_PER_TABLE, ARGUMENTS_PER_TABLE]
+    assert set(ENTITY_TYPES) >= {t for r in plan.rounds for t in r.entity_types}
+
+
+def test_a_batch_opens_with_its_settings_before_its_locks() -> None:
+    opening = batch_opening(30.0, [-7, 12])
+    settings, locks = [part.strip() for part in opening.split(";") if part.strip()]
+    assert "set_config('statement_timeout', '30000', true)" in settings
+    assert "set_config('lock_timeout', '15000', true)" in settings
+    assert f"pg_advisory_xact_lock({LOCK_NAMESPACE}, k)" in locks
+    assert "'{-7,12}'::int[]" in locks
 
 
 def test_redactor_scrubs_nested_values() -> None:

@@ -13,6 +13,13 @@ SELECT EXISTS (
     WHERE schemaname = 'acode' AND tablename = 'schema_migrations'
 );
 
+-- A daemon's first look, in one statement: the database's encoding (the apply path
+-- converts payloads from UTF-8 into it) and whether the schema exists (as schema_exists).
+-- name: schema_facts
+SELECT current_setting('server_encoding') AS encoding,
+       EXISTS (SELECT FROM pg_catalog.pg_tables
+               WHERE schemaname = 'acode' AND tablename = 'schema_migrations') AS schema_exists;
+
 -- name: create_schema
 CREATE SCHEMA IF NOT EXISTS acode;
 
@@ -37,25 +44,26 @@ SELECT set_config('search_path', 'acode', true);
 -- name: migration_lock
 SELECT pg_advisory_xact_lock($1, $2);
 
--- The first statement of a batch: its statement and lock timeouts and planner settings,
--- per transaction so they also hold behind a transaction-pooling PgBouncer. Set in a
--- statement of their own, before any lock is waited for (in one statement the locks
--- would be taken before the settings).
+-- A batch's opening, after BEGIN, in one exchange (a simple query of two statements:
+-- behind a transaction-pooling PgBouncer, a statement with arguments is two round trips,
+-- each holding a server connection). The values are numbers filled in by
+-- postgres.batch_opening. First its statement and lock timeouts and planner settings,
+-- per transaction so they also hold behind PgBouncer, in a statement of their own before
+-- any lock is waited for (in one statement the locks would be taken before the settings).
 -- Every batch statement is a set of primary-key probes, right at any table size, so its
 -- plan is made once and reused (planning them per batch cost a third of the server's
 -- time); with sequential scans, hash and merge joins off, a plan made while the tables
 -- were small cannot turn into whole-table scans as they grow.
--- name: batch_settings
-SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true),
-       set_config('plan_cache_mode', 'force_generic_plan', true),
-       set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
-       set_config('enable_mergejoin', 'off', true);
-
 -- Then the batch's session locks, taken in ascending order. They keep concurrent batches
 -- of one session apart; correctness does not rest on them (a round locks the rows it
 -- judges).
--- name: lock_entities
-SELECT count(pg_advisory_xact_lock($1, k)) FROM unnest($2::int[]) AS k;
+-- name: batch_opening
+SELECT set_config('statement_timeout', '<statement_timeout>', true),
+       set_config('lock_timeout', '<lock_timeout>', true),
+       set_config('plan_cache_mode', 'force_generic_plan', true),
+       set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
+       set_config('enable_mergejoin', 'off', true);
+SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int[]) AS k;
 
 -- A key PostgreSQL already holds: delivered before if its digest matches the applied
 -- one, or if this very change was settled as a conflict earlier.
@@ -288,11 +296,6 @@ DELETE FROM acode.<default> WHERE <column> < $1;
 
 -- name: probe
 SELECT 1;
-
--- The apply path converts payloads from UTF-8 into the database's encoding: any other
--- encoding would refuse valid records' text.
--- name: server_encoding
-SELECT current_setting('server_encoding');
 
 -- `acode-syncd check-config --connect`: who and where this connection is.
 -- name: connection_facts
