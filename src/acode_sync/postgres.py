@@ -73,6 +73,8 @@ APPLY_ATTEMPTS: Final = 5
 # takes minutes; the operator who asked waits for it. An automatic one gives up after
 # four statement timeouts (rolled back; records wait) rather than hold the daemon.
 EXPLICIT_MIGRATION_SECONDS: Final = 24 * 3600.0
+# While another daemon migrates, the others look again this often.
+MIGRATION_POLL_SECONDS: Final = 0.5
 # Lock waits give up after this share of the statement timeout, with lock_not_available
 # (55P03, the server's state): a table an administrator locked never looks like a slow
 # record.
@@ -557,15 +559,21 @@ class PostgresTarget:
                 _, applied, pending = await self._plan(
                     conn, available, exists=facts["schema_exists"]
                 )
-                if pending:
+                while pending:
                     # In a transaction of its own: one that had already read the catalog
-                    # would not see a migration committed while it waited for the lock.
+                    # would not see a migration committed meanwhile.
                     async with conn.transaction():
-                        await conn.execute(_Q["migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK)
-                        exists, applied, pending = await self._plan(conn, available)
-                        await self._migrate(
-                            conn, exists, applied, pending, explicit=explicit, limit=limit
-                        )
+                        if await conn.fetchval(
+                            _Q["try_migration_lock"], LOCK_NAMESPACE, MIGRATION_LOCK
+                        ):
+                            exists, applied, pending = await self._plan(conn, available)
+                            await self._migrate(
+                                conn, exists, applied, pending, explicit=explicit, limit=limit
+                            )
+                            break
+                    # Another daemon is migrating: look again once it may have finished.
+                    await anyio.sleep(random.uniform(0.5, 1) * MIGRATION_POLL_SECONDS)  # noqa: S311
+                    _, applied, pending = await self._plan(conn, available)
         if deadline.cancelled_caught:
             if pending and not explicit:  # the migration's time (or the lock's), not the server's
                 raise PostgresUnavailableError(

@@ -9,10 +9,13 @@ Each simulated daemon is what `acode-syncd` runs for one workspace: its own work
 (so its own origin), its own `Config`, `PostgresTarget` (a pool of one or two
 connections, `statement_cache_size = 0`), `Metrics`, limiter and watchdog, and one
 `WorkspaceWorker`, the daemon's own worker task. `--processes` child processes each run
-their share of the daemons on one asyncio event loop. A writer per workspace saves
-SessionEvents through the real `WorkspaceStore` at an agent's pace (a Poisson stream,
-`--rate` records/s on average, including a burst of `--burst` back-to-back saves about
-every `--burst-every` seconds) and wakes its worker as the daemon's watcher would.
+their share of the daemons on one asyncio event loop, its workers woken by the daemon's
+own inotify watcher. A writer per workspace saves SessionEvents through the real
+`WorkspaceStore` at an agent's pace (a Poisson stream, `--rate` records/s on average,
+including a burst of `--burst` back-to-back saves about every `--burst-every` seconds),
+in writer processes of their own, one beside each daemon process: agents are other
+processes than their daemon, and in the daemon's process their saves would take its
+interpreter's time.
 
 Scenarios:
 - steady: the fleet under load for `--seconds`. Prints records/s offered and shipped,
@@ -48,7 +51,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +69,10 @@ from acode_sync.migrations import load_migrations
 from acode_sync.postgres import DIALECT, PostgresTarget
 from acode_sync.store import WorkspaceDatabase, WorkspaceStore
 from acode_sync.sync import tune_interpreter
+from acode_sync.watcher import make_watcher
 from acode_sync.worker import Heartbeat, Shared, WorkspaceWorker
 from acode_sync.workspace import OpenOptions, Synchronous
+from tests.bench.bench_sync import not_processed
 from tests.bouncer import PgBouncer, pgbouncer
 from tests.pg import (
     ADMIN_URL,
@@ -128,7 +133,6 @@ class Member:
     workspace: Path
     shared: Shared
     worker: WorkspaceWorker
-    commits: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -149,12 +153,15 @@ class AgentPace:
 
 
 async def write_like_an_agent(
-    member: Member, store: WorkspaceStore, pace: AgentPace, until: float, rng: random.Random
+    commits: list[tuple[str, float]],
+    store: WorkspaceStore,
+    pace: AgentPace,
+    until: float,
+    rng: random.Random,
 ) -> None:
     try:
         session = await store.save(Session(title="fleet"))
-        member.commits.append((key_of(session), time.time()))
-        member.worker.notify_change()
+        commits.append((key_of(session), time.time()))
         n = 0
         while True:
             pause, count = pace.next_action(rng)
@@ -164,10 +171,64 @@ async def write_like_an_agent(
             for _ in range(count):
                 n += 1
                 event = await store.append_event(session.session_id, "tool_output", {"n": n})
-                member.commits.append((key_of(event), time.time()))
-                member.worker.notify_change()
+                commits.append((key_of(event), time.time()))
     finally:
         await store.aclose()
+
+
+async def run_writers(spec: dict[str, Any]) -> dict[str, Any]:
+    """The agents of a share of the fleet, in a process of their own as agents are: each
+    saves at its pace; the daemons' inotify watchers see the commits."""
+    workspaces = [Path(w) for w in spec["workspaces"]]
+    for workspace in workspaces:
+        workspace.mkdir(parents=True, exist_ok=True)
+    stores = [await WorkspaceStore.open(w) for w in workspaces]
+    pace = AgentPace(spec["rate"], spec["burst"], spec["burst_every"])
+    rng = random.Random(spec["seed"])
+    commits: list[tuple[str, float]] = []
+    start_at = await ready_then_start(spec)
+    late = max(0.0, time.time() - start_at)
+    await wait_until(start_at)
+    lags: list[float] = []
+    probing = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(measure_lag, lags, probing)
+        async with anyio.create_task_group() as writers:
+            for store in stores:
+                until = start_at + spec["seconds"]
+                writers.start_soon(write_like_an_agent, commits, store, pace, until, rng)
+        probing.set()
+    writing_ended = time.time()
+    await anyio.Path(spec["done"]).write_text("written")
+    return {"commits": commits, "late": late, "writing_ended": writing_ended, "writer_lags": lags}
+
+
+class Cancellable:
+    """A task that can be cancelled alone (the watcher, once the workers have stopped)."""
+
+    def __init__(self) -> None:
+        self._scope = anyio.CancelScope()
+
+    async def run(self, work: Awaitable[None]) -> None:
+        with self._scope:
+            await work
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+
+async def wake_on_commits(members: Sequence[Member]) -> None:
+    """As the daemon wakes its workers: the inotify watcher on each `.agent` directory."""
+    watcher = make_watcher()
+    by_workspace = {m.workspace: m.worker for m in members}
+    try:
+        for workspace in by_workspace:
+            watcher.add(workspace)
+        while True:
+            for workspace in (await watcher.changed()).workspaces:
+                by_workspace[workspace].notify_change()
+    finally:
+        watcher.close()
 
 
 def key_of(saved: Entity) -> str:
@@ -212,16 +273,26 @@ async def wait_until(moment: float) -> None:
 
 async def wait_drained(members: Sequence[Member], seconds: float) -> bool:
     with anyio.move_on_after(seconds):
-        # The workers' own backlogs, polled as the daemon's status loop reads them.
-        while any(m.worker.backlog for m in members):  # noqa: ASYNC110
-            await anyio.sleep(0.1)
-        return True
+        while True:
+            # The workers' own backlogs, polled as the daemon's status loop reads them.
+            while any(m.worker.backlog for m in members):  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+            # Then each outbox itself: a worker not yet woken by the last commits still
+            # shows the backlog it last read.
+            left = [
+                m for m in members if await anyio.to_thread.run_sync(not_processed, m.workspace)
+            ]
+            if not left:
+                return True
+            await anyio.sleep(0.5)
     return False
 
 
 async def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     with open(spec["log"], "w") as log:  # noqa: ASYNC230 - before the event loop is busy
         configure_logging(level="warning", json_lines=True, stream=log)
+        if spec["scenario"] == "writers":
+            return await run_writers(spec)
         return await _run_members(spec)
 
 
@@ -240,11 +311,7 @@ async def _run_members(spec: dict[str, Any]) -> dict[str, Any]:
     if scenario == "cold-start":
         for workspace in workspaces:
             seed(workspace, COLD_START_RECORDS)
-    # The workspaces exist before their workers, as the daemon's discovery finds them.
-    stores = [await WorkspaceStore.open(w) for w in workspaces] if scenario == "steady" else []
     members = [Member(w, s, WorkspaceWorker(w, s)) for w, s in zip(workspaces, shared, strict=True)]
-    pace = AgentPace(spec["rate"], spec["burst"], spec["burst_every"])
-    rng = random.Random(spec["seed"])
     result: dict[str, Any] = {}
     try:
         spec["start_at"] = await ready_then_start(spec)
@@ -252,28 +319,29 @@ async def _run_members(spec: dict[str, Any]) -> dict[str, Any]:
         await wait_until(spec["start_at"])
         lags: list[float] = []
         probing = anyio.Event()
+        watching = Cancellable()
         async with anyio.create_task_group() as tg:
             tg.start_soon(measure_lag, lags, probing)
             for member in members:
                 await tg.start(member.worker.run)
             if scenario == "steady":
-                until = spec["start_at"] + spec["seconds"]
-                async with anyio.create_task_group() as writers:
-                    for member, store in zip(members, stores, strict=True):
-                        writers.start_soon(write_like_an_agent, member, store, pace, until, rng)
-                result["writing_ended"] = time.time()
+                # The workspaces exist by now: the writers made them before the start.
+                tg.start_soon(watching.run, wake_on_commits(members))
+                written = anyio.Path(spec["writers_done"])
+                while not await written.exists():  # noqa: ASYNC110 - another process writes it
+                    await anyio.sleep(READY_POLL_SECONDS)
             await anyio.sleep(0.5)  # the last wake-ups reach their workers
             result["drained"] = await wait_drained(members, DRAIN_GRACE_SECONDS)
             result["drained_at"] = time.time()
             for member in members:
                 member.worker.stop()
             probing.set()
+            watching.cancel()
         result["lags"] = lags
     finally:
         with anyio.CancelScope(shield=True):
             for target in {id(s.target): s.target for s in shared}.values():
                 await target.close()
-    result["commits"] = [c for m in members for c in m.commits]
     result["batches"] = sum(batches_shipped(s.metrics) for s in {id(s): s for s in shared}.values())
     result["broken"] = [str(m.workspace) for m in members if m.worker.broken_code]
     return result
@@ -344,10 +412,15 @@ def run_children(
             "log": str(workdir / f"{scenario}-{n}.log"),
             "out": str(workdir / f"{scenario}-{n}.json"),
         }
-        path = workdir / f"{scenario}-{n}.spec.json"
-        path.write_text(json.dumps(spec))
-        command = [sys.executable, "-m", "tests.fleet.simulate", "--child", str(path)]
-        children.append((subprocess.Popen(command), spec))
+        if scenario == "steady":  # the agents, in processes of their own
+            writers = {
+                **spec,
+                "scenario": "writers",
+                **{k: str(workdir / f"writers-{n}.{k}") for k in ("ready", "log", "out", "done")},
+            }
+            spec["writers_done"] = writers["done"]
+            children.append(_start_child(workdir / f"writers-{n}.spec.json", writers))
+        children.append(_start_child(workdir / f"{scenario}-{n}.spec.json", spec))
     start_at = 0.0
     if scenario != "seed":
         while not all(Path(spec["ready"]).exists() for _, spec in children):
@@ -363,6 +436,14 @@ def run_children(
             raise RuntimeError(f"a fleet process failed ({process.returncode}): {spec['log']}")
         results.append(json.loads(Path(spec["out"]).read_text()))
     return results, start_at
+
+
+def _start_child(
+    path: Path, spec: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    path.write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "tests.fleet.simulate", "--child", str(path)]
+    return subprocess.Popen(command), spec
 
 
 def log_problems(workdir: Path, scenario: str) -> Counter[str]:
@@ -446,7 +527,7 @@ async def fetch(dsn: str, sql: str) -> list[asyncpg.Record]:
 
 
 def loop_lag_line(results: Sequence[dict[str, Any]]) -> str:
-    lags = [lag for r in results for lag in r["lags"]] or [0.0]
+    lags = [lag for r in results for lag in r.get("lags", ())] or [0.0]
     return (
         f"simulator event loops: late by p50 {percentile(lags, 0.5) * 1000:,.0f} ms, "
         f"p99 {percentile(lags, 0.99) * 1000:,.0f} ms"
@@ -521,7 +602,7 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
                     "steady", workspaces, dsn=bouncer.url(direct), args=args, workdir=workdir
                 )
             cpu = (server_cpu_seconds() - cpu_before) / (time.time() - wall_before)
-        commits = {key: at for r in results for key, at in r["commits"]}
+        commits = {key: at for r in results for key, at in r.get("commits", ())}
         rows = anyio.run(
             fetch, direct, f"SELECT idempotency_key, extract(epoch FROM at) FROM {AUDIT_TABLE}"
         )
@@ -529,10 +610,10 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
         visible: dict[str, float] = {str(r[0]): float(r[1]) for r in rows}
         latencies = [visible[key] - at for key, at in commits.items() if key in visible]
         account = ledger(list(commits), [str(r[0]) for r in rows], [str(r[0]) for r in applied])
-        writing = max(r["writing_ended"] for r in results) - start_at
-        batches = sum(r["batches"] for r in results)
+        writing = max(r.get("writing_ended", 0.0) for r in results) - start_at
+        batches = sum(r.get("batches", 0) for r in results)
         last_visible = max(visible.values(), default=start_at)
-        problems = log_problems(workdir, "steady")
+        problems = log_problems(workdir, "steady") + log_problems(workdir, "writers")
         report.say(
             f"steady: {args.daemons} daemons in {args.processes} processes, {args.seconds:g} s, "
             f"{args.rate:g} records/s each (bursts of {args.burst} every ~{args.burst_every:g} s), "
@@ -560,7 +641,7 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
         report.check(account.ok, "all offered load shipped, nothing twice")
         report.check(p99 <= P99_TARGET_SECONDS, f"p99 <= {P99_TARGET_SECONDS:g} s")
         report.check(peaks.servers <= args.server_connections, "server connections within the pool")
-        report.check(not problems and all(not r["broken"] for r in results), "zero errors")
+        report.check(not problems and all(not r.get("broken") for r in results), "zero errors")
     finally:
         drop_database(name)
 
@@ -584,7 +665,11 @@ def cold_start(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             fetch,
             direct,
             "SELECT count(*), count(DISTINCT idempotency_key), "
-            "extract(epoch FROM max(applied_at)) FROM acode.applied_keys",
+            "extract(epoch FROM max(applied_at)), "
+            "extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY applied_at)), "
+            "extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY applied_at)), "
+            "(SELECT extract(epoch FROM max(created_at)) FROM acode.schema_migrations) "
+            "FROM acode.applied_keys",
         )[0]
         problems = log_problems(workdir, "cold-start")
         late = max(r["late"] for r in results)
@@ -601,12 +686,18 @@ def cold_start(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             f"{shipped_in:.1f} s after the start; PgBouncer at most {peaks.clients} clients, "
             f"{peaks.servers} servers"
         )
+        if applied[0]:
+            half, most, migrated = (float(v) - start_at for v in applied[3:6])
+            report.say(
+                f"  the migrations committed {migrated:.1f} s after the start; half the "
+                f"records were in PostgreSQL {half:.1f} s after it, 90 % {most:.1f} s"
+            )
         report.say(f"  warnings and errors: {dict(problems) or 'none'}")
         report.check(
             migrations[0] == len(load_migrations(DIALECT)) and migrations[1] == 1,
             "exactly one daemon applied the migrations",
         )
-        report.check(not problems and all(not r["broken"] for r in results), "none failed")
+        report.check(not problems and all(not r.get("broken") for r in results), "none failed")
         report.check(applied[0] == applied[1] == expected, "every record shipped once")
         report.check(
             shipped_in <= COLD_START_TARGET_SECONDS,

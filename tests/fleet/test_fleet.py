@@ -13,7 +13,13 @@ import pytest
 
 from acode_sync.config import PostgresSettings
 from acode_sync.migrations import latest_version, load_migrations
-from acode_sync.postgres import DIALECT, LOCK_NAMESPACE, MIGRATION_LOCK, PostgresTarget
+from acode_sync.postgres import (
+    DIALECT,
+    LOCK_NAMESPACE,
+    MIGRATION_LOCK,
+    MIGRATION_POLL_SECONDS,
+    PostgresTarget,
+)
 from tests.fleet.simulate import main
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes, pytest.mark.timeout(600)]
@@ -60,30 +66,13 @@ async def test_a_current_schema_is_checked_without_queueing_on_the_migration_loc
         await holder.close()
 
 
-async def _waiting_on_advisory_locks(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(
-            await conn.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            )
-        )
-    finally:
-        await conn.close()
-
-
-async def _until_waiting(dsn: str, count: int) -> None:
-    with anyio.fail_after(10):
-        while await _waiting_on_advisory_locks(dsn) < count:  # noqa: ASYNC110 - PostgreSQL's state
-            await anyio.sleep(0.02)
-
-
 @pytest.mark.anyio
 async def test_a_daemon_that_waited_for_the_lock_sees_the_migration_committed_meanwhile(
     pg_url: str,
 ) -> None:
-    """Two daemons find an empty database and queue on the migration lock; the first
-    migrates; the second, whose connection already looked for the schema, must find it
+    """Two daemons find an empty database while another holds the migration lock; they
+    wait for it without holding a server connection (no waiter on the lock), then one
+    migrates; the other, whose connection already looked for the schema, must find it
     (not run the migrations again and fail on tables that exist)."""
     settings = PostgresSettings(dsn=pg_url, pool_max=1, statement_timeout=5.0)
     first, second = PostgresTarget(settings), PostgresTarget(settings)
@@ -95,15 +84,30 @@ async def test_a_daemon_that_waited_for_the_lock_sees_the_migration_committed_me
                 "SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK
             )
             tg.start_soon(lambda: _keep(results, first.ensure_schema()))
-            await _until_waiting(pg_url, 1)
             tg.start_soon(lambda: _keep(results, second.ensure_schema()))
-            await _until_waiting(pg_url, 2)
+            # Both find the lock taken and look again every half second meanwhile.
+            for _ in range(3):
+                await anyio.sleep(MIGRATION_POLL_SECONDS)
+                assert await _waiting_on_advisory_locks(pg_url) == 0
+            assert results == []
         latest = latest_version(load_migrations(DIALECT))
         assert sorted(results) == [(0, latest), (latest, latest)]  # one migrated, none failed
     finally:
         await first.close()
         await second.close()
         await holder.close()
+
+
+async def _waiting_on_advisory_locks(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+        )
+    finally:
+        await conn.close()
 
 
 async def _keep(results: list[tuple[int, int]], call: Awaitable[tuple[int, int]]) -> None:

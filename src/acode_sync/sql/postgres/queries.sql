@@ -44,6 +44,12 @@ SELECT set_config('search_path', 'acode', true);
 -- name: migration_lock
 SELECT pg_advisory_xact_lock($1, $2);
 
+-- A daemon that finds migrations pending takes the lock only if it is free: while another
+-- migrates, the others wait for it without holding a server connection (behind PgBouncer
+-- a thousand waiters on the lock would hold every one and pass it on one at a time).
+-- name: try_migration_lock
+SELECT pg_try_advisory_xact_lock($1, $2);
+
 -- A batch's opening, after BEGIN, in one exchange (a simple query of two statements:
 -- behind a transaction-pooling PgBouncer, a statement with arguments is two round trips,
 -- each holding a server connection). The values are numbers filled in by
