@@ -295,8 +295,8 @@ def _apply_rounds(records: Sequence[PreparedRecord]) -> list[RoundPlan]:
 
 
 def batch_opening(statement_timeout: float, locks: Sequence[int]) -> str:
-    """The batch's settings and session locks, after BEGIN, as one simple query (its
-    values are numbers: nothing else reaches the text)."""
+    """BEGIN, then the batch's settings and session locks, as one simple query (its values
+    are numbers: nothing else reaches the text)."""
     timeout_ms = int(statement_timeout * 1000)
     lock_timeout_ms = max(1, int(timeout_ms * LOCK_TIMEOUT_SHARE))
     return (
@@ -315,6 +315,23 @@ def plan_batch(records: Sequence[PreparedRecord]) -> BatchPlan:
         locks=sorted({lock_key(session) for session in sessions}),
         rounds=_apply_rounds(records),
     )
+
+
+async def _roll_back(conn: asyncpg.Connection, seconds: float) -> None:
+    """End a failed batch's transaction, even when a cancellation (a timeout) ended the
+    batch; a connection that cannot (broken, or still busy with the cancelled statement)
+    is closed instead, and the server rolls the transaction back."""
+    with anyio.CancelScope(shield=True):
+        try:
+            if conn.is_closed() or not conn.is_in_transaction():
+                return
+        except asyncpg.InterfaceError:
+            return  # lost: the pool has already taken the connection back
+        try:
+            with anyio.fail_after(seconds):
+                await conn.execute("ROLLBACK")
+        except Exception:
+            conn.terminate()
 
 
 def _sqlstate(error: BaseException) -> str:
@@ -702,10 +719,14 @@ class PostgresTarget:
         timeout = self.settings.statement_timeout + self.settings.connect_timeout
         with self._classified("applying a batch"), anyio.fail_after(timeout * 2):
             async with pool.acquire() as conn:
-                async with conn.transaction():
+                try:
                     outcome = await self._apply_in_transaction(conn, origin_id, plan)
                     if fault_hook is not None:
                         fault_hook("before_commit")
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await _roll_back(conn, self.settings.connect_timeout)
+                    raise
                 if fault_hook is not None:
                     fault_hook("after_commit")
         return outcome
@@ -713,6 +734,8 @@ class PostgresTarget:
     async def _apply_in_transaction(
         self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan
     ) -> BatchOutcome:
+        # BEGIN, the settings and the locks: one exchange (asyncpg's conn.transaction()
+        # would send BEGIN alone), ended by the caller's COMMIT or _roll_back.
         await conn.execute(batch_opening(self.settings.statement_timeout, plan.locks))
         outcome = BatchOutcome()
         by_key = {r.idempotency_key: r for r in plan.records}

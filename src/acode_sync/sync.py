@@ -109,6 +109,12 @@ def prepare(
         )
     if payload.lstrip(b" \t\r\n")[:1] != b"{":
         raise RecordRejectedError("the payload is not a JSON object")
+    if record.session_id is None and _names_no_session(record.entity_type, payload):
+        raise RecordRejectedError(
+            "the record names no session: neither the outbox record nor its payload has a "
+            "session_id (and the workspace knows no parent entity that has one); every "
+            "entity but a Session belongs to one"
+        )
     key, base = record.idempotency_key, record.base_updated_at
     prefix = f"{record.entity_type}:{record.entity_id}:"
     if not key.startswith(prefix):
@@ -136,6 +142,12 @@ def prepare(
         base,
         hashlib.sha256(payload).digest(),
     )
+
+
+def _names_no_session(entity_type: str, payload: bytes) -> bool:
+    """Certainly no session: not a Session (its id is its session), and no session_id key
+    in the payload (spelled as such: without a \\u escape, a key is spelled as it reads)."""
+    return entity_type != "Session" and b'"session_id"' not in payload and b"\\u" not in payload
 
 
 def _follows_its_base(version: str, base: str | None, skew: timedelta) -> bool:

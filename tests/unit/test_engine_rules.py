@@ -98,7 +98,8 @@ def test_a_batch_plan_sends_arguments_only_for_the_types_present() -> None:
 
 def test_a_batch_opens_with_its_settings_before_its_locks() -> None:
     opening = batch_opening(30.0, [-7, 12])
-    settings, locks = [part.strip() for part in opening.split(";") if part.strip()]
+    begin, settings, locks = [part.strip() for part in opening.split(";") if part.strip()]
+    assert begin == "BEGIN"
     assert "set_config('statement_timeout', '30000', true)" in settings
     assert "set_config('lock_timeout', '15000', true)" in settings
     assert f"pg_advisory_xact_lock({LOCK_NAMESPACE}, k)" in locks

@@ -115,3 +115,32 @@ def test_the_next_version_after_the_clock_stepped_back_ships() -> None:
     jump = record(key="Session:sess_x:2099-01-01T00:00:00.000000Z", base=ahead)
     with pytest.raises(RecordRejectedError, match="ahead of this machine's clock"):
         prepare(jump, max_payload_bytes=100, latest=LATEST, skew=SKEW)
+
+
+@pytest.mark.parametrize(
+    ("payload", "refused"),
+    [
+        (b'{"name": "grep"}', True),
+        (b'{"name": "grep", "session_id": "sess_x"}', False),
+        (b'{"name": "grep", "session\\u005fid": "sess_x"}', False),  # PostgreSQL reads it
+    ],
+)
+def test_a_record_that_names_no_session_is_refused_before_it_ships(
+    payload: bytes, refused: bool
+) -> None:
+    orphan = OutboxRecord(
+        1, f"ToolCall:tc_1:{VERSION}", "ToolCall", "tc_1", None, payload, None, NOW, 0
+    )
+    if refused:
+        with pytest.raises(RecordRejectedError, match="names no session"):
+            prepare(orphan, max_payload_bytes=1000, latest=LATEST, skew=SKEW)
+    else:
+        prepared = prepare(orphan, max_payload_bytes=1000, latest=LATEST, skew=SKEW)
+        assert prepared.session_id is None
+
+
+def test_a_session_without_a_session_id_is_its_own_session() -> None:
+    prepared = prepare(
+        record(session_id=None, payload=b"{}"), max_payload_bytes=100, latest=LATEST, skew=SKEW
+    )
+    assert prepared.entity_id == "sess_x"

@@ -50,7 +50,7 @@ SELECT pg_advisory_xact_lock($1, $2);
 -- name: try_migration_lock
 SELECT pg_try_advisory_xact_lock($1, $2);
 
--- A batch's opening, after BEGIN, in one exchange (a simple query of two statements:
+-- A batch's opening, BEGIN and two statements in one exchange (a simple query:
 -- behind a transaction-pooling PgBouncer, a statement with arguments is two round trips,
 -- each holding a server connection). The values are numbers filled in by
 -- postgres.batch_opening. First its statement and lock timeouts and planner settings,
@@ -64,6 +64,7 @@ SELECT pg_try_advisory_xact_lock($1, $2);
 -- of one session apart; correctness does not rest on them (a round locks the rows it
 -- judges).
 -- name: batch_opening
+BEGIN;
 SELECT set_config('statement_timeout', '<statement_timeout>', true),
        set_config('lock_timeout', '<lock_timeout>', true),
        set_config('plan_cache_mode', 'force_generic_plan', true),
