@@ -487,6 +487,21 @@ class BouncerPeaks:
     clients: int = 0
     servers: int = 0
     waiting: int = 0
+    # CPU ticks of each backend of the fleet's database, as last read: the database's own
+    # share of the server, which other jobs on this machine share.
+    backend_ticks: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def backend_seconds(self) -> float:
+        return sum(self.backend_ticks.values()) / CLOCK_TICKS
+
+
+def process_ticks(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
 
 
 @contextmanager
@@ -495,8 +510,14 @@ def sampling(bouncer: PgBouncer, database: str) -> Iterator[BouncerPeaks]:
     peaks = BouncerPeaks()
     done = threading.Event()
 
+    backends = f"SELECT pid FROM pg_stat_activity WHERE datname = '{database}'"
+
     def sample() -> None:
         while not done.wait(SAMPLE_SECONDS):
+            for (pid,) in anyio.run(fetch, ADMIN_URL, backends):
+                ticks = process_ticks(int(pid))
+                if ticks is not None:
+                    peaks.backend_ticks[int(pid)] = ticks
             for row in bouncer.show("POOLS"):
                 if row["database"] != database:
                     continue
@@ -601,7 +622,8 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
                 results, start_at = run_children(
                     "steady", workspaces, dsn=bouncer.url(direct), args=args, workdir=workdir
                 )
-            cpu = (server_cpu_seconds() - cpu_before) / (time.time() - wall_before)
+            elapsed = time.time() - wall_before
+            cpu = (server_cpu_seconds() - cpu_before) / elapsed
         commits = {key: at for r in results for key, at in r.get("commits", ())}
         rows = anyio.run(
             fetch, direct, f"SELECT idempotency_key, extract(epoch FROM at) FROM {AUDIT_TABLE}"
@@ -634,7 +656,12 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             f"  PgBouncer: at most {peaks.clients} client connections "
             f"({peaks.waiting} waiting), {peaks.servers} server connections"
         )
-        report.say(f"  PostgreSQL server CPU: {cpu * 100:.0f}% of one core")
+        own = peaks.backend_seconds
+        report.say(
+            f"  PostgreSQL CPU: the fleet database's backends {own / elapsed * 100:.0f}% of one "
+            f"core, {own / max(1, batches) * 1000:.1f} ms per batch; the whole server "
+            f"{cpu * 100:.0f}%"
+        )
         report.say(f"  {loop_lag_line(results)}")
         report.say(f"  warnings and errors: {dict(problems) or 'none'}")
         report.say(f"  {account.line()}")
