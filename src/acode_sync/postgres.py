@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -121,10 +122,21 @@ ENTITY_KEYS: Final = frozenset(
 )
 
 
-def _raced(error: asyncpg.UniqueViolationError) -> bool:
-    return error.schema_name == "acode" and (error.table_name, error.constraint_name) in (
-        ENTITY_KEYS
-    )
+# Citus reports a shard's own names: the table's and the constraint's, each with the
+# shard's id appended (sessions_102008, sessions_pkey_102008).
+_SHARD_SUFFIX: Final = re.compile(r"_[0-9]+$")
+
+
+def is_entity_race(error: asyncpg.UniqueViolationError) -> bool:
+    if error.schema_name != "acode":
+        return False
+    table, constraint = str(error.table_name or ""), str(error.constraint_name or "")
+    if (table, constraint) in ENTITY_KEYS:
+        return True
+    shard = _SHARD_SUFFIX.search(table)
+    if shard is None or not constraint.endswith(shard.group()):
+        return False
+    return (table[: shard.start()], constraint[: -len(shard.group())]) in ENTITY_KEYS
 
 
 class RecordFailure(Exception):
@@ -793,7 +805,7 @@ class PostgresTarget:
                 )
             )
         except asyncpg.UniqueViolationError as error:
-            if _raced(error):
+            if is_entity_race(error):
                 raise _Raced(error.table_name) from None
             raise
 

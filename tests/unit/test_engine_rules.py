@@ -20,6 +20,7 @@ from acode_sync.postgres import (
     LOCK_NAMESPACE,
     PreparedRecord,
     batch_opening,
+    is_entity_race,
     is_record_error,
     lock_key,
     plan_batch,
@@ -173,3 +174,25 @@ def test_the_sender_tells_a_payloads_session_only_when_it_is_the_records(
     named = json.loads(payload).get("session_id")
     if seen:
         assert (named if isinstance(named, str) else session) == session
+
+
+@pytest.mark.parametrize(
+    ("schema", "table", "constraint", "raced"),
+    [
+        ("acode", "sessions", "sessions_pkey", True),
+        ("acode", "tool_calls", "tool_calls_tool_call_id_key", True),
+        # A Citus shard's names: the table's and the constraint's with the shard id.
+        ("acode", "sessions_102008", "sessions_pkey_102008", True),
+        ("acode", "tool_calls_102044", "tool_calls_tool_call_id_key_102044", True),
+        ("acode", "sessions_102008", "sessions_pkey_102009", False),
+        ("acode", "conflicts", "conflicts_pkey", False),
+        ("acode", "applied_keys_p20261201", "applied_keys_p20261201_pkey", False),
+        ("other", "sessions", "sessions_pkey", False),
+    ],
+)
+def test_a_race_is_a_unique_violation_of_an_entity_key_on_a_server_or_a_shard(
+    schema: str, table: str, constraint: str, raced: bool
+) -> None:
+    error = asyncpg.UniqueViolationError("duplicate key value violates unique constraint")
+    error.schema_name, error.table_name, error.constraint_name = schema, table, constraint
+    assert is_entity_race(error) is raced
