@@ -178,7 +178,7 @@ async def run(args: argparse.Namespace) -> None:
         await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--batches", type=int, default=500)
     parser.add_argument("--records", type=int, default=7)
@@ -186,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batches < 1 or args.records < 1 or args.rounds < 1:
         parser.error("--batches, --records and --rounds must be at least 1")
-    anyio.run(run, args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    anyio.run(run, parse_args(argv))
     return 0
 
 
