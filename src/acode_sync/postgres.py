@@ -54,6 +54,7 @@ from acode_sync.migrations import (
 )
 from acode_sync.pg_tables import (
     APPLY_ROUND_WITH_HISTORY_SQL,
+    ARGUMENTS_PER_TABLE,
     ENTITY_TYPES,
     TABLES,
     round_sql,
@@ -229,14 +230,23 @@ def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
 # digests as one blob. (An array parameter per field costs several times more: asyncpg
 # checks and copies array elements one by one.)
 Columns = tuple[str, bytes, list[int], list[int], bytes]
+_NO_RECORDS: Columns = ("[]", b"", [], [], b"")
 
 
 class RoundPlan(NamedTuple):
-    """One round: the entity types it holds (in ENTITY_TYPES order: its statement is
-    pg_tables.round_sql(entity_types)) and their arguments, table by table."""
+    """One round: the entity types it holds (in ENTITY_TYPES order) and their arguments,
+    table by table, for pg_tables.round_sql(entity_types)."""
 
     entity_types: tuple[str, ...]
     arguments: list[Any]
+
+    def for_every_table(self) -> list[Any]:
+        """The arguments of the statement for every table: no records for the others."""
+        present = {
+            entity_type: self.arguments[n * ARGUMENTS_PER_TABLE : (n + 1) * ARGUMENTS_PER_TABLE]
+            for n, entity_type in enumerate(self.entity_types)
+        }
+        return [a for t in ENTITY_TYPES for a in present.get(t, _NO_RECORDS)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -797,12 +807,16 @@ class PostgresTarget:
     ) -> list[asyncpg.Record]:
         """One round statement; a new entity another transaction created meanwhile rolls
         the batch back (_Raced)."""
-        sql = round_sql(planned.entity_types, history=bool(self._history_arguments))
+        history = bool(self._history_arguments)
+        if self.settings.statement_cache_size > 0:
+            # Prepared once per connection: one statement for every table (each variant
+            # prepared would hold its plans, megabytes, in every backend).
+            sql, arguments = round_sql(ENTITY_TYPES, history=history), planned.for_every_table()
+        else:  # parsed and planned for every round: only the tables of its records
+            sql, arguments = round_sql(planned.entity_types, history=history), planned.arguments
         try:
             return list(
-                await conn.fetch(
-                    sql, origin_id, record_keys, *planned.arguments, *self._history_arguments
-                )
+                await conn.fetch(sql, origin_id, record_keys, *arguments, *self._history_arguments)
             )
         except asyncpg.UniqueViolationError as error:
             if is_entity_race(error):

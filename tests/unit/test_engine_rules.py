@@ -95,6 +95,11 @@ def test_a_batch_plan_sends_arguments_only_for_the_types_present() -> None:
     assert [r.entity_types for r in plan.rounds] == [("Session", "ToolCall"), ("ToolCall",)]
     assert [len(r.arguments) for r in plan.rounds] == [2 * ARGUMENTS_PER_TABLE, ARGUMENTS_PER_TABLE]
     assert set(ENTITY_TYPES) >= {t for r in plan.rounds for t in r.entity_types}
+    every = plan.rounds[1].for_every_table()
+    assert len(every) == ARGUMENTS_PER_TABLE * len(ENTITY_TYPES)
+    tool_calls = ENTITY_TYPES.index("ToolCall") * ARGUMENTS_PER_TABLE
+    assert every[tool_calls : tool_calls + ARGUMENTS_PER_TABLE] == plan.rounds[1].arguments
+    assert every[:ARGUMENTS_PER_TABLE] == ["[]", b"", [], [], b""]  # no Session in it
 
 
 def test_a_batch_opens_with_its_settings_before_its_locks() -> None:
