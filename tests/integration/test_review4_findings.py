@@ -1,0 +1,94 @@
+"""A batch's hand-made transaction (BEGIN in the opening, COMMIT or _roll_back) under
+cancellation and lost links: no connection goes back to the pool inside a transaction.
+Real PostgreSQL, a real TCP proxy; asyncpg reports a pooled connection released in a
+transaction through the loop's exception handler ("Resetting connection with an active
+transaction"), which these tests collect."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import anyio
+import asyncpg
+import pytest
+
+from acode_sync.config import PostgresSettings
+from acode_sync.errors import PostgresUnavailableError
+from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, PreparedRecord, plan_batch
+from tests.faults import AtNth
+from tests.proxy import TcpProxy
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+V1 = "2026-12-01T00:00:00.000000Z"
+
+
+def session(n: int, version: str = V1) -> PreparedRecord:
+    payload = b'{"title": "t"}'
+    sid = f"sess_{n}"
+    return PreparedRecord(
+        n, f"Session:{sid}:{version}", "Session", sid, sid, payload, version, None,
+        hashlib.sha256(payload).digest(),
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def reports() -> AsyncIterator[list[str]]:
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(str(context.get("message"))))
+    yield seen
+    loop.set_exception_handler(previous)
+
+
+async def test_a_batch_cancelled_while_its_opening_waits_for_a_lock_is_rolled_back_by_us(
+    pg_url: str, reports: list[str]
+) -> None:
+    # Daemon shutdown while another batch of the session holds its advisory lock: the
+    # opening (BEGIN; settings; locks) is in flight, so the client still reads the
+    # connection as idle; _roll_back must not take that for "nothing to roll back".
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1))
+    other = await asyncpg.connect(pg_url)
+    try:
+        await target.ensure_schema()
+        plan = plan_batch([session(1)])
+        holder = other.transaction()
+        await holder.start()
+        await other.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, plan.locks[0])
+        with anyio.move_on_after(0.3) as scope:
+            await target.apply("origin", plan)
+        assert scope.cancelled_caught
+        await anyio.sleep(0.2)  # the pool's release runs on after the cancellation
+        await holder.rollback()
+        assert len((await target.apply("origin", plan)).applied) == 1
+        assert not [r for r in reports if "active transaction" in r], reports
+    finally:
+        await other.close()
+        await target.close()
+
+
+@pytest.mark.parametrize("fault", ["cut", "blackhole"])
+async def test_a_link_lost_at_commit_rolls_back_and_the_next_batch_ships(
+    pg_url: str, reports: list[str], fault: str
+) -> None:
+    proxy = TcpProxy().start()
+    settings = PostgresSettings(
+        dsn=proxy.dsn(pg_url), pool_min=1, pool_max=1, statement_timeout=1.0, connect_timeout=1.0
+    )
+    target = PostgresTarget(settings)
+    try:
+        await target.ensure_schema()
+        hook = AtNth("before_commit", 1, proxy.cut if fault == "cut" else proxy.blackhole)
+        with pytest.raises(PostgresUnavailableError):
+            await target.apply("origin", plan_batch([session(1)]), fault_hook=hook)
+        proxy.restore()
+        outcome = await target.apply("origin", plan_batch([session(1), session(2)]))
+        # A COMMIT the stalled link delivers late may have committed: then a duplicate.
+        assert sorted(r.outbox_id for r in outcome.applied + outcome.duplicates) == [1, 2]
+        assert not [r for r in reports if "active transaction" in r], reports
+    finally:
+        await target.close()
+        proxy.stop()
