@@ -92,3 +92,82 @@ async def test_a_link_lost_at_commit_rolls_back_and_the_next_batch_ships(
     finally:
         await target.close()
         proxy.stop()
+
+
+async def _hold_migration_lock(
+    url: str,
+) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
+    from acode_sync.postgres import MIGRATION_LOCK
+
+    conn = await asyncpg.connect(url)
+    holding = conn.transaction()
+    await holding.start()
+    await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, MIGRATION_LOCK)
+    return conn, holding
+
+
+async def test_a_daemon_polling_a_held_migration_lock_gives_up_with_its_message(
+    pg_url: str,
+) -> None:
+    conn, holding = await _hold_migration_lock(pg_url)
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, statement_timeout=0.5))
+    try:
+        with pytest.raises(PostgresUnavailableError, match="held the migration lock that long"):
+            await target.ensure_schema()
+    finally:
+        await holding.rollback()
+        await conn.close()
+        await target.close()
+
+
+async def test_a_migration_that_failed_elsewhere_is_run_by_the_poller_once(pg_url: str) -> None:
+    # The lock's holder gives up without migrating (its migration failed and rolled back):
+    # the poller takes the lock and migrates, once.
+    conn, holding = await _hold_migration_lock(pg_url)
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, statement_timeout=5.0))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(target.ensure_schema)
+            await anyio.sleep(1.2)
+            await holding.rollback()
+        versions = await conn.fetch("SELECT version FROM acode.schema_migrations")
+        assert len(versions) == len({v["version"] for v in versions}) >= 8
+    finally:
+        await conn.close()
+        await target.close()
+
+
+@pytest.mark.processes
+async def test_through_pgbouncer_a_batch_cancelled_in_its_opening_leaves_no_open_transaction(
+    pg_url: str, reports: list[str]
+) -> None:
+    from tests.bouncer import pgbouncer
+
+    with pgbouncer(("127.0.0.1", 5432), default_pool_size=1) as bouncer:
+        settings = PostgresSettings(
+            dsn=bouncer.url(pg_url), pool_max=1, statement_cache_size=0, statement_timeout=5.0
+        )
+        target = PostgresTarget(settings)
+        other = await asyncpg.connect(pg_url)
+        try:
+            await target.ensure_schema()
+            plan = plan_batch([session(1)])
+            holder = other.transaction()
+            await holder.start()
+            await other.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, plan.locks[0]
+            )
+            with anyio.move_on_after(0.3):
+                await target.apply("origin", plan)
+            await anyio.sleep(0.3)
+            await holder.rollback()
+            assert len((await target.apply("origin", plan)).applied) == 1
+            assert not [r for r in reports if "active transaction" in r], reports
+            stuck = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'"
+            )
+            assert stuck == 0
+        finally:
+            await other.close()
+            await target.close()
