@@ -171,3 +171,41 @@ async def test_through_pgbouncer_a_batch_cancelled_in_its_opening_leaves_no_open
         finally:
             await other.close()
             await target.close()
+
+
+async def test_a_batch_chosen_as_a_deadlock_victim_is_run_again_at_once(
+    pg_url: str, reports: list[str]
+) -> None:
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1))
+    other = await asyncpg.connect(pg_url)
+    try:
+        await target.ensure_schema()
+        await target.apply("origin", plan_batch([session(1), session(2)]))
+        newer = "2026-12-01T00:00:01.000000Z"
+        plan = plan_batch([session(1, newer), session(2, newer)])
+        deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        before = await other.fetchval(deadlocks)
+        holding = other.transaction()
+        await holding.start()
+        await other.execute("SELECT FROM acode.sessions WHERE session_id = 'sess_2' FOR UPDATE")
+        outcome = None
+
+        async def batch() -> None:
+            nonlocal outcome
+            outcome = await target.apply("origin", plan)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batch)
+            await anyio.sleep(0.3)  # the batch holds sess_1 and waits for sess_2
+            # The batch waited first: its deadlock check fires first, so it is the victim
+            # (40P01), rolled back, and this gets sess_1.
+            await other.execute("SELECT FROM acode.sessions WHERE session_id = 'sess_1' FOR UPDATE")
+            await holding.rollback()
+        assert outcome is not None
+        assert len(outcome.applied) == 2
+        await anyio.sleep(0.6)  # the statistics collector's flush
+        assert await other.fetchval(deadlocks) == before + 1
+        assert not [r for r in reports if "active transaction" in r], reports
+    finally:
+        await other.close()
+        await target.close()
