@@ -209,3 +209,39 @@ async def test_a_batch_chosen_as_a_deadlock_victim_is_run_again_at_once(
     finally:
         await other.close()
         await target.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"name": "grep", "meta": {"session_id": "sess_x"}}',  # nested: not the entity's
+        b'{"name": "grep", "session_id": null}',
+        b'{"name": "grep", "note": "session_id", "tags": ["session_id"]}',
+    ],
+)
+async def test_a_record_whose_payload_names_no_session_of_its_own_is_refused_before_it_ships(
+    pg_url: str, payload: bytes
+) -> None:
+    # The byte scan takes any "session_id" for the entity's session; PostgreSQL reads only
+    # the top-level string (coalesce(p->>'session_id', record's)). These records then fail
+    # there, as the dead letter with PostgreSQL's not-null text that the check was for.
+    from acode_sync.errors import RecordRejectedError
+    from acode_sync.outbox import OutboxRecord
+    from acode_sync.postgres import RecordFailure
+    from acode_sync.sync import prepare
+
+    key = f"ToolCall:tc_1:{V1}"
+    orphan = OutboxRecord(1, key, "ToolCall", "tc_1", None, payload, None, V1, 0)
+    try:
+        prepared = prepare(orphan, max_payload_bytes=1000, latest="2099-01-01T00:00:00.000000Z",
+                           skew=__import__("datetime").timedelta(minutes=5))  # fmt: skip
+    except RecordRejectedError:
+        return
+    target = PostgresTarget(PostgresSettings(dsn=pg_url))
+    try:
+        await target.ensure_schema()
+        with pytest.raises(RecordFailure) as failed:
+            await target.apply("origin", plan_batch([prepared]))
+        pytest.fail(f"prepare let through a record PostgreSQL refuses: {failed.value}")
+    finally:
+        await target.close()
