@@ -245,3 +245,26 @@ async def test_a_record_whose_payload_names_no_session_of_its_own_is_refused_bef
         pytest.fail(f"prepare let through a record PostgreSQL refuses: {failed.value}")
     finally:
         await target.close()
+
+
+@pytest.mark.processes
+async def test_pgbouncers_server_link_lost_at_commit_leaves_the_next_batch_clean(
+    pg_url: str, reports: list[str]
+) -> None:
+    from tests.bouncer import pgbouncer
+
+    with TcpProxy() as proxy, pgbouncer(("127.0.0.1", proxy.port), default_pool_size=1) as pgb:
+        settings = PostgresSettings(
+            dsn=pgb.url(pg_url), pool_max=1, statement_cache_size=0, connect_timeout=2.0
+        )
+        target = PostgresTarget(settings)
+        try:
+            await target.ensure_schema()
+            hook = AtNth("before_commit", 1, proxy.cut)
+            with pytest.raises(PostgresUnavailableError):
+                await target.apply("origin", plan_batch([session(1)]), fault_hook=hook)
+            outcome = await target.apply("origin", plan_batch([session(1), session(2)]))
+            assert sorted(r.outbox_id for r in outcome.applied) == [1, 2]
+            assert not [r for r in reports if "active transaction" in r], reports
+        finally:
+            await target.close()
