@@ -268,3 +268,28 @@ async def test_pgbouncers_server_link_lost_at_commit_leaves_the_next_batch_clean
             assert not [r for r in reports if "active transaction" in r], reports
         finally:
             await target.close()
+
+
+async def test_a_read_only_server_refuses_the_batch_as_the_servers_fault_not_the_records(
+    pg_url: str, reports: list[str]
+) -> None:
+    from acode_sync.errors import PostgresRefusedError
+
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1))
+    admin = await asyncpg.connect(pg_url)
+    database = await admin.fetchval("SELECT current_database()")
+    try:
+        await target.ensure_schema()
+        await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        await target._get_pool()
+        assert target._pool is not None
+        await target._pool.expire_connections()
+        with pytest.raises(PostgresRefusedError) as refused:
+            await target.apply("origin", plan_batch([session(1)]))
+        assert refused.value.sqlstate == "25006"
+        await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        assert len((await target.apply("origin", plan_batch([session(1)]))).applied) == 1
+        assert not [r for r in reports if "active transaction" in r], reports
+    finally:
+        await admin.close()
+        await target.close()
