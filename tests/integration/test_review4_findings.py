@@ -293,3 +293,46 @@ async def test_a_read_only_server_refuses_the_batch_as_the_servers_fault_not_the
     finally:
         await admin.close()
         await target.close()
+
+
+async def test_bisection_on_a_pool_of_one_leaves_no_transaction_behind(
+    workspace: object, pg_url: str, reports: list[str]
+) -> None:
+    import json
+    from datetime import UTC, datetime, timedelta
+    from pathlib import Path
+
+    from acode_sync.config import SyncSettings
+    from acode_sync.domain import Session, format_timestamp
+    from acode_sync.store import WorkspaceDatabase
+    from acode_sync.sync import WorkspaceSyncer
+    from tests.integration.test_sync_faults import insert_raw
+    from tests.records import session_payload
+
+    assert isinstance(workspace, Path)
+    db = WorkspaceDatabase(workspace)
+    stamp = format_timestamp(datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1))
+    try:
+        for n in range(7):
+            db.save(Session(title=f"good {n}"))
+            if n == 3:
+                payload = json.dumps(session_payload("sess_bad", stamp, state="NOPE"))
+                insert_raw(workspace, "Session", "sess_bad", "sess_bad", stamp, payload)
+    finally:
+        db.close()
+    target = PostgresTarget(PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1))
+    watcher = await asyncpg.connect(pg_url)
+    try:
+        summary = await WorkspaceSyncer(
+            workspace=workspace, target=target, settings=SyncSettings()
+        ).drain()
+        assert (summary.applied, summary.retried) == (7, 1)
+        assert not [r for r in reports if "active transaction" in r], reports
+        stuck = await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state LIKE 'idle in transaction%'"
+        )
+        assert stuck == 0
+    finally:
+        await watcher.close()
+        await target.close()
