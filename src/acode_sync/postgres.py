@@ -344,8 +344,11 @@ async def _roll_back(conn: asyncpg.Connection, seconds: float) -> None:
     batch; a connection that cannot (broken, or still busy with the cancelled statement)
     is closed instead, and the server rolls the transaction back."""
     with anyio.CancelScope(shield=True):
+        # Not is_in_transaction(): while the opening is in flight (a cancellation during
+        # its lock wait) the client has not yet read that BEGIN ran. ROLLBACK waits for
+        # the cancelled statement; outside a transaction it is a mere warning.
         try:
-            if conn.is_closed() or not conn.is_in_transaction():
+            if conn.is_closed():
                 return
         except asyncpg.InterfaceError:
             return  # lost: the pool has already taken the connection back

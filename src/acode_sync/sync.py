@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import math
 import os
 import sys
@@ -145,9 +146,20 @@ def prepare(
 
 
 def _names_no_session(entity_type: str, payload: bytes) -> bool:
-    """Certainly no session: not a Session (its id is its session), and no session_id key
-    in the payload (spelled as such: without a \\u escape, a key is spelled as it reads)."""
-    return entity_type != "Session" and b'"session_id"' not in payload and b"\\u" not in payload
+    """Certainly no session: not a Session (its id is its session), and no top-level
+    session_id in the payload, the one PostgreSQL reads (p->>'session_id'). The bytes
+    settle most records (without a \\u escape, a key is spelled as it reads); a payload
+    that has the name somewhere (nested, a value, null) is parsed: only records the outbox
+    gave no session come here."""
+    if entity_type == "Session":
+        return False
+    if b'"session_id"' not in payload and b"\\u" not in payload:
+        return True
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return False  # PostgreSQL refuses it, with its own reason
+    return isinstance(document, dict) and document.get("session_id") is None
 
 
 def _follows_its_base(version: str, base: str | None, skew: timedelta) -> bool:

@@ -1,0 +1,69 @@
+"""What the round statement's variants cost a backend with the statement cache on: each
+round now names only its records' tables, so a connection may prepare one statement per
+set of entity types (63), each with its generic plan, where it prepared one before.
+
+    python -m tests.bench.probe_round_variants
+
+Prints the backend's memory (pg_backend_memory_contexts) after preparing and running
+once the statement for every table, and then every variant, on a fresh connection each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+
+import anyio
+import asyncpg
+
+from acode_sync.config import PostgresSettings
+from acode_sync.pg_tables import ENTITY_TYPES, round_sql
+from acode_sync.postgres import STATEMENT_CACHE_LIMIT, PostgresTarget
+from tests.bench.bench_pooled import admin
+from tests.pg import database_url
+
+EMPTY = ("[]", b"", [], [], b"")
+MEMORY = "SELECT sum(total_bytes) FROM pg_backend_memory_contexts"
+
+
+async def grown_by(dsn: str, variants: list[tuple[str, ...]]) -> int:
+    conn = await asyncpg.connect(
+        dsn, statement_cache_size=100, max_cacheable_statement_size=STATEMENT_CACHE_LIMIT
+    )
+    try:
+        await conn.execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
+        before = int(await conn.fetchval(MEMORY))
+        for types in variants:
+            arguments = [a for _ in types for a in EMPTY]
+            await conn.fetch(round_sql(types, history=False), "o", False, *arguments)
+        return int(await conn.fetchval(MEMORY)) - before
+    finally:
+        await conn.close()
+
+
+async def run() -> None:
+    name = f"acode_probe_variants_{secrets.token_hex(4)}"
+    await admin(f'CREATE DATABASE "{name}"')
+    dsn = database_url(name)
+    try:
+        target = PostgresTarget(PostgresSettings(dsn=dsn))
+        await target.ensure_schema()
+        await target.close()
+        every = [
+            types
+            for n in range(1, len(ENTITY_TYPES) + 1)
+            for types in itertools.combinations(ENTITY_TYPES, n)
+        ]
+        one = await grown_by(dsn, [ENTITY_TYPES])
+        all_variants = await grown_by(dsn, every)
+        print(f"the statement for every table: backend memory +{one / 2**20:.1f} MiB")
+        print(
+            f"all {len(every)} variants: +{all_variants / 2**20:.1f} MiB "
+            f"({all_variants / max(1, one):.1f}x)"
+        )
+    finally:
+        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    anyio.run(run)
