@@ -1,10 +1,11 @@
 """How each entity's payload maps onto its typed PostgreSQL table.
 
-The round statement (APPLY_ROUND_SQL) is assembled once, at import, from the blocks of
-sql/postgres/queries.sql (`incoming_entities` and `apply_entities` filled once per table
-from these constant specs, `round_keys`, `round_outcome`): no input ever reaches it.
-APPLY_ROUND_WITH_HISTORY_SQL is the same round that also appends the versions it writes
-to the version history (`append_history`, [postgres] keep_history).
+The round statement (round_sql, for a set of entity types; APPLY_ROUND_SQL for every
+table) is assembled from the blocks of sql/postgres/queries.sql (`incoming_entities` and
+`apply_entities` filled per table from these constant specs, `round_keys`,
+`round_outcome`), once per set of types (cached): no input ever reaches it. With
+`history` it also appends the versions it writes to the version history
+(`append_history`, [postgres] keep_history; APPLY_ROUND_WITH_HISTORY_SQL).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import secrets
 import statistics
 import time
@@ -32,7 +33,7 @@ from acode_sync.pg_tables import ENTITY_TYPES, round_sql
 from acode_sync.postgres import BatchPlan, PostgresTarget, PreparedRecord, plan_batch
 from tests.pg import ADMIN_URL, database_url
 
-CLOCK_TICKS = 100  # /proc's unit, as os.sysconf("SC_CLK_TCK") gives on Linux
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit
 WARMUP_BATCHES = 20
 PLAN_SAMPLES = 7
 

@@ -1,6 +1,8 @@
-"""What the round statement's variants cost a backend with the statement cache on: each
-round now names only its records' tables, so a connection may prepare one statement per
-set of entity types (63), each with its generic plan, where it prepared one before.
+"""What the round statement's variants would cost a backend with the statement cache on:
+one statement per set of entity types (63), each prepared with its generic plan. It is
+why a connection with the cache on sends every round as the one statement for every
+table, and only a connection without it (behind a pooler, where nothing stays prepared)
+sends the variant naming its records' tables (postgres.PostgresTarget._round).
 
     python -m tests.bench.probe_round_variants
 
