@@ -146,19 +146,16 @@ def prepare(
 
 
 def _names_no_session(entity_type: str, payload: bytes) -> bool:
-    """Certainly no session: not a Session (its id is its session), and no top-level
-    session_id in the payload, the one PostgreSQL reads (p->>'session_id'). The bytes
-    settle most records (without a \\u escape, a key is spelled as it reads); a payload
-    that has the name somewhere (nested, a value, null) is parsed: only records the outbox
-    gave no session come here."""
+    """Certainly no session: not a Session (its id is its session), a JSON object, and no
+    top-level session_id in it, the one PostgreSQL reads (p->>'session_id'). Only records
+    the outbox gave no session come here (few), so the payload is parsed; one that is
+    not JSON is left to PostgreSQL, which refuses it with its own reason."""
     if entity_type == "Session":
         return False
-    if b'"session_id"' not in payload and b"\\u" not in payload:
-        return True
     try:
         document = json.loads(payload)
     except ValueError:
-        return False  # PostgreSQL refuses it, with its own reason
+        return False
     return isinstance(document, dict) and document.get("session_id") is None
 
 
