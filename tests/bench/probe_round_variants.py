@@ -24,7 +24,7 @@ from acode_sync.postgres import STATEMENT_CACHE_LIMIT, PostgresTarget
 from tests.bench.bench_pooled import admin
 from tests.pg import database_url
 
-EMPTY = ("[]", b"", [], [], b"")
+EMPTY: tuple[str, bytes, list[int], list[int], bytes] = ("[]", b"", [], [], b"")
 MEMORY = "SELECT sum(total_bytes) FROM pg_backend_memory_contexts"
 
 
