@@ -54,7 +54,6 @@ from acode_sync.migrations import (
 )
 from acode_sync.pg_tables import (
     APPLY_ROUND_WITH_HISTORY_SQL,
-    ARGUMENTS_PER_TABLE,
     ENTITY_TYPES,
     TABLES,
     round_sql,
@@ -234,19 +233,22 @@ _NO_RECORDS: Columns = ("[]", b"", [], [], b"")
 
 
 class RoundPlan(NamedTuple):
-    """One round: the entity types it holds (in ENTITY_TYPES order) and their arguments,
-    table by table, for pg_tables.round_sql(entity_types)."""
+    """One round: the columns of each entity type it holds, in ENTITY_TYPES order."""
 
-    entity_types: tuple[str, ...]
-    arguments: list[Any]
+    columns: dict[str, Columns]
+
+    @property
+    def entity_types(self) -> tuple[str, ...]:
+        return tuple(self.columns)
+
+    @property
+    def arguments(self) -> list[Any]:
+        """For pg_tables.round_sql(entity_types): the tables of its records."""
+        return [a for columns in self.columns.values() for a in columns]
 
     def for_every_table(self) -> list[Any]:
-        """The arguments of the statement for every table: no records for the others."""
-        present = {
-            entity_type: self.arguments[n * ARGUMENTS_PER_TABLE : (n + 1) * ARGUMENTS_PER_TABLE]
-            for n, entity_type in enumerate(self.entity_types)
-        }
-        return [a for t in ENTITY_TYPES for a in present.get(t, _NO_RECORDS)]
+        """For the statement for every table: no records for the others."""
+        return [a for t in ENTITY_TYPES for a in self.columns.get(t, _NO_RECORDS)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,9 +312,7 @@ def _apply_rounds(records: Sequence[PreparedRecord]) -> list[RoundPlan]:
         by_type: dict[str, list[PreparedRecord]] = {}
         for record in batch_round:
             by_type.setdefault(record.entity_type, []).append(record)
-        present = tuple(t for t in ENTITY_TYPES if t in by_type)
-        arguments = [argument for t in present for argument in _columns(by_type[t])]
-        planned.append(RoundPlan(present, arguments))
+        planned.append(RoundPlan({t: _columns(by_type[t]) for t in ENTITY_TYPES if t in by_type}))
     return planned
 
 
@@ -488,8 +488,7 @@ class PostgresTarget:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._schema_ready = False
-        # With the version history on, the round that also appends to it, and its
-        # retention as the round's last argument.
+        # With the version history on, its retention: the round's last argument.
         self._history_arguments: tuple[timedelta, ...] = ()
         if settings.keep_history:
             self._history_arguments = (timedelta(days=settings.history_retention_days),)
