@@ -19,10 +19,10 @@ import argparse
 import hashlib
 import json
 import os
-import secrets
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -31,7 +31,7 @@ import asyncpg
 from acode_sync.config import PostgresSettings
 from acode_sync.pg_tables import ENTITY_TYPES, round_sql
 from acode_sync.postgres import BatchPlan, PostgresTarget, PreparedRecord, plan_batch
-from tests.pg import ADMIN_URL, database_url
+from tests.pg import create_database_async, database_url, drop_database_async
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit
 WARMUP_BATCHES = 20
@@ -130,22 +130,24 @@ async def apply_batches(dsn: str, cache: int, plans: Sequence[BatchPlan]) -> tup
         await target.close()
 
 
-async def admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-async def run(args: argparse.Namespace) -> None:
-    name = f"acode_bench_pooled_{secrets.token_hex(4)}"
-    await admin(f'CREATE DATABASE "{name}"')
+@asynccontextmanager
+async def migrated_database() -> AsyncIterator[str]:
+    """A fresh database at this program's schema, dropped afterwards; its DSN."""
+    name = await create_database_async()
     dsn = database_url(name)
     try:
         target = PostgresTarget(PostgresSettings(dsn=dsn))
-        await target.ensure_schema()
-        await target.close()
+        try:
+            await target.ensure_schema()
+        finally:
+            await target.close()
+        yield dsn
+    finally:
+        await drop_database_async(name)
+
+
+async def run(args: argparse.Namespace) -> None:
+    async with migrated_database() as dsn:
         print("round statement, parsed and planned (PREPARE, EXPLAIN EXECUTE; median of 7):")
         every = await plan_cost(dsn, ENTITY_TYPES)
         alone = await plan_cost(dsn, ("SessionEvent",))
@@ -175,8 +177,6 @@ async def run(args: argparse.Namespace) -> None:
             f"  no statement cache (a pooler):    CPU {ms(uncached[0])}   wall {ms(uncached[1])}"
             f"   {ratio(uncached[0], cached[0])} the CPU"
         )
-    finally:
-        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

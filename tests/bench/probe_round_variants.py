@@ -13,16 +13,13 @@ once the statement for every table, and then every variant, on a fresh connectio
 from __future__ import annotations
 
 import itertools
-import secrets
 
 import anyio
 import asyncpg
 
-from acode_sync.config import PostgresSettings
 from acode_sync.pg_tables import ENTITY_TYPES, round_sql
-from acode_sync.postgres import STATEMENT_CACHE_LIMIT, PostgresTarget
-from tests.bench.bench_pooled import admin
-from tests.pg import database_url
+from acode_sync.postgres import STATEMENT_CACHE_LIMIT
+from tests.bench.bench_pooled import migrated_database
 
 EMPTY: tuple[str, bytes, list[int], list[int], bytes] = ("[]", b"", [], [], b"")
 MEMORY = "SELECT sum(total_bytes) FROM pg_backend_memory_contexts"
@@ -44,13 +41,7 @@ async def grown_by(dsn: str, variants: list[tuple[str, ...]]) -> int:
 
 
 async def run() -> None:
-    name = f"acode_probe_variants_{secrets.token_hex(4)}"
-    await admin(f'CREATE DATABASE "{name}"')
-    dsn = database_url(name)
-    try:
-        target = PostgresTarget(PostgresSettings(dsn=dsn))
-        await target.ensure_schema()
-        await target.close()
+    async with migrated_database() as dsn:
         every = [
             types
             for n in range(1, len(ENTITY_TYPES) + 1)
@@ -63,8 +54,6 @@ async def run() -> None:
             f"all {len(every)} variants: +{all_variants / 2**20:.1f} MiB "
             f"({all_variants / max(1, one):.1f}x)"
         )
-    finally:
-        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":
