@@ -259,18 +259,26 @@ def _history_block(tables: list[TableSpec]) -> str:
     return sql["append_history"].replace("<written_versions>", versions)
 
 
+KEYS_HELD_CLAUSE = "ON CONFLICT (idempotency_key, session_id, version) DO NOTHING"
+
+
 @cache
-def round_sql(entity_types: tuple[str, ...], *, history: bool) -> str:
+def round_sql(
+    entity_types: tuple[str, ...], *, history: bool, keys_may_be_held: bool = False
+) -> str:
     """The round statement for the entity types a round holds (in ENTITY_TYPES order).
     Behind a transaction-pooling PgBouncer nothing is prepared once: the statement is
-    parsed and planned for every round, in time proportional to the tables it names."""
+    parsed and planned for every round, in time proportional to the tables it names.
+    With `keys_may_be_held` the round finds the keys applied_keys already holds (and
+    returns them as 'held'); without, it inserts them plainly, and a key held fails it."""
     if not entity_types or list(entity_types) != [t for t in ENTITY_TYPES if t in entity_types]:
         raise ValueError(f"entity types not in ENTITY_TYPES order: {entity_types!r}")
     sql = queries("postgres")
     tables = [TABLES[t] for t in entity_types]
     first = [FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE for i in range(len(tables))]
     incoming = [spec.incoming_block(at) for spec, at in zip(tables, first, strict=True)]
-    keys = sql["round_keys"].replace(
+    keys = sql["round_keys"].replace("<keys_held>", KEYS_HELD_CLAUSE if keys_may_be_held else "")
+    keys = keys.replace(
         "<incoming_keys>",
         " UNION ALL SELECT idempotency_key, digest, session_id, version FROM ".join(
             f"{spec.table}_incoming" for spec in tables
@@ -299,4 +307,4 @@ def round_sql(entity_types: tuple[str, ...], *, history: bool) -> str:
 
 # Every table: the longest statement (the size the statement cache must admit).
 APPLY_ROUND_SQL: str = round_sql(ENTITY_TYPES, history=False)
-APPLY_ROUND_WITH_HISTORY_SQL: str = round_sql(ENTITY_TYPES, history=True)
+APPLY_ROUND_WITH_HISTORY_SQL: str = round_sql(ENTITY_TYPES, history=True, keys_may_be_held=True)

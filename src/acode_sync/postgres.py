@@ -111,6 +111,25 @@ class _Raced(Exception):
     """Another transaction created an entity this round judged as new: judge again."""
 
 
+class _KeysHeld(_Raced):
+    """A round that took its keys for new met one applied_keys already holds: run the
+    batch again, finding the keys held (KeyMode.MAY_BE_HELD)."""
+
+
+class KeyMode(Enum):
+    """How a round records its records' keys in applied_keys."""
+
+    NEW = "new"  # a plain insert: a key already held fails the round (_KeysHeld)
+    MAY_BE_HELD = "may be held"  # ON CONFLICT DO NOTHING: the keys held come back as 'held'
+    NOT_RECORDED = "not recorded"  # keys held with another payload, applied as ties
+
+
+def is_applied_key_violation(error: asyncpg.UniqueViolationError) -> bool:
+    """A key applied_keys already holds (the table's partitions, or a Citus shard's, are
+    named after it)."""
+    return error.schema_name == "acode" and str(error.table_name or "").startswith("applied_keys")
+
+
 # A round holds one record per entity: a unique violation of an entity table's primary
 # key (session, id), or of its id alone (UNIQUE, migration 6: the entity created under
 # another session), can only be another transaction's creation of an entity the round
@@ -187,6 +206,7 @@ class BatchOutcome:
     duplicates: list[PreparedRecord] = field(default_factory=list)
     conflicted: list[PreparedRecord] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
+    found_held_keys: bool = False  # some key was in applied_keys already
 
     @property
     def delivered(self) -> list[PreparedRecord]:
@@ -198,6 +218,7 @@ class BatchOutcome:
         self.duplicates += other.duplicates
         self.conflicted += other.conflicted
         self.conflicts += other.conflicts
+        self.found_held_keys |= other.found_held_keys
 
 
 STATEMENT_CACHE_LIMIT: Final = max(64 * 1024, 2 * len(APPLY_ROUND_WITH_HISTORY_SQL))
@@ -488,6 +509,9 @@ class PostgresTarget:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._schema_ready = False
+        # The origins whose last batch found keys already held (a resend, a copied
+        # workspace): their next batch looks for held keys at once rather than fail first.
+        self._resending: set[str] = set()
         # With the version history on, its retention: the round's last argument.
         self._history_arguments: tuple[timedelta, ...] = ()
         if settings.keep_history:
@@ -711,13 +735,19 @@ class PostgresTarget:
     ) -> BatchOutcome:
         """Apply one batch in one transaction: record the keys, then the entities. A
         transaction that lost a race (a serialization failure, a deadlock, an entity
-        another transaction created meanwhile) is rolled back and run again at once."""
+        another transaction created meanwhile) is rolled back and run again at once, as is
+        one that took its keys for new and met one already held (then looking for held
+        keys, as this origin's next batches do until one finds none)."""
         if not self._schema_ready:
             await self.ensure_schema()
+        mode = KeyMode.MAY_BE_HELD if origin_id in self._resending else KeyMode.NEW
         for attempt in range(1, APPLY_ATTEMPTS + 1):
             try:
-                return await self._apply_once(origin_id, plan, fault_hook)
+                outcome = await self._apply_once(origin_id, plan, mode, fault_hook)
             except (_Raced, PostgresUnavailableError) as error:
+                if isinstance(error, _KeysHeld):
+                    mode = KeyMode.MAY_BE_HELD
+                    self._resending.add(origin_id)
                 retry_now = isinstance(error, _Raced) or (
                     isinstance(error, PostgresRefusedError)
                     and error.sqlstate in RETRY_NOW_SQLSTATES
@@ -734,17 +764,21 @@ class PostgresTarget:
                         ) from None
                     raise
                 await anyio.sleep(random.uniform(0, 0.01 * attempt))  # noqa: S311 - jitter
+            else:
+                if not outcome.found_held_keys:
+                    self._resending.discard(origin_id)
+                return outcome
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _apply_once(
-        self, origin_id: str, plan: BatchPlan, fault_hook: FaultHook | None
+        self, origin_id: str, plan: BatchPlan, mode: KeyMode, fault_hook: FaultHook | None
     ) -> BatchOutcome:
         pool = await self._get_pool()
         timeout = self.settings.statement_timeout + self.settings.connect_timeout
         with self._classified("applying a batch"), anyio.fail_after(timeout * 2):
             async with pool.acquire() as conn:
                 try:
-                    outcome = await self._apply_in_transaction(conn, origin_id, plan)
+                    outcome = await self._apply_in_transaction(conn, origin_id, plan, mode)
                     if fault_hook is not None:
                         fault_hook("before_commit")
                     await conn.execute("COMMIT")
@@ -756,7 +790,7 @@ class PostgresTarget:
         return outcome
 
     async def _apply_in_transaction(
-        self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan
+        self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan, mode: KeyMode
     ) -> BatchOutcome:
         # BEGIN, the settings and the locks: one exchange (asyncpg's conn.transaction()
         # would send BEGIN alone), ended by the caller's COMMIT or _roll_back.
@@ -764,10 +798,11 @@ class PostgresTarget:
         outcome = BatchOutcome()
         by_key = {r.idempotency_key: r for r in plan.records}
         for planned in plan.rounds:
-            rows = await self._round(conn, origin_id, True, planned)
+            rows = await self._round(conn, origin_id, mode, planned)
             self._collect(rows, by_key, outcome)
             held = [row["incoming_key"] for row in rows if row["outcome"] == "held"]
             if held:  # before the next round, which may hold later records of their entities
+                outcome.found_held_keys = True
                 await self._settle_held(conn, origin_id, plan, held, outcome)
         if not (outcome.duplicates or outcome.conflicts):
             outcome.applied = list(plan.records)
@@ -801,21 +836,25 @@ class PostgresTarget:
         outcome.duplicates += [r for r in known if r.idempotency_key in delivered]
         ties = [r for r in known if r.idempotency_key not in delivered]
         for planned in _apply_rounds(ties):  # one round: one record per entity
-            rows = await self._round(conn, origin_id, False, planned)
+            rows = await self._round(conn, origin_id, KeyMode.NOT_RECORDED, planned)
             self._collect(rows, by_key, outcome)
 
     async def _round(
-        self, conn: asyncpg.Connection, origin_id: str, record_keys: bool, planned: RoundPlan
+        self, conn: asyncpg.Connection, origin_id: str, mode: KeyMode, planned: RoundPlan
     ) -> list[asyncpg.Record]:
         """One round statement; a new entity another transaction created meanwhile rolls
-        the batch back (_Raced)."""
+        the batch back (_Raced), as does a key held that the round took for new
+        (_KeysHeld)."""
         history = bool(self._history_arguments)
+        held = mode is KeyMode.MAY_BE_HELD
         if self.settings.statement_cache_size > 0:
             # Prepared once per connection: one statement for every table (each variant
             # prepared would hold its plans, megabytes, in every backend).
-            sql, arguments = round_sql(ENTITY_TYPES, history=history), planned.for_every_table()
+            types, arguments = ENTITY_TYPES, planned.for_every_table()
         else:  # parsed and planned for every round: only the tables of its records
-            sql, arguments = round_sql(planned.entity_types, history=history), planned.arguments
+            types, arguments = planned.entity_types, planned.arguments
+        sql = round_sql(types, history=history, keys_may_be_held=held)
+        record_keys = mode is not KeyMode.NOT_RECORDED
         try:
             return list(
                 await conn.fetch(sql, origin_id, record_keys, *arguments, *self._history_arguments)
@@ -823,6 +862,8 @@ class PostgresTarget:
         except asyncpg.UniqueViolationError as error:
             if is_entity_race(error):
                 raise _Raced(error.table_name) from None
+            if mode is KeyMode.NEW and is_applied_key_violation(error):
+                raise _KeysHeld(error.table_name) from None
             raise
 
     @staticmethod

@@ -12,6 +12,7 @@ from acode_sync.pg_tables import (
     ARGUMENTS_PER_TABLE,
     ENTITY_TYPES,
     FIRST_TABLE_ARGUMENT,
+    KEYS_HELD_CLAUSE,
     TABLES,
     history_argument,
     round_sql,
@@ -201,3 +202,11 @@ def test_a_race_is_a_unique_violation_of_an_entity_key_on_a_server_or_a_shard(
     error = asyncpg.UniqueViolationError("duplicate key value violates unique constraint")
     error.schema_name, error.table_name, error.constraint_name = schema, table, constraint
     assert is_entity_race(error) is raced
+
+
+def test_a_round_takes_its_keys_for_new_unless_told_they_may_be_held() -> None:
+    plain = round_sql(("Session",), history=False)
+    finding = round_sql(("Session",), history=False, keys_may_be_held=True)
+    assert KEYS_HELD_CLAUSE not in plain
+    assert finding.count(KEYS_HELD_CLAUSE) == 1
+    assert finding.replace(KEYS_HELD_CLAUSE, "") == plain

@@ -125,6 +125,10 @@ WHERE a.payload_digest = u.digest
 )
 
 -- The round's keys, recorded (or found already held) before anything is applied.
+-- <keys_held>: empty when the batch expects every key to be new (a plain insert: a key
+-- already held fails the round with a unique violation of applied_keys, and the batch is
+-- run again with it), else the ON CONFLICT clause that finds keys held (acode_sync/
+-- postgres.py KeyMode).
 -- name: round_keys
 round_keys AS (
     SELECT idempotency_key, digest, session_id, version FROM <incoming_keys>
@@ -134,7 +138,7 @@ recorded_keys AS (
                                     origin_id)
     SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
     FROM round_keys AS k WHERE $2::boolean
-    ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
+    <keys_held>
     RETURNING idempotency_key
 ),
 -- Most often every key is new: then nothing needs to look each key up among the recorded
@@ -189,11 +193,10 @@ round_held AS (
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
            ) AS in_conflict
+    -- In the order the sender sorted the records (by entity id, as "C" sorts them):
+    -- each block reads a CTE back as stored, so every batch locks and writes rows in one
+    -- order, and no sort here copies what the rows carry.
     FROM <t>_judged AS j
-    -- The blocks below read these rows in this order (a CTE is read back as stored), so
-    -- rows are written in one order by every batch. Sorted here, before the payloads are
-    -- parsed: a sort below would copy every payload.
-    ORDER BY j.entity_id COLLATE "C"
 ),
 <t>_parsed AS (
     SELECT d.*,
