@@ -122,3 +122,28 @@ async def test_the_entity_tables_keep_only_their_keys(pg_url: str) -> None:
     finally:
         await conn.close()
         await applier.close()
+
+
+async def test_a_connection_prepares_one_round_statement_whatever_keys_it_meets(
+    pg_url: str,
+) -> None:
+    # With a statement cache the round is one statement for every table, prepared once per
+    # connection: its plans take megabytes in every backend. A batch that meets keys
+    # already held must not make the connection prepare a second one beside it.
+    first, second = target(pg_url), target(pg_url)
+    try:
+        assert second.settings.statement_cache_size > 0
+        assert len((await first.apply("origin", plan_batch([session(1)]))).applied) == 1
+        assert len((await second.apply("origin", plan_batch([session(2)]))).applied) == 1
+        again = await second.apply("origin", plan_batch([session(1)]))
+        assert [r.entity_id for r in again.duplicates] == ["sess_1"]
+        pool = await second._get_pool()
+        async with pool.acquire() as conn:
+            prepared = await conn.fetchval(
+                "SELECT count(*) FROM pg_prepared_statements "
+                "WHERE statement LIKE 'WITH %INSERT INTO acode.applied_keys%'"
+            )
+        assert prepared == 1
+    finally:
+        await first.close()
+        await second.close()
