@@ -234,9 +234,9 @@ TABLES: Mapping[str, TableSpec] = {
     )
 }
 
-# The round statement's tables, in a fixed order. $1 is the origin, $2 whether the round
-# records its keys, then five arguments per table present in the round (see
-# postgres.Columns), in this order.
+# The round statement's tables, in a fixed order. $1 is the origin, $2 how the round
+# records its keys (postgres.KeyMode's value), then five arguments per table present in
+# the round (see postgres.Columns), in this order.
 ENTITY_TYPES: tuple[str, ...] = tuple(TABLES)
 FIRST_TABLE_ARGUMENT = 3
 
@@ -259,25 +259,33 @@ def _history_block(tables: list[TableSpec]) -> str:
     return sql["append_history"].replace("<written_versions>", versions)
 
 
-KEYS_HELD_CLAUSE = "ON CONFLICT (idempotency_key, session_id, version) DO NOTHING"
-
-
 @cache
 def round_sql(
-    entity_types: tuple[str, ...], *, history: bool, keys_may_be_held: bool = False
+    entity_types: tuple[str, ...], *, history: bool, keys_may_be_held: bool | None = None
 ) -> str:
     """The round statement for the entity types a round holds (in ENTITY_TYPES order).
     Behind a transaction-pooling PgBouncer nothing is prepared once: the statement is
     parsed and planned for every round, in time proportional to the tables it names.
-    With `keys_may_be_held` the round finds the keys applied_keys already holds (and
-    returns them as 'held'); without, it inserts them plainly, and a key held fails it."""
+    How it records its keys is its second argument (postgres.KeyMode's value): with
+    `keys_may_be_held` False the statement holds only the plain insert ('new', or 'not
+    recorded'), True only the insert that finds keys held ('may be held'), None both (the
+    statement prepared once per connection, for every KeyMode)."""
     if not entity_types or list(entity_types) != [t for t in ENTITY_TYPES if t in entity_types]:
         raise ValueError(f"entity types not in ENTITY_TYPES order: {entity_types!r}")
     sql = queries("postgres")
     tables = [TABLES[t] for t in entity_types]
     first = [FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE for i in range(len(tables))]
     incoming = [spec.incoming_block(at) for spec, at in zip(tables, first, strict=True)]
-    keys = sql["round_keys"].replace("<keys_held>", KEYS_HELD_CLAUSE if keys_may_be_held else "")
+    inserts = {False: ["new_keys"], True: ["found_keys"], None: ["new_keys", "found_keys"]}
+    chosen = inserts[keys_may_be_held]
+    keys = (
+        sql["round_keys"]
+        .replace("<key_inserts>", ",\n".join(sql[name] for name in chosen))
+        .replace(
+            "<recorded>",
+            " UNION ALL ".join(f"SELECT idempotency_key FROM {name}" for name in chosen),
+        )
+    )
     keys = keys.replace(
         "<incoming_keys>",
         " UNION ALL SELECT idempotency_key, digest, session_id, version FROM ".join(
@@ -307,4 +315,4 @@ def round_sql(
 
 # Every table: the longest statement (the size the statement cache must admit).
 APPLY_ROUND_SQL: str = round_sql(ENTITY_TYPES, history=False)
-APPLY_ROUND_WITH_HISTORY_SQL: str = round_sql(ENTITY_TYPES, history=True, keys_may_be_held=True)
+APPLY_ROUND_WITH_HISTORY_SQL: str = round_sql(ENTITY_TYPES, history=True)

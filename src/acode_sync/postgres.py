@@ -846,18 +846,18 @@ class PostgresTarget:
         the batch back (_Raced), as does a key held that the round took for new
         (_KeysHeld)."""
         history = bool(self._history_arguments)
-        held = mode is KeyMode.MAY_BE_HELD
         if self.settings.statement_cache_size > 0:
-            # Prepared once per connection: one statement for every table (each variant
-            # prepared would hold its plans, megabytes, in every backend).
-            types, arguments = ENTITY_TYPES, planned.for_every_table()
-        else:  # parsed and planned for every round: only the tables of its records
-            types, arguments = planned.entity_types, planned.arguments
-        sql = round_sql(types, history=history, keys_may_be_held=held)
-        record_keys = mode is not KeyMode.NOT_RECORDED
+            # Prepared once per connection: one statement for every table and every KeyMode
+            # (each variant prepared would hold its plans, megabytes, in every backend).
+            sql = round_sql(ENTITY_TYPES, history=history)
+            arguments = planned.for_every_table()
+        else:  # parsed and planned for every round: only its tables and its key insert
+            held = mode is KeyMode.MAY_BE_HELD
+            sql = round_sql(planned.entity_types, history=history, keys_may_be_held=held)
+            arguments = planned.arguments
         try:
             return list(
-                await conn.fetch(sql, origin_id, record_keys, *arguments, *self._history_arguments)
+                await conn.fetch(sql, origin_id, mode.value, *arguments, *self._history_arguments)
             )
         except asyncpg.UniqueViolationError as error:
             if is_entity_race(error):

@@ -91,9 +91,9 @@ def batches_of_events(count: int, size: int, first: int) -> list[BatchPlan]:
 
 async def plan_cost(dsn: str, entity_types: tuple[str, ...]) -> tuple[float, float]:
     """Median seconds to parse and to plan the round statement for these tables."""
-    sql = round_sql(entity_types, history=False)
+    sql = round_sql(entity_types, history=False, keys_may_be_held=False)
     arguments = ", ".join(
-        ["'o'", "true"] + ["'[]', ''::bytea, '{}', '{}', ''::bytea"] * len(entity_types)
+        ["'o'", "'new'"] + ["'[]', ''::bytea, '{}', '{}', ''::bytea"] * len(entity_types)
     )
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     parse, plan = [], []

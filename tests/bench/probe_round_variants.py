@@ -34,7 +34,7 @@ async def grown_by(dsn: str, variants: list[tuple[str, ...]]) -> int:
         before = int(await conn.fetchval(MEMORY))
         for types in variants:
             arguments = [a for _ in types for a in EMPTY]
-            await conn.fetch(round_sql(types, history=False), "o", False, *arguments)
+            await conn.fetch(round_sql(types, history=False), "o", "not recorded", *arguments)
         return int(await conn.fetchval(MEMORY)) - before
     finally:
         await conn.close()

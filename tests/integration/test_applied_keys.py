@@ -147,3 +147,21 @@ async def test_a_connection_prepares_one_round_statement_whatever_keys_it_meets(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_resend_without_a_statement_cache_is_a_duplicate(pg_url: str) -> None:
+    # Behind a transaction-pooling PgBouncer each round names only its tables and its key
+    # insert: a plain one first, then the one that finds the keys held.
+    settings = PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1, statement_cache_size=0)
+    first, second = PostgresTarget(settings), PostgresTarget(settings)
+    try:
+        assert len((await first.apply("origin", plan_batch([session(1)]))).applied) == 1
+        again = await second.apply("origin", plan_batch([session(1), session(2)]))
+        assert [r.entity_id for r in again.duplicates] == ["sess_1"]
+        assert [r.entity_id for r in again.applied] == ["sess_2"]
+        fresh = await second.apply("other", plan_batch([session(3)]))
+        assert [r.entity_id for r in fresh.applied] == ["sess_3"]
+        assert await count(pg_url, "SELECT count(*) FROM acode.applied_keys") == 3
+    finally:
+        await first.close()
+        await second.close()

@@ -12,13 +12,13 @@ from acode_sync.pg_tables import (
     ARGUMENTS_PER_TABLE,
     ENTITY_TYPES,
     FIRST_TABLE_ARGUMENT,
-    KEYS_HELD_CLAUSE,
     TABLES,
     history_argument,
     round_sql,
 )
 from acode_sync.postgres import (
     LOCK_NAMESPACE,
+    KeyMode,
     PreparedRecord,
     batch_opening,
     is_entity_race,
@@ -204,9 +204,18 @@ def test_a_race_is_a_unique_violation_of_an_entity_key_on_a_server_or_a_shard(
     assert is_entity_race(error) is raced
 
 
-def test_a_round_takes_its_keys_for_new_unless_told_they_may_be_held() -> None:
-    plain = round_sql(("Session",), history=False)
+def test_one_round_statement_records_keys_in_every_key_mode() -> None:
+    # How keys are recorded is an argument: prepared, the round is one statement per
+    # connection whatever the keys its batches meet. Parsed per round (no statement
+    # cache), it holds only the insert its KeyMode runs.
+    every = round_sql(("Session",), history=False)
+    plain = round_sql(("Session",), history=False, keys_may_be_held=False)
     finding = round_sql(("Session",), history=False, keys_may_be_held=True)
-    assert KEYS_HELD_CLAUSE not in plain
-    assert finding.count(KEYS_HELD_CLAUSE) == 1
-    assert finding.replace(KEYS_HELD_CLAUSE, "") == plain
+    assert every.count("INSERT INTO acode.applied_keys") == 2
+    assert plain.count("INSERT INTO acode.applied_keys") == 1
+    assert finding.count("INSERT INTO acode.applied_keys") == 1
+    assert "WHERE $2::text = 'new'\n    RETURNING" in every
+    assert "WHERE $2::text = 'may be held'\n    ON CONFLICT" in every
+    assert "ON CONFLICT (idempotency_key" not in plain
+    assert "ON CONFLICT (idempotency_key" in finding
+    assert {m.value for m in KeyMode} == {"new", "may be held", "not recorded"}

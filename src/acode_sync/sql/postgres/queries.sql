@@ -90,10 +90,11 @@ WHERE a.payload_digest = u.digest
 -- round trip). The statement is assembled in acode_sync/pg_tables.py:
 --   WITH <incoming block per table>, <round_keys>, <apply block per table>
 --   <round_outcome>
--- Block names are prefixed with their table's (<t>_incoming, ...). $1 is the origin; with
--- $2 true the round records its keys in applied_keys and applies only the records whose
--- key was not there yet, returning the others as 'held'; with $2 false (a key already
--- held with another payload) it applies every record. Last write wins on (updated_at,
+-- Block names are prefixed with their table's (<t>_incoming, ...). $1 is the origin; $2
+-- how the round records its keys (acode_sync/postgres.py KeyMode): 'new' or 'may be held',
+-- the round records its keys in applied_keys and applies only the records whose key was
+-- not there yet, returning the others as 'held'; 'not recorded' (a key already held with
+-- another payload), it applies every record. Last write wins on (updated_at,
 -- origin_id, key); a record not based on the version held is a conflict, stored with both
 -- versions and returned as 'conflict'. A record whose key and digest are those of the
 -- version held is returned as 'duplicate' (a resend after its applied key was pruned). A
@@ -124,28 +125,46 @@ WHERE a.payload_digest = u.digest
     ) AS r
 )
 
--- The round's keys, recorded (or found already held) before anything is applied.
--- <keys_held>: empty when the batch expects every key to be new (a plain insert: a key
--- already held fails the round with a unique violation of applied_keys, and the batch is
--- run again with it), else the ON CONFLICT clause that finds keys held (acode_sync/
--- postgres.py KeyMode).
+-- The round's keys, recorded (or found already held) before anything is applied. With $2
+-- 'new' the batch expects every key to be new: a plain insert (new_keys), and a key
+-- already held fails the round with a unique violation of applied_keys (the batch is run
+-- again with 'may be held'); with 'may be held', ON CONFLICT DO NOTHING finds the keys
+-- held (found_keys). <key_inserts> is one of them, or, in the statement prepared once per
+-- connection, both (one inserts nothing: one statement whatever the keys its batches
+-- meet); <recorded> what they return.
 -- name: round_keys
 round_keys AS (
     SELECT idempotency_key, digest, session_id, version FROM <incoming_keys>
 ),
+<key_inserts>,
 recorded_keys AS (
-    INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
-                                    origin_id)
-    SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
-    FROM round_keys AS k WHERE $2::boolean
-    <keys_held>
-    RETURNING idempotency_key
+    <recorded>
 ),
 -- Most often every key is new: then nothing needs to look each key up among the recorded
 -- ones (a hash of them built per table). Read once, as a scalar subquery.
 round_held AS (
-    SELECT $2::boolean AND (SELECT count(*) FROM recorded_keys) < (SELECT count(*) FROM round_keys)
+    SELECT $2::text <> 'not recorded'
+           AND (SELECT count(*) FROM recorded_keys) < (SELECT count(*) FROM round_keys)
            AS some_held
+)
+
+-- name: new_keys
+new_keys AS (
+    INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
+                                    origin_id)
+    SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
+    FROM round_keys AS k WHERE $2::text = 'new'
+    RETURNING idempotency_key
+)
+
+-- name: found_keys
+found_keys AS (
+    INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
+                                    origin_id)
+    SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
+    FROM round_keys AS k WHERE $2::text = 'may be held'
+    ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
+    RETURNING idempotency_key
 )
 
 -- name: apply_entities
