@@ -741,13 +741,17 @@ class PostgresTarget:
         if not self._schema_ready:
             await self.ensure_schema()
         mode = KeyMode.MAY_BE_HELD if origin_id in self._resending else KeyMode.NEW
-        for attempt in range(1, APPLY_ATTEMPTS + 1):
+        attempt = 0
+        while attempt < APPLY_ATTEMPTS:
+            attempt += 1
             try:
                 outcome = await self._apply_once(origin_id, plan, mode, fault_hook)
             except (_Raced, PostgresUnavailableError) as error:
-                if isinstance(error, _KeysHeld):
+                if isinstance(error, _KeysHeld):  # once at most: the mode stays
                     mode = KeyMode.MAY_BE_HELD
                     self._resending.add(origin_id)
+                    attempt -= 1  # not a race: it uses up none of the attempts
+                    continue
                 retry_now = isinstance(error, _Raced) or (
                     isinstance(error, PostgresRefusedError)
                     and error.sqlstate in RETRY_NOW_SQLSTATES
