@@ -234,9 +234,29 @@ TABLES: Mapping[str, TableSpec] = {
     )
 }
 
+
+class KeyMode(Enum):
+    """How a round records its records' keys in applied_keys: its value is the round's
+    second argument."""
+
+    NEW = "new"  # a plain insert: a key already held fails the round
+    MAY_BE_HELD = "may be held"  # ON CONFLICT DO NOTHING: the keys held come back as 'held'
+    NOT_RECORDED = "not recorded"  # keys held with another payload, applied as ties
+
+
+# Each key insert of the round statement (queries.sql `key_insert`): its CTE's name, the
+# mode it runs in and its ON CONFLICT clause.
+_KEY_INSERTS: Mapping[KeyMode, tuple[str, str]] = {
+    KeyMode.NEW: ("new_keys", ""),
+    KeyMode.MAY_BE_HELD: (
+        "found_keys",
+        "ON CONFLICT (idempotency_key, session_id, version) DO NOTHING\n    ",
+    ),
+}
+
 # The round statement's tables, in a fixed order. $1 is the origin, $2 how the round
-# records its keys (postgres.KeyMode's value), then five arguments per table present in
-# the round (see postgres.Columns), in this order.
+# records its keys (KeyMode's value), then five arguments per table present in the round
+# (see postgres.Columns), in this order.
 ENTITY_TYPES: tuple[str, ...] = tuple(TABLES)
 FIRST_TABLE_ARGUMENT = 3
 
@@ -259,32 +279,45 @@ def _history_block(tables: list[TableSpec]) -> str:
     return sql["append_history"].replace("<written_versions>", versions)
 
 
+def _key_insert(mode: KeyMode) -> str:
+    name, on_conflict = _KEY_INSERTS[mode]
+    return (
+        queries("postgres")["key_insert"]
+        .replace("<name>", name)
+        .replace("<key_mode>", mode.value)
+        .replace("<on_conflict>", on_conflict)
+    )
+
+
 @cache
 def round_sql(
-    entity_types: tuple[str, ...], *, history: bool, keys_may_be_held: bool | None = None
+    entity_types: tuple[str, ...], *, history: bool, key_mode: KeyMode | None = None
 ) -> str:
     """The round statement for the entity types a round holds (in ENTITY_TYPES order).
     Behind a transaction-pooling PgBouncer nothing is prepared once: the statement is
     parsed and planned for every round, in time proportional to the tables it names.
-    How it records its keys is its second argument (postgres.KeyMode's value): with
-    `keys_may_be_held` False the statement holds only the plain insert ('new', or 'not
-    recorded'), True only the insert that finds keys held ('may be held'), None both (the
-    statement prepared once per connection, for every KeyMode)."""
+    How it records its keys is its second argument (KeyMode's value). With `key_mode`
+    the statement holds only that mode's key insert (NOT_RECORDED: the plain one, which
+    then inserts nothing); without, every insert (the statement prepared once per
+    connection, for every mode)."""
     if not entity_types or list(entity_types) != [t for t in ENTITY_TYPES if t in entity_types]:
         raise ValueError(f"entity types not in ENTITY_TYPES order: {entity_types!r}")
     sql = queries("postgres")
     tables = [TABLES[t] for t in entity_types]
     first = [FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE for i in range(len(tables))]
     incoming = [spec.incoming_block(at) for spec, at in zip(tables, first, strict=True)]
-    inserts = {False: ["new_keys"], True: ["found_keys"], None: ["new_keys", "found_keys"]}
-    chosen = inserts[keys_may_be_held]
+    if key_mode is None:
+        modes = list(_KEY_INSERTS)
+    else:
+        modes = [KeyMode.MAY_BE_HELD if key_mode is KeyMode.MAY_BE_HELD else KeyMode.NEW]
     keys = (
         sql["round_keys"]
-        .replace("<key_inserts>", ",\n".join(sql[name] for name in chosen))
+        .replace("<key_inserts>", ",\n".join(_key_insert(mode) for mode in modes))
         .replace(
             "<recorded>",
-            " UNION ALL ".join(f"SELECT idempotency_key FROM {name}" for name in chosen),
+            " UNION ALL ".join(f"SELECT idempotency_key FROM {_KEY_INSERTS[m][0]}" for m in modes),
         )
+        .replace("<not_recorded>", KeyMode.NOT_RECORDED.value)
     )
     keys = keys.replace(
         "<incoming_keys>",

@@ -56,6 +56,7 @@ from acode_sync.pg_tables import (
     APPLY_ROUND_WITH_HISTORY_SQL,
     ENTITY_TYPES,
     TABLES,
+    KeyMode,
     round_sql,
 )
 from acode_sync.sql import queries
@@ -114,14 +115,6 @@ class _Raced(Exception):
 class _KeysHeld(_Raced):
     """A round that took its keys for new met one applied_keys already holds: run the
     batch again, finding the keys held (KeyMode.MAY_BE_HELD)."""
-
-
-class KeyMode(Enum):
-    """How a round records its records' keys in applied_keys."""
-
-    NEW = "new"  # a plain insert: a key already held fails the round (_KeysHeld)
-    MAY_BE_HELD = "may be held"  # ON CONFLICT DO NOTHING: the keys held come back as 'held'
-    NOT_RECORDED = "not recorded"  # keys held with another payload, applied as ties
 
 
 def is_applied_key_violation(error: asyncpg.UniqueViolationError) -> bool:
@@ -856,8 +849,7 @@ class PostgresTarget:
             sql = round_sql(ENTITY_TYPES, history=history)
             arguments = planned.for_every_table()
         else:  # parsed and planned for every round: only its tables and its key insert
-            held = mode is KeyMode.MAY_BE_HELD
-            sql = round_sql(planned.entity_types, history=history, keys_may_be_held=held)
+            sql = round_sql(planned.entity_types, history=history, key_mode=mode)
             arguments = planned.arguments
         try:
             return list(

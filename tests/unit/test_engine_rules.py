@@ -13,12 +13,12 @@ from acode_sync.pg_tables import (
     ENTITY_TYPES,
     FIRST_TABLE_ARGUMENT,
     TABLES,
+    KeyMode,
     history_argument,
     round_sql,
 )
 from acode_sync.postgres import (
     LOCK_NAMESPACE,
-    KeyMode,
     PreparedRecord,
     batch_opening,
     is_entity_race,
@@ -209,8 +209,8 @@ def test_one_round_statement_records_keys_in_every_key_mode() -> None:
     # connection whatever the keys its batches meet. Parsed per round (no statement
     # cache), it holds only the insert its KeyMode runs.
     every = round_sql(("Session",), history=False)
-    plain = round_sql(("Session",), history=False, keys_may_be_held=False)
-    finding = round_sql(("Session",), history=False, keys_may_be_held=True)
+    plain = round_sql(("Session",), history=False, key_mode=KeyMode.NEW)
+    finding = round_sql(("Session",), history=False, key_mode=KeyMode.MAY_BE_HELD)
     assert every.count("INSERT INTO acode.applied_keys") == 2
     assert plain.count("INSERT INTO acode.applied_keys") == 1
     assert finding.count("INSERT INTO acode.applied_keys") == 1

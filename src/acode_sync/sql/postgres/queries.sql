@@ -91,7 +91,7 @@ WHERE a.payload_digest = u.digest
 --   WITH <incoming block per table>, <round_keys>, <apply block per table>
 --   <round_outcome>
 -- Block names are prefixed with their table's (<t>_incoming, ...). $1 is the origin; $2
--- how the round records its keys (acode_sync/postgres.py KeyMode): 'new' or 'may be held',
+-- how the round records its keys (acode_sync/pg_tables.py KeyMode): 'new' or 'may be held',
 -- the round records its keys in applied_keys and applies only the records whose key was
 -- not there yet, returning the others as 'held'; 'not recorded' (a key already held with
 -- another payload), it applies every record. Last write wins on (updated_at,
@@ -131,7 +131,8 @@ WHERE a.payload_digest = u.digest
 -- again with 'may be held'); with 'may be held', ON CONFLICT DO NOTHING finds the keys
 -- held (found_keys). <key_inserts> is one of them, or, in the statement prepared once per
 -- connection, both (one inserts nothing: one statement whatever the keys its batches
--- meet); <recorded> what they return.
+-- meet); <recorded> what they return. Both are `key_insert`, filled in
+-- acode_sync/pg_tables.py; <not_recorded> is the mode that records no key.
 -- name: round_keys
 round_keys AS (
     SELECT idempotency_key, digest, session_id, version FROM <incoming_keys>
@@ -143,28 +144,20 @@ recorded_keys AS (
 -- Most often every key is new: then nothing needs to look each key up among the recorded
 -- ones (a hash of them built per table). Read once, as a scalar subquery.
 round_held AS (
-    SELECT $2::text <> 'not recorded'
+    SELECT $2::text <> '<not_recorded>'
            AND (SELECT count(*) FROM recorded_keys) < (SELECT count(*) FROM round_keys)
            AS some_held
 )
 
--- name: new_keys
-new_keys AS (
+-- One of the round's key inserts: <name> runs when $2 is <key_mode>; <on_conflict> is
+-- empty (a plain insert) or the clause that finds keys held.
+-- name: key_insert
+<name> AS (
     INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
                                     origin_id)
     SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
-    FROM round_keys AS k WHERE $2::text = 'new'
-    RETURNING idempotency_key
-)
-
--- name: found_keys
-found_keys AS (
-    INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
-                                    origin_id)
-    SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
-    FROM round_keys AS k WHERE $2::text = 'may be held'
-    ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
-    RETURNING idempotency_key
+    FROM round_keys AS k WHERE $2::text = '<key_mode>'
+    <on_conflict>RETURNING idempotency_key
 )
 
 -- name: apply_entities
