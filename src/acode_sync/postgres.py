@@ -734,16 +734,14 @@ class PostgresTarget:
         if not self._schema_ready:
             await self.ensure_schema()
         mode = KeyMode.MAY_BE_HELD if origin_id in self._resending else KeyMode.NEW
-        attempt = 0
-        while attempt < APPLY_ATTEMPTS:
-            attempt += 1
+        attempt = 1  # of APPLY_ATTEMPTS; a batch run again for a key held uses up none
+        while True:
             try:
                 outcome = await self._apply_once(origin_id, plan, mode, fault_hook)
             except (_Raced, PostgresUnavailableError) as error:
                 if isinstance(error, _KeysHeld):  # once at most: the mode stays
                     mode = KeyMode.MAY_BE_HELD
                     self._resending.add(origin_id)
-                    attempt -= 1  # not a race: it uses up none of the attempts
                     continue
                 retry_now = isinstance(error, _Raced) or (
                     isinstance(error, PostgresRefusedError)
@@ -761,11 +759,11 @@ class PostgresTarget:
                         ) from None
                     raise
                 await anyio.sleep(random.uniform(0, 0.01 * attempt))  # noqa: S311 - jitter
+                attempt += 1
             else:
                 if not outcome.found_held_keys:
                     self._resending.discard(origin_id)
                 return outcome
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _apply_once(
         self, origin_id: str, plan: BatchPlan, mode: KeyMode, fault_hook: FaultHook | None
