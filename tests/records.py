@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from acode_sync.outbox import Failure, FailureResult, Outbox, OutboxRecord
+from acode_sync.postgres import PreparedRecord
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.workspace import database_path
+
+SESSION_VERSION = "2026-12-01T00:00:00.000000Z"
+
+
+def prepared_session(n: int, version: str = SESSION_VERSION) -> PreparedRecord:
+    """Session sess_<n> at `version`, prepared for shipping as sync.prepare makes it."""
+    payload = b'{"title": "t"}'
+    sid = f"sess_{n}"
+    return PreparedRecord(
+        n, f"Session:{sid}:{version}", "Session", sid, sid, payload, version, None,
+        hashlib.sha256(payload).digest(),
+    )  # fmt: skip
+
 
 CONTRACT_INSERT = (
     "INSERT INTO outbox (idempotency_key, entity_type, entity_id, session_id, payload,"

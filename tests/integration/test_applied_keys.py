@@ -6,30 +6,39 @@ Real PostgreSQL; a second connection plays the concurrent writer."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import asyncpg
 import pytest
 
 from acode_sync.config import PostgresSettings
-from acode_sync.postgres import PostgresTarget, PreparedRecord, plan_batch
+from acode_sync.postgres import PostgresTarget, plan_batch
+from tests.records import SESSION_VERSION, prepared_session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
-V1 = "2026-12-01T00:00:00.000000Z"
 
-
-def session(n: int, title: str = "t") -> PreparedRecord:
-    payload = f'{{"title": "{title}"}}'.encode()
-    sid = f"sess_{n}"
-    return PreparedRecord(
-        n, f"Session:{sid}:{V1}", "Session", sid, sid, payload, V1, None,
-        hashlib.sha256(payload).digest(),
-    )  # fmt: skip
+def settings(pg_url: str) -> PostgresSettings:
+    return PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1)
 
 
 def target(pg_url: str) -> PostgresTarget:
-    return PostgresTarget(PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1))
+    return PostgresTarget(settings(pg_url))
+
+
+@asynccontextmanager
+async def two_daemons(
+    shared: PostgresSettings,
+) -> AsyncIterator[tuple[PostgresTarget, PostgresTarget]]:
+    """Two targets with no memory of each other, as two daemons (or one restarted) have."""
+    first, second = PostgresTarget(shared), PostgresTarget(shared)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def count(pg_url: str, sql: str) -> int:
@@ -43,9 +52,8 @@ async def count(pg_url: str, sql: str) -> int:
 async def test_a_resend_is_a_duplicate_and_the_origin_looks_for_held_keys_until_none(
     pg_url: str,
 ) -> None:
-    first, second = target(pg_url), target(pg_url)
-    try:
-        sent = [session(1), session(2)]
+    async with two_daemons(settings(pg_url)) as (first, second):
+        sent = [prepared_session(1), prepared_session(2)]
         assert len((await first.apply("origin", plan_batch(sent))).applied) == 2
         # Another daemon (no memory of the first) sends the same records again.
         again = await second.apply("origin", plan_batch(sent))
@@ -53,19 +61,16 @@ async def test_a_resend_is_a_duplicate_and_the_origin_looks_for_held_keys_until_
         assert again.found_held_keys
         assert "origin" in second._resending
         # Its next batch looks for held keys first; one that finds none ends that.
-        mixed = await second.apply("origin", plan_batch([session(1), session(3)]))
+        mixed = await second.apply("origin", plan_batch([prepared_session(1), prepared_session(3)]))
         assert [r.entity_id for r in mixed.duplicates] == ["sess_1"]
         assert [r.entity_id for r in mixed.applied] == ["sess_3"]
         assert "origin" in second._resending
-        fresh = await second.apply("origin", plan_batch([session(4)]))
+        fresh = await second.apply("origin", plan_batch([prepared_session(4)]))
         assert [r.entity_id for r in fresh.applied] == ["sess_4"]
         assert not fresh.found_held_keys
         assert "origin" not in second._resending
         assert await count(pg_url, "SELECT count(*) FROM acode.applied_keys") == 4
         assert await count(pg_url, "SELECT count(*) FROM acode.sessions") == 4
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_a_key_a_concurrent_transaction_commits_meanwhile_is_judged_as_held(
@@ -78,13 +83,14 @@ async def test_a_key_a_concurrent_transaction_commits_meanwhile_is_judged_as_hel
     other = await asyncpg.connect(pg_url)
     try:
         await applier.ensure_schema()
-        record = session(1)
+        record = prepared_session(1)
         writer = other.transaction()
         await writer.start()
         await other.execute(
             "INSERT INTO acode.applied_keys (session_id, idempotency_key, version, "
             "payload_digest, origin_id) VALUES ($1, $2, $3::text::timestamptz, $4, 'other')",
-            record.session_id, record.idempotency_key, V1, hashlib.sha256(b"other").digest(),
+            record.session_id, record.idempotency_key, SESSION_VERSION,
+            hashlib.sha256(b"other").digest(),
         )  # fmt: skip
         async with anyio.create_task_group() as group:
             outcomes = []
@@ -130,12 +136,11 @@ async def test_a_connection_prepares_one_round_statement_whatever_keys_it_meets(
     # With a statement cache the round is one statement for every table, prepared once per
     # connection: its plans take megabytes in every backend. A batch that meets keys
     # already held must not make the connection prepare a second one beside it.
-    first, second = target(pg_url), target(pg_url)
-    try:
+    async with two_daemons(settings(pg_url)) as (first, second):
         assert second.settings.statement_cache_size > 0
-        assert len((await first.apply("origin", plan_batch([session(1)]))).applied) == 1
-        assert len((await second.apply("origin", plan_batch([session(2)]))).applied) == 1
-        again = await second.apply("origin", plan_batch([session(1)]))
+        assert len((await first.apply("origin", plan_batch([prepared_session(1)]))).applied) == 1
+        assert len((await second.apply("origin", plan_batch([prepared_session(2)]))).applied) == 1
+        again = await second.apply("origin", plan_batch([prepared_session(1)]))
         assert [r.entity_id for r in again.duplicates] == ["sess_1"]
         pool = await second._get_pool()
         async with pool.acquire() as conn:
@@ -144,24 +149,17 @@ async def test_a_connection_prepares_one_round_statement_whatever_keys_it_meets(
                 "WHERE statement LIKE 'WITH %INSERT INTO acode.applied_keys%'"
             )
         assert prepared == 1
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_a_resend_without_a_statement_cache_is_a_duplicate(pg_url: str) -> None:
     # Behind a transaction-pooling PgBouncer each round names only its tables and its key
     # insert: a plain one first, then the one that finds the keys held.
-    settings = PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1, statement_cache_size=0)
-    first, second = PostgresTarget(settings), PostgresTarget(settings)
-    try:
-        assert len((await first.apply("origin", plan_batch([session(1)]))).applied) == 1
-        again = await second.apply("origin", plan_batch([session(1), session(2)]))
+    uncached = PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1, statement_cache_size=0)
+    async with two_daemons(uncached) as (first, second):
+        assert len((await first.apply("origin", plan_batch([prepared_session(1)]))).applied) == 1
+        again = await second.apply("origin", plan_batch([prepared_session(1), prepared_session(2)]))
         assert [r.entity_id for r in again.duplicates] == ["sess_1"]
         assert [r.entity_id for r in again.applied] == ["sess_2"]
-        fresh = await second.apply("other", plan_batch([session(3)]))
+        fresh = await second.apply("other", plan_batch([prepared_session(3)]))
         assert [r.entity_id for r in fresh.applied] == ["sess_3"]
         assert await count(pg_url, "SELECT count(*) FROM acode.applied_keys") == 3
-    finally:
-        await first.close()
-        await second.close()

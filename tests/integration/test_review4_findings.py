@@ -7,7 +7,6 @@ transaction"), which these tests collect."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator
 
 import anyio
@@ -16,22 +15,12 @@ import pytest
 
 from acode_sync.config import PostgresSettings
 from acode_sync.errors import PostgresUnavailableError
-from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, PreparedRecord, plan_batch
+from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, plan_batch
 from tests.faults import AtNth
 from tests.proxy import TcpProxy
+from tests.records import SESSION_VERSION, prepared_session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
-
-V1 = "2026-12-01T00:00:00.000000Z"
-
-
-def session(n: int, version: str = V1) -> PreparedRecord:
-    payload = b'{"title": "t"}'
-    sid = f"sess_{n}"
-    return PreparedRecord(
-        n, f"Session:{sid}:{version}", "Session", sid, sid, payload, version, None,
-        hashlib.sha256(payload).digest(),
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -54,7 +43,7 @@ async def test_a_batch_cancelled_while_its_opening_waits_for_a_lock_is_rolled_ba
     other = await asyncpg.connect(pg_url)
     try:
         await target.ensure_schema()
-        plan = plan_batch([session(1)])
+        plan = plan_batch([prepared_session(1)])
         holder = other.transaction()
         await holder.start()
         await other.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_NAMESPACE, plan.locks[0])
@@ -83,9 +72,11 @@ async def test_a_link_lost_at_commit_rolls_back_and_the_next_batch_ships(
         await target.ensure_schema()
         hook = AtNth("before_commit", 1, proxy.cut if fault == "cut" else proxy.blackhole)
         with pytest.raises(PostgresUnavailableError):
-            await target.apply("origin", plan_batch([session(1)]), fault_hook=hook)
+            await target.apply("origin", plan_batch([prepared_session(1)]), fault_hook=hook)
         proxy.restore()
-        outcome = await target.apply("origin", plan_batch([session(1), session(2)]))
+        outcome = await target.apply(
+            "origin", plan_batch([prepared_session(1), prepared_session(2)])
+        )
         # A COMMIT the stalled link delivers late may have committed: then a duplicate.
         assert sorted(r.outbox_id for r in outcome.applied + outcome.duplicates) == [1, 2]
         assert not [r for r in reports if "active transaction" in r], reports
@@ -151,7 +142,7 @@ async def test_through_pgbouncer_a_batch_cancelled_in_its_opening_leaves_no_open
         other = await asyncpg.connect(pg_url)
         try:
             await target.ensure_schema()
-            plan = plan_batch([session(1)])
+            plan = plan_batch([prepared_session(1)])
             holder = other.transaction()
             await holder.start()
             await other.execute(
@@ -180,9 +171,9 @@ async def test_a_batch_chosen_as_a_deadlock_victim_is_run_again_at_once(
     other = await asyncpg.connect(pg_url)
     try:
         await target.ensure_schema()
-        await target.apply("origin", plan_batch([session(1), session(2)]))
+        await target.apply("origin", plan_batch([prepared_session(1), prepared_session(2)]))
         newer = "2026-12-01T00:00:01.000000Z"
-        plan = plan_batch([session(1, newer), session(2, newer)])
+        plan = plan_batch([prepared_session(1, newer), prepared_session(2, newer)])
         deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
         before = await other.fetchval(deadlocks)
         holding = other.transaction()
@@ -230,8 +221,8 @@ async def test_a_record_whose_payload_names_no_session_of_its_own_is_refused_bef
     from acode_sync.postgres import RecordFailure
     from acode_sync.sync import prepare
 
-    key = f"ToolCall:tc_1:{V1}"
-    orphan = OutboxRecord(1, key, "ToolCall", "tc_1", None, payload, None, V1, 0)
+    key = f"ToolCall:tc_1:{SESSION_VERSION}"
+    orphan = OutboxRecord(1, key, "ToolCall", "tc_1", None, payload, None, SESSION_VERSION, 0)
     try:
         prepared = prepare(orphan, max_payload_bytes=1000, latest="2099-01-01T00:00:00.000000Z",
                            skew=__import__("datetime").timedelta(minutes=5))  # fmt: skip
@@ -262,8 +253,10 @@ async def test_pgbouncers_server_link_lost_at_commit_leaves_the_next_batch_clean
             await target.ensure_schema()
             hook = AtNth("before_commit", 1, proxy.cut)
             with pytest.raises(PostgresUnavailableError):
-                await target.apply("origin", plan_batch([session(1)]), fault_hook=hook)
-            outcome = await target.apply("origin", plan_batch([session(1), session(2)]))
+                await target.apply("origin", plan_batch([prepared_session(1)]), fault_hook=hook)
+            outcome = await target.apply(
+                "origin", plan_batch([prepared_session(1), prepared_session(2)])
+            )
             assert sorted(r.outbox_id for r in outcome.applied) == [1, 2]
             assert not [r for r in reports if "active transaction" in r], reports
         finally:
@@ -285,10 +278,10 @@ async def test_a_read_only_server_refuses_the_batch_as_the_servers_fault_not_the
         assert target._pool is not None
         await target._pool.expire_connections()
         with pytest.raises(PostgresRefusedError) as refused:
-            await target.apply("origin", plan_batch([session(1)]))
+            await target.apply("origin", plan_batch([prepared_session(1)]))
         assert refused.value.sqlstate == "25006"
         await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
-        assert len((await target.apply("origin", plan_batch([session(1)]))).applied) == 1
+        assert len((await target.apply("origin", plan_batch([prepared_session(1)]))).applied) == 1
         assert not [r for r in reports if "active transaction" in r], reports
     finally:
         await admin.close()
