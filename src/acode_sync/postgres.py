@@ -172,6 +172,9 @@ class PreparedRecord(NamedTuple):
     version: str  # canonical updated_at, from the key
     base_updated_at: str | None
     digest: bytes
+    # SHA-256 of the payload's jsonb text (jsonb.payload_digest_as_jsonb); None: the
+    # round computes it.
+    canonical_digest: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +243,11 @@ def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
 
 # One table's arguments in the round statement: the records' small fields as one JSON
 # array, their payloads as one UTF-8 blob with the offset and length of each, and their
-# digests as one blob. (An array parameter per field costs several times more: asyncpg
-# checks and copies array elements one by one.)
+# digests as one blob: per record its payload digest, then its canonical digest or
+# NO_CANONICAL_DIGEST, 32 bytes each. (An array parameter per field costs several times
+# more: asyncpg checks and copies array elements one by one.)
 Columns = tuple[str, bytes, list[int], list[int], bytes]
+NO_CANONICAL_DIGEST: Final = bytes(32)  # no SHA-256 is all zeros
 _NO_RECORDS: Columns = ("[]", b"", [], [], b"")
 
 
@@ -317,7 +322,8 @@ def _columns(records: list[PreparedRecord]) -> Columns:
     lengths = [len(r.payload) for r in records]
     starts = list(accumulate(lengths[:-1], initial=1))  # substring() counts from 1
     payloads = b"".join(r.payload for r in records)
-    return fields, payloads, starts, lengths, b"".join(r.digest for r in records)
+    digests = b"".join(r.digest + (r.canonical_digest or NO_CANONICAL_DIGEST) for r in records)
+    return fields, payloads, starts, lengths, digests
 
 
 def _apply_rounds(records: Sequence[PreparedRecord]) -> list[RoundPlan]:

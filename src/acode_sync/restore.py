@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import json.encoder
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -44,6 +43,7 @@ from acode_sync.errors import (
     SchemaMismatchError,
 )
 from acode_sync.history import HISTORY_MIGRATION, horizon, refuse_before_horizon
+from acode_sync.jsonb import jsonb_text, loads, quoted, sorted_keys
 from acode_sync.migrations import AppliedMigration, load_migrations, plan_migrations
 from acode_sync.pg_tables import TABLES, Kind, TableSpec
 from acode_sync.postgres import PostgresTarget
@@ -208,56 +208,13 @@ _PRESENT_IDS: Final = {
 }
 
 
-# The jsonb text form (PostgreSQL's jsonb output): keys ordered by byte length, then by
-# bytes; ", " and ": " between items; strings escaped as json.dumps escapes them with
-# ensure_ascii off; numbers spelled as PostgreSQL spells them, kept verbatim from its text.
-class _Number(str):
-    """A JSON number, as its text."""
-
-
-_loads: Callable[[str], Any] = json.JSONDecoder(parse_int=_Number, parse_float=_Number).decode
-
-
-_quoted: Callable[[str], str] = json.encoder.encode_basestring  # json.dumps, ensure_ascii off
-
-
-def _key_order(key: str) -> tuple[int, bytes]:
-    encoded = key.encode()
-    return len(encoded), encoded
-
-
-def jsonb_text(value: Any) -> str:
-    kind = type(value)
-    if kind is str:
-        return _quoted(value)
-    if kind is _Number:
-        return str.__str__(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(jsonb_text(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return (
-            "{"
-            + ", ".join(
-                f"{_quoted(key)}: {jsonb_text(value[key])}" for key in sorted(value, key=_key_order)
-            )
-            + "}"
-        )
-    raise TypeError(f"not a JSON value: {type(value).__name__}")
-
-
 @cache
 def _layout(
     columns: tuple[str, ...], json_columns: frozenset[str]
 ) -> tuple[tuple[int, str, bool], ...]:
     """A row's payload keys in jsonb order: (column index, key as JSON, holds JSON text)."""
-    keys = sorted((c for c in columns if c != "extra"), key=_key_order)
-    return tuple((columns.index(k), _quoted(k), k in json_columns) for k in keys)
+    keys = sorted_keys(c for c in columns if c != "extra")
+    return tuple((columns.index(k), quoted(k), k in json_columns) for k in keys)
 
 
 def canonical_digest(
@@ -268,17 +225,17 @@ def canonical_digest(
     extra = row[columns.index("extra")]
     if extra is None:  # the columns alone, in an order known in advance
         items = (
-            f"{key}: {jsonb_text(_loads(row[at]) if is_json and row[at] is not None else row[at])}"
+            f"{key}: {jsonb_text(loads(row[at]) if is_json and row[at] is not None else row[at])}"
             for at, key, is_json in _layout(columns, json_columns)
         )
         text = "{" + ", ".join(items) + "}"
     else:
         payload = {
-            name: _loads(value) if name in json_columns and value is not None else value
+            name: loads(value) if name in json_columns and value is not None else value
             for name, value in zip(columns, row, strict=True)
             if name != "extra"
         }
-        text = jsonb_text(payload | _loads(extra))
+        text = jsonb_text(payload | loads(extra))
     return hashlib.sha256(text.encode()).digest()
 
 

@@ -43,6 +43,7 @@ from acode_sync.errors import (
     RecordRejectedError,
     WorkspaceOpenError,
 )
+from acode_sync.jsonb import payload_digest_as_jsonb
 from acode_sync.log import get_logger
 from acode_sync.outbox import Failure, Outbox, OutboxRecord
 from acode_sync.pg_tables import TABLES
@@ -142,6 +143,7 @@ def prepare(
         version,
         base,
         hashlib.sha256(payload).digest(),
+        payload_digest_as_jsonb(payload),
     )
 
 

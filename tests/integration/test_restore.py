@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -29,7 +28,6 @@ from acode_sync.restore import (
     RestoreReport,
     RestoreRequest,
     Selection,
-    jsonb_text,
     restore,
 )
 from acode_sync.store import WorkspaceStore
@@ -367,34 +365,6 @@ async def test_a_workspace_a_syncer_holds_is_refused(
     assert rows(workspace, "artifacts") == {}
     report = await run_restore(settings, workspace, Selection(session_ids=(session.session_id,)))
     assert report.total("restored") == 1
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        '{"b": 1, "a": [1.0, 1E2, -0, 0.10, 12345678901234567890.5], "é": "x\\u00e9\\n\\t/\\"q"}',
-        '{"aa": {}, "b": [], "ccc": null, "d": true, "e": false, "\\u0001": "\\u001f\\u2028"}',
-        "[]",
-        '"text"',
-    ],
-)
-async def test_jsonb_text_is_postgresqls_own_spelling(pg_url: str, text: str) -> None:
-    from acode_sync.restore import _loads
-
-    conn = await asyncpg.connect(pg_url)
-    try:
-        spelled, digest = await conn.fetchrow(
-            "SELECT $1::jsonb::text, sha256(convert_to($1::jsonb::text, 'UTF8'))", text
-        )
-    finally:
-        await conn.close()
-    assert jsonb_text(_loads(spelled)) == spelled
-    assert hashlib.sha256(jsonb_text(_loads(spelled)).encode()).digest() == digest
-
-
-def test_jsonb_text_refuses_what_json_cannot_hold() -> None:
-    with pytest.raises(TypeError, match="not a JSON value: set"):
-        jsonb_text({1, 2})
 
 
 async def test_progress_counts_the_entities_read(

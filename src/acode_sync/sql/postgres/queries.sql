@@ -105,8 +105,10 @@ WHERE a.payload_digest = u.digest
     -- <fields>: [entity_id, session_id, version, base, session_unseen] per record (JSON;
     -- session_unseen: the sender could not tell that the payload's session is the
     -- record's, acode_sync/postgres.session_is_the_records); <payloads>: the
-    -- payloads, end to end, at offsets <starts> with lengths <lengths>; <digests>: the
-    -- digests, 32 bytes each, end to end. The key is rebuilt: EntityType:entity_id:version.
+    -- payloads, end to end, at offsets <starts> with lengths <lengths>; <digests>: per
+    -- record its payload digest and the digest of its jsonb text (canonical_sent; all
+    -- zeros where the sender left it to this statement), 32 bytes each, end to end. The
+    -- key is rebuilt: EntityType:entity_id:version.
     -- session_id is the entity's session: <session> (the payload's, else the record's).
     -- The payload itself is parsed only where a record is written or recorded (below):
     -- carried through the blocks as jsonb, it was copied into every one of them.
@@ -117,7 +119,10 @@ WHERE a.payload_digest = u.digest
                (i.f->>4)::boolean AS session_unseen, i.start, i.length,
                (i.f->>2)::timestamptz AS version, i.f->>2 AS version_text,
                (i.f->>3)::timestamptz AS base,
-               substring(<digests>::bytea FROM (i.n::int - 1) * 32 + 1 FOR 32) AS digest,
+               substring(<digests>::bytea FROM (i.n::int - 1) * 64 + 1 FOR 32) AS digest,
+               nullif(substring(<digests>::bytea FROM (i.n::int - 1) * 64 + 33 FOR 32),
+                      '\x0000000000000000000000000000000000000000000000000000000000000000')
+                   AS canonical_sent,
                $1::text AS origin_id
         FROM ROWS FROM (jsonb_array_elements(<fields>::jsonb), unnest(<starts>::int[]),
                         unnest(<lengths>::int[]))
@@ -212,8 +217,10 @@ round_held AS (
 ),
 <t>_parsed AS (
     SELECT d.*,
-           -- A version written (and, with the history on, appended): its digest once.
-           CASE WHEN d.wins THEN sha256(convert_to(d.p::text, 'UTF8')) END AS canonical
+           -- A version written (and, with the history on, appended): its canonical
+           -- digest, the sender's, else computed once here.
+           CASE WHEN d.wins THEN coalesce(d.canonical_sent, sha256(convert_to(d.p::text, 'UTF8')))
+           END AS canonical
     FROM (SELECT d.*, <payload> AS p FROM <t>_decided AS d WHERE d.in_conflict OR d.wins
           OFFSET 0) AS d
 ),
