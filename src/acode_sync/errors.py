@@ -54,6 +54,16 @@ class SchemaMismatchError(AcodeError):
     )
 
 
+class WorkspaceNotCreatedError(SchemaMismatchError):
+    """A workspace database with no schema yet: its agent may be creating it right now
+    (a new database file exists before the transaction that creates its schema commits)."""
+
+    default_hint = (
+        "The agent creates the schema when it first opens the workspace. A file that stays "
+        "without one is not a workspace: open it with the agent, or remove it."
+    )
+
+
 class PostgresMigrationError(MigrationError):
     """A PostgreSQL schema migration failed and was rolled back."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 from acode_sync.domain import Clock, format_timestamp, utc_now
-from acode_sync.errors import SchemaMismatchError
+from acode_sync.errors import SchemaMismatchError, WorkspaceNotCreatedError
 from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.sql import queries
@@ -103,6 +103,10 @@ class Outbox:
     def _check_schema(self) -> str:
         version = schema_version(self.conn)
         supported = latest_version(load_migrations(DIALECT))
+        if version == 0:
+            raise WorkspaceNotCreatedError(
+                f"{self.path}: no schema yet (schema version 0), this syncer needs {supported}"
+            )
         if version != supported:
             raise SchemaMismatchError(
                 f"{self.path}: schema version {version}, this syncer needs {supported}",

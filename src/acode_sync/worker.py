@@ -28,6 +28,7 @@ from acode_sync.errors import (
     PostgresRefusedError,
     PostgresSchemaMismatchError,
     PostgresUnavailableError,
+    WorkspaceNotCreatedError,
     WorkspaceOpenError,
 )
 from acode_sync.log import get_logger
@@ -38,6 +39,11 @@ from acode_sync.sync import SyncSummary, WorkspaceSyncer
 
 # An idle worker closes its workspace's connection once no write came for this long.
 IDLE_RELEASE_SECONDS: Final = 5.0
+# A database file with no schema yet is tried again this often, for this long, before it
+# counts as broken: its agent creates the schema in a transaction of its own, which a
+# worker that found the new file at once may not see committed yet.
+NEW_WORKSPACE_RETRY_SECONDS: Final = 0.5
+NEW_WORKSPACE_GRACE_SECONDS: Final = 60.0
 
 
 @dataclass
@@ -112,6 +118,7 @@ class WorkspaceWorker:
         self.broken_code: str | None = None
         self.next_retry: float | None = None  # unix time a record's backoff ends
         self.waiting_out_outage = False
+        self._first_seen_empty: float | None = None  # monotonic; a database with no schema yet
         self.period = PeriodCounts()
         self._period_started = time.monotonic()
         self._wake = anyio.Event()
@@ -294,6 +301,18 @@ class WorkspaceWorker:
                 return delay
             except BusyError:
                 return 1.0  # another syncer (acode db sync) holds the workspace
+            except WorkspaceNotCreatedError as error:
+                if self._first_seen_empty is None:
+                    self._first_seen_empty = time.monotonic()
+                    self.log.info(
+                        "workspace has no schema yet",
+                        error=error.message,
+                        broken_after_seconds=NEW_WORKSPACE_GRACE_SECONDS,
+                    )
+                if time.monotonic() - self._first_seen_empty < NEW_WORKSPACE_GRACE_SECONDS:
+                    return NEW_WORKSPACE_RETRY_SECONDS  # its agent is creating it
+                self._set_broken(error)
+                return config.daemon.broken_retry_seconds
             except AcodeError as error:
                 self._count(self.syncer.summary)
                 self._set_broken(error)
@@ -305,6 +324,7 @@ class WorkspaceWorker:
                 return config.daemon.broken_retry_seconds
             finally:
                 shared.watchdog.finish(token)
+        self._first_seen_empty = None
         self._record(summary)
         if self.outage.failures:
             self.log.info("postgres reachable again", after_failures=self.outage.failures)

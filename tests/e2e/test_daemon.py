@@ -16,6 +16,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +28,7 @@ import pytest
 import acode_sync
 from acode_sync.config import PostgresSettings
 from acode_sync.domain import Session, SessionEvent
+from acode_sync.migrations import latest_version, load_migrations
 from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.workspace import database_path
@@ -547,6 +549,27 @@ def test_broken_workspaces_beside_a_healthy_one(rig: Rig) -> None:
     save_sessions(healthy, 3, title="still syncing")
     rig.wait_sessions(5)
     assert outbox_counts(healthy) == {"processed": 5}
+    assert rig.stop(daemon) == 0
+    daemon.assert_no_traceback()
+
+
+def test_a_workspace_found_before_its_schema_is_not_broken(rig: Rig) -> None:
+    """An agent's new database file exists before the transaction creating its schema
+    commits: a daemon that finds it in between waits for the schema."""
+    workspace = rig.root / "new"
+    (workspace / ".agent").mkdir(parents=True, mode=0o700)
+    # As the agent leaves it before its schema's transaction commits: WAL on, no table.
+    with closing(sqlite3.connect(database_path(workspace))) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+    daemon, _ = rig.start_ready()
+    seen = daemon.wait_log("workspace has no schema yet", workspace=str(workspace))
+    assert seen["error"].endswith("no schema yet (schema version 0), this syncer needs " + str(
+        latest_version(load_migrations("sqlite"))))  # fmt: skip
+    save_sessions(workspace, 2)  # the agent creates the schema, then saves
+    rig.wait_sessions(2)
+    assert outbox_counts(workspace) == {"processed": 2}
+    assert daemon.find("workspace broken") == []
+    assert sample(rig.metrics(), "acode_sync_workspaces_broken", code="ACODE-DB-003") in (None, 0)
     assert rig.stop(daemon) == 0
     daemon.assert_no_traceback()
 
