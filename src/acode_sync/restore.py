@@ -518,6 +518,7 @@ async def _restore(
 ) -> RestoreReport:
     selection = request.selection
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(_PG["restore_standard_strings"])
         await _check_schema(conn, selection)
         await _check_selection(conn, selection)
         writer = await anyio.to_thread.run_sync(_WorkspaceWriter, request.workspace)

@@ -38,8 +38,11 @@ SELECT version, checksum FROM acode.schema_migrations ORDER BY version;
 -- name: record_migration
 INSERT INTO acode.schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
 
+-- Migrations name their tables unqualified, and read a backslash in a literal as itself
+-- (0007 holds a pattern with \d) whatever the database or role sets.
 -- name: set_migration_search_path
-SELECT set_config('search_path', 'acode', true);
+SELECT set_config('search_path', 'acode', true),
+       set_config('standard_conforming_strings', 'on', true);
 
 -- name: migration_lock
 SELECT pg_advisory_xact_lock($1, $2);
@@ -56,6 +59,9 @@ SELECT pg_try_advisory_xact_lock($1, $2);
 -- postgres.batch_opening. First its statement and lock timeouts and planner settings,
 -- per transaction so they also hold behind PgBouncer, in a statement of their own before
 -- any lock is waited for (in one statement the locks would be taken before the settings).
+-- A backslash in the statements' literals (a pattern's \d, a bytea's \x) is itself, as
+-- the standard says, even where the database or role turned standard_conforming_strings
+-- off (a statement is parsed when first run: in the transaction, after this).
 -- Every batch statement is a set of primary-key probes, right at any table size, so its
 -- plan is made once and reused (planning them per batch cost a third of the server's
 -- time); with sequential scans, hash and merge joins off, a plan made while the tables
@@ -69,7 +75,8 @@ SELECT set_config('statement_timeout', '<statement_timeout>', true),
        set_config('lock_timeout', '<lock_timeout>', true),
        set_config('plan_cache_mode', 'force_generic_plan', true),
        set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
-       set_config('enable_mergejoin', 'off', true);
+       set_config('enable_mergejoin', 'off', true),
+       set_config('standard_conforming_strings', 'on', true);
 SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int[]) AS k;
 
 -- A key PostgreSQL already holds: delivered before if its digest matches the applied
@@ -398,6 +405,11 @@ SELECT <selected>, canonical_digest FROM (
       AND acode.history_followed('<entity_type>', d.entity_id, d.version)
 ) AS <t>
 WHERE <where>;
+
+-- A restore's transaction reads a backslash in its statements' literals (the created_at
+-- pattern's \d) as itself, as the round does (batch_opening).
+-- name: restore_standard_strings
+SELECT set_config('standard_conforming_strings', 'on', true);
 
 -- The entities that existed at $1 (created by then) whose version then neither PostgreSQL
 -- nor its history holds: the history began later, dropped it, or lacks a version applied
