@@ -79,9 +79,15 @@ _jsonb_dumps: Callable[[Any], str] = json.JSONEncoder(
 
 
 def _in_jsonb_order(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _in_jsonb_order(value[key]) for key in sorted_keys(value)}
-    if isinstance(value, list):
+    kind = type(value)
+    if kind is dict:
+        keys = sorted(value)
+        if "".join(keys).isascii():  # the common case: one byte a character
+            keys.sort(key=len)  # stable: by length, then (sorted above) by bytes
+        else:
+            keys.sort(key=_key_order)
+        return {key: _in_jsonb_order(value[key]) for key in keys}
+    if kind is list:
         return [_in_jsonb_order(item) for item in value]
     return value
 
