@@ -9,7 +9,6 @@ PostgreSQL refuses is isolated by bisection, so the rest of its batch still comm
 from __future__ import annotations
 
 import fcntl
-import gc
 import hashlib
 import json
 import math
@@ -83,19 +82,11 @@ CHECKPOINT_EVERY_BATCHES: Final = 20
 # Python's default switch interval (5 ms) would leave PostgreSQL idle that long, several
 # times per batch.
 GIL_SWITCH_INTERVAL: Final = 0.0001
-# A batch allocates some ten thousand container objects (records, their tuples, each
-# payload read for its digest), all freed by reference counting; at Python's default
-# (a collection every 700 allocations) the cyclic collector ran some twenty times a
-# batch and cost the syncer about a tenth of its CPU. Its older generations as default.
-GC_YOUNG_THRESHOLD: Final = 50_000
 
 
 def tune_interpreter() -> None:
-    """For a process that syncs: hand the GIL over promptly (see GIL_SWITCH_INTERVAL)
-    and collect cycles less often (GC_YOUNG_THRESHOLD)."""
+    """For a process that syncs: hand the GIL over promptly (see GIL_SWITCH_INTERVAL)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def prepare(
