@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 
 import pytest
@@ -144,3 +145,14 @@ def test_a_session_without_a_session_id_is_its_own_session() -> None:
         record(session_id=None, payload=b"{}"), max_payload_bytes=100, latest=LATEST, skew=SKEW
     )
     assert prepared.entity_id == "sess_x"
+
+
+def test_a_record_ships_with_its_canonical_digest_where_the_syncer_can_spell_it() -> None:
+    spelled = prepare(
+        record(payload=b'{"title":"t","state":"CREATED"}'),
+        max_payload_bytes=1000, latest=LATEST, skew=SKEW,
+    )  # fmt: skip
+    canonical = b'{"state": "CREATED", "title": "t"}'  # jsonb's order and spacing
+    assert spelled.canonical_digest == hashlib.sha256(canonical).digest()
+    left = prepare(record(payload=b'{"n": 0.5}'), max_payload_bytes=1000, latest=LATEST, skew=SKEW)
+    assert left.canonical_digest is None  # PostgreSQL spells a fraction as a numeric
