@@ -499,6 +499,10 @@ async def restore(
             password=settings.resolved_password(),
             timeout=settings.connect_timeout,
             server_settings={"application_name": "acode-restore"},
+            # 0 behind a transaction-pooling PgBouncer (docs/postgres.md): a named
+            # statement would meet another client's of the same name on its server
+            # connection (the cursors' are dropped first: queries.sql restore_opening).
+            statement_cache_size=settings.statement_cache_size,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
         raise target.outage(error, "connecting for a restore") from None
@@ -518,7 +522,7 @@ async def _restore(
 ) -> RestoreReport:
     selection = request.selection
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        await conn.execute(_PG["restore_standard_strings"])
+        await conn.execute(_PG["restore_opening"])
         await _check_schema(conn, selection)
         await _check_selection(conn, selection)
         writer = await anyio.to_thread.run_sync(_WorkspaceWriter, request.workspace)

@@ -274,6 +274,7 @@ class WorkspaceWorker:
         limit = limit * config.daemon.batches_per_turn + config.sync.busy_timeout + 60
         async with shared.limiter:
             token = shared.watchdog.start(f"sync {self.workspace}", limit)
+            empty = False  # the database has no schema yet
             try:
                 summary = await self.syncer.drain(
                     max_batches=config.daemon.batches_per_turn,
@@ -302,6 +303,7 @@ class WorkspaceWorker:
             except BusyError:
                 return 1.0  # another syncer (acode db sync) holds the workspace
             except WorkspaceNotCreatedError as error:
+                empty = True
                 if self._first_seen_empty is None:
                     self._first_seen_empty = time.monotonic()
                     self.log.info(
@@ -324,7 +326,8 @@ class WorkspaceWorker:
                 return config.daemon.broken_retry_seconds
             finally:
                 shared.watchdog.finish(token)
-        self._first_seen_empty = None
+                if not empty:  # the schema was there (whatever else happened)
+                    self._first_seen_empty = None
         self._record(summary)
         if self.outage.failures:
             self.log.info("postgres reachable again", after_failures=self.outage.failures)

@@ -9,9 +9,11 @@ stays up and answers its clients as it does when the server is gone.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
@@ -97,6 +99,40 @@ async def drain_after_outage(
 
 
 # -- the normal path -------------------------------------------------------------------
+
+
+async def test_restores_one_after_another_through_transaction_pooling(
+    tmp_path: Path, pg_url: str, bouncer: PgBouncer
+) -> None:
+    """Each `acode db restore` a process of its own, whose statements meet the names an
+    earlier one prepared on the same server connection, unless it prepares none."""
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    write_records(shipped, 12)
+    await drain_through(bouncer.url(pg_url), shipped)
+    entities = len(await pg_fetch(pg_url, "SELECT session_id FROM acode.sessions")) + len(
+        await pg_fetch(pg_url, "SELECT task_id FROM acode.session_tasks")
+    )
+    config = write_config(
+        tmp_path / "acode-syncd.toml",
+        {"postgres": {"dsn": bouncer.url(pg_url), "statement_cache_size": 0}},
+    )
+    for n in range(2 * POOL_SIZE + 1):  # more restores than server connections
+        into = tmp_path / f"restored{n}"
+        into.mkdir()
+        WorkspaceDatabase(into).close()
+        done = await anyio.to_thread.run_sync(
+            partial(run_cli, ACODE, "db", "restore", "--all", "--workspace", str(into),
+                    "--config", str(config))
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        restored = sqlite3.connect(into / ".agent" / "workspace.db")
+        try:
+            counts = [restored.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                      for t in ("sessions", "session_tasks")]  # fmt: skip
+        finally:
+            restored.close()
+        assert sum(counts) == entities
 
 
 async def test_workspaces_ship_with_conflicts_and_duplicates_through_transaction_pooling(

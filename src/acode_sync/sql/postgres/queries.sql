@@ -406,9 +406,14 @@ SELECT <selected>, canonical_digest FROM (
 ) AS <t>
 WHERE <where>;
 
--- A restore's transaction reads a backslash in its statements' literals (the created_at
--- pattern's \d) as itself, as the round does (batch_opening).
--- name: restore_standard_strings
+-- A restore's transaction opens with a simple query. It reads a backslash in its
+-- statements' literals (the created_at pattern's \d) as itself, as the round does
+-- (batch_opening). Its cursors are named prepared statements (asyncpg's, numbered from 1
+-- in each process, whatever statement_cache_size says): behind a transaction-pooling
+-- PgBouncer the server connection may still hold an earlier restore's of the same names,
+-- so it drops them first (our other clients prepare none: statement_cache_size = 0).
+-- name: restore_opening
+DEALLOCATE ALL;
 SELECT set_config('standard_conforming_strings', 'on', true);
 
 -- The entities that existed at $1 (created by then) whose version then neither PostgreSQL
