@@ -15,7 +15,9 @@ at once, and reports:
 - the latency of an agent's saves (WorkspaceDatabase.save of a Session update every
   ~5 ms, synchronous=FULL) in a separate process, into one of the workspaces drained,
   while the drain runs at the CPU priority the systemd unit gives the daemon (Nice=,
-  CPUSchedulingPolicy=) and the agent at the normal one;
+  CPUSchedulingPolicy=) and the agent at the normal one; and, as its baseline, the same
+  agent's saves into a workspace no syncer reads while pgloader and COPY load
+  PostgreSQL (what a save pays for sharing this machine's disk with the server);
 
 verifies that PostgreSQL holds every key and no record is left pending, and, in the same
 run, times the baselines (tests/bench/baselines.py): pgloader loading the same records
@@ -812,13 +814,27 @@ async def run(settings: Settings, report: Report) -> None:
         f"transaction + one SQLite UPDATE per record, {min(s.concurrency, naive_count)} "
         "workspaces at once)"
     )
-    pgloader, copy = await run_baselines(source, s.dsn, seeded.records, report.say)
+    # The agent's saves again, into a workspace no syncer reads, while the baselines load
+    # PostgreSQL on this machine: what a save pays for sharing the disk with the server.
+    beside = s.directory / "agent-beside-the-baselines"
+    beside.mkdir()
+    quiet_agent = Agent.start(beside)
+    try:
+        await anyio.to_thread.run_sync(quiet_agent.wait_ready)
+        pgloader, copy = await run_baselines(source, s.dsn, seeded.records, report.say)
+    finally:
+        _, _, beside_baselines = await anyio.to_thread.run_sync(quiet_agent.finish)
     ways = [engine, *([pgloader] if pgloader else []), copy, naive]
     report.comparison = comparison(ways, pgloader, copy)
     report.figures += [
         ("naive relay records/s", f"{naive.rate:,.0f} ({relayed:,} records)", ""),
         ("drain / pgloader", f"{engine.rate / pgloader.rate:.2f}x" if pgloader else "n/a", ""),
         ("drain / binary COPY", f"{engine.rate / copy.rate:.2f}x", ""),
+        (
+            "agent save, no syncer, while the baselines load",
+            latency_text([d for _, d in beside_baselines]),
+            "",
+        ),
     ]
 
 

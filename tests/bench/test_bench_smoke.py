@@ -60,6 +60,7 @@ SYNC_FIGURE_LABELS = (
     "naive relay records/s",
     "drain / pgloader",
     "drain / binary COPY",
+    "agent save, no syncer, while the baselines load",
 )
 _RATE_RATIOS_CPU = r"\s+[\d,]+\s+(\d+\.\d\dx|n/a)\s+\d+\.\d\dx\s+\d+\.\d / \d+\.\d µs"
 _NO_PGLOADER = "pgloader: not installed (Debian package pgloader), skipped"
@@ -116,6 +117,10 @@ def test_sync_benchmark_prints_every_figure_line(
         assert re.match(re.escape(label) + r"\s{2,}\S", matching[0]), matching[0]
     assert re.search(r"^records/s\s+[\d,]+\s+>= [\d,]+ .*: (met|MISSED)$", "\n".join(lines), re.M)
     assert re.search(r"^peak RSS\s+[\d.]+ MB", "\n".join(lines), re.M)
+    beside = (
+        r"^agent save, no syncer, while the baselines load\s+[\d.]+ / [\d.]+ / [\d.]+ ms \(n=\d+\)$"
+    )
+    assert re.search(beside, "\n".join(lines), re.M)
     assert_baselines(lines, "acode drain", pgloader=pgloader)
     assert re.match(r"naive relay \(own sample\)" + _RATE_RATIOS_CPU, lines[-1]), lines[-1]
     assert list(bench_dir.iterdir()) == []  # the workspaces were removed
