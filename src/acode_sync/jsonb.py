@@ -35,7 +35,12 @@ loads: Callable[[str], Any] = json.JSONDecoder(parse_int=_Number, parse_float=_N
 
 def sorted_keys(keys: Any) -> list[str]:
     """Keys in jsonb order."""
-    return sorted(keys, key=_key_order)
+    ordered = sorted(keys)
+    if "".join(ordered).isascii():  # the common case: one byte a character
+        ordered.sort(key=len)  # stable: by length, then (sorted above) by bytes
+    else:
+        ordered.sort(key=_key_order)
+    return ordered
 
 
 def jsonb_text(value: Any) -> str:
@@ -81,12 +86,7 @@ _jsonb_dumps: Callable[[Any], str] = json.JSONEncoder(
 def _in_jsonb_order(value: Any) -> Any:
     kind = type(value)
     if kind is dict:
-        keys = sorted(value)
-        if "".join(keys).isascii():  # the common case: one byte a character
-            keys.sort(key=len)  # stable: by length, then (sorted above) by bytes
-        else:
-            keys.sort(key=_key_order)
-        return {key: _in_jsonb_order(value[key]) for key in keys}
+        return {key: _in_jsonb_order(value[key]) for key in sorted_keys(value)}
     if kind is list:
         return [_in_jsonb_order(item) for item in value]
     return value
