@@ -104,7 +104,11 @@ class TableSpec:
         )
         for offset, marker in enumerate(_ARGUMENT_MARKERS):
             block = block.replace(marker, f"${first_parameter + offset}")
-        return _filled(block.replace("<entity_type>", self.entity_type).replace("<t>", self.table))
+        return _filled(
+            block.replace("<entity_type>", self.entity_type)
+            .replace("<t>", self.table)
+            .replace("<no_canonical_digest>", f"'\\x{NO_CANONICAL_DIGEST.hex()}'")
+        )
 
     def apply_block(self, first_parameter: int) -> str:
         """This table's last-write-wins decision, conflicts and upsert; its arguments are
@@ -152,6 +156,9 @@ def _filled(sql: str) -> str:
 # Each table's arguments in the round statement, in this order: see postgres.Columns.
 _ARGUMENT_MARKERS = ("<fields>", "<payloads>", "<starts>", "<lengths>", "<digests>")
 ARGUMENTS_PER_TABLE = len(_ARGUMENT_MARKERS)
+# In <digests>, a record's canonical digest the sender left to the round (no SHA-256 is
+# all zeros); the statement's <no_canonical_digest> is this, as a bytea literal.
+NO_CANONICAL_DIGEST = bytes(32)
 
 
 _TS = Kind.TIMESTAMP

@@ -55,6 +55,7 @@ from acode_sync.migrations import (
 from acode_sync.pg_tables import (
     APPLY_ROUND_WITH_HISTORY_SQL,
     ENTITY_TYPES,
+    NO_CANONICAL_DIGEST,
     TABLES,
     KeyMode,
     round_sql,
@@ -247,7 +248,6 @@ def rounds(records: Sequence[PreparedRecord]) -> list[list[PreparedRecord]]:
 # NO_CANONICAL_DIGEST, 32 bytes each. (An array parameter per field costs several times
 # more: asyncpg checks and copies array elements one by one.)
 Columns = tuple[str, bytes, list[int], list[int], bytes]
-NO_CANONICAL_DIGEST: Final = bytes(32)  # no SHA-256 is all zeros
 _NO_RECORDS: Columns = ("[]", b"", [], [], b"")
 
 

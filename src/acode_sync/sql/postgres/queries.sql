@@ -113,9 +113,9 @@ WHERE a.payload_digest = u.digest
     -- session_unseen: the sender could not tell that the payload's session is the
     -- record's, acode_sync/postgres.session_is_the_records); <payloads>: the
     -- payloads, end to end, at offsets <starts> with lengths <lengths>; <digests>: per
-    -- record its payload digest and the digest of its jsonb text (canonical_sent; all
-    -- zeros where the sender left it to this statement), 32 bytes each, end to end. The
-    -- key is rebuilt: EntityType:entity_id:version.
+    -- record its payload digest and the digest of its jsonb text (canonical_sent;
+    -- <no_canonical_digest>, all zeros, where the sender left it to this statement), 32
+    -- bytes each, end to end. The key is rebuilt: EntityType:entity_id:version.
     -- session_id is the entity's session: <session> (the payload's, else the record's).
     -- The payload itself is parsed only where a record is written or recorded (below):
     -- carried through the blocks as jsonb, it was copied into every one of them.
@@ -128,8 +128,7 @@ WHERE a.payload_digest = u.digest
                (i.f->>3)::timestamptz AS base,
                substring(<digests>::bytea FROM (i.n::int - 1) * 64 + 1 FOR 32) AS digest,
                nullif(substring(<digests>::bytea FROM (i.n::int - 1) * 64 + 33 FOR 32),
-                      '\x0000000000000000000000000000000000000000000000000000000000000000')
-                   AS canonical_sent,
+                      <no_canonical_digest>) AS canonical_sent,
                $1::text AS origin_id
         FROM ROWS FROM (jsonb_array_elements(<fields>::jsonb), unnest(<starts>::int[]),
                         unnest(<lengths>::int[]))
