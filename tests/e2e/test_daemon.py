@@ -16,7 +16,6 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -54,6 +53,7 @@ from tests.daemon_harness import (
 )
 from tests.integration.test_health import get
 from tests.pg import AUDIT_TABLE, install_audit
+from tests.records import run_sql
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes]
 
@@ -559,8 +559,7 @@ def test_a_workspace_found_before_its_schema_is_not_broken(rig: Rig) -> None:
     workspace = rig.root / "new"
     (workspace / ".agent").mkdir(parents=True, mode=0o700)
     # As the agent leaves it before its schema's transaction commits: WAL on, no table.
-    with closing(sqlite3.connect(database_path(workspace))) as conn:
-        conn.execute("PRAGMA journal_mode = WAL")
+    assert run_sql(workspace, "PRAGMA journal_mode = WAL") == [("wal",)]
     daemon, _ = rig.start_ready()
     seen = daemon.wait_log("workspace has no schema yet", workspace=str(workspace))
     assert seen["error"].endswith("no schema yet (schema version 0), this syncer needs " + str(

@@ -9,7 +9,6 @@ stays up and answers its clients as it does when the server is gone.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -46,6 +45,7 @@ from tests.integration.test_sync_faults import (
 )
 from tests.pg import install_audit
 from tests.proxy import TcpProxy
+from tests.records import run_sql
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.processes]
 
@@ -126,13 +126,10 @@ async def test_restores_one_after_another_through_transaction_pooling(
                     "--config", str(config))
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        restored = sqlite3.connect(into / ".agent" / "workspace.db")
-        try:
-            counts = [restored.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                      for t in ("sessions", "session_tasks")]  # fmt: skip
-        finally:
-            restored.close()
-        assert sum(counts) == entities
+        counts = run_sql(
+            into, "SELECT (SELECT count(*) FROM sessions) + (SELECT count(*) FROM session_tasks)"
+        )
+        assert counts == [(entities,)]
 
 
 async def test_workspaces_ship_with_conflicts_and_duplicates_through_transaction_pooling(
