@@ -457,12 +457,16 @@ async def test_applied_keys_are_pruned_by_whole_partitions(
     from datetime import UTC, datetime, timedelta
 
     now = datetime.now(UTC)
+    # applied_keys keeps the versions replaced: three 20 days old and one of today's.
     db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now - timedelta(days=20)))
-    for _ in range(3):
-        db.save(Session())
+    saved = [db.save(Session()) for _ in range(3)]
     db.close()
     db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now))
-    db.save(Session())
+    saved.append(db.save(Session()))
+    db.close()
+    db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now + timedelta(seconds=1)))
+    for session in saved:
+        db.save(Session(session_id=session.session_id, title="replaced"))
     db.close()
     await syncer(workspace, target).drain()
     conn = await asyncpg.connect(pg_url)
