@@ -39,6 +39,7 @@ from acode_sync.domain import Session, format_timestamp, idempotency_key, stampe
 from acode_sync.sql import queries
 from acode_sync.store import WorkspaceDatabase, encode_json
 from acode_sync.workspace import database_path
+from tests.pg import COUNT_APPLIED_VERSIONS
 
 BIN: Final = Path(sys.executable).parent
 SYNCD: Final = str(BIN / "acode-syncd")
@@ -386,6 +387,11 @@ def pg_execute(url: str, sql: str) -> None:
 
 def pg_count(url: str, table: str) -> int:
     return int(pg_fetchval(url, f"SELECT count(*) FROM {table}") or 0)
+
+
+def pg_applied(url: str) -> int:
+    """How many versions PostgreSQL applied (tests.pg.APPLIED_VERSION_KEYS)."""
+    return int(pg_fetchval(url, COUNT_APPLIED_VERSIONS) or 0)
 
 
 def save_sessions(workspace: Path, count: int, title: str = "e2e") -> list[str]:

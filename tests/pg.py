@@ -65,8 +65,18 @@ def pg_url() -> Iterator[str]:
         drop_database(name)
 
 
+# The key of every version PostgreSQL applied: the version each entity row holds, and the
+# versions those replaced (applied_keys). A subquery, for `FROM (...) AS applied`.
+APPLIED_VERSION_KEYS = " UNION ALL ".join(
+    [
+        "SELECT idempotency_key FROM acode.applied_keys",
+        *(f"SELECT idempotency_key FROM acode.{spec.table}" for spec in TABLES.values()),
+    ]
+)
+COUNT_APPLIED_VERSIONS = f"SELECT count(*) FROM ({APPLIED_VERSION_KEYS}) AS applied"
+
 # Test-only: a row for every entity write PostgreSQL commits. It has no unique key, so it
-# shows a double apply that the (unique) applied_keys table cannot.
+# shows a double apply that the entity rows and applied_keys, unique, cannot.
 AUDIT_TABLE = "acode.audit"
 _AUDIT_SQL = f"""
 CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (

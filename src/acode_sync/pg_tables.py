@@ -1,9 +1,9 @@
 """How each entity's payload maps onto its typed PostgreSQL table.
 
 The round statement (round_sql, for a set of entity types; APPLY_ROUND_SQL for every
-table) is assembled from the blocks of sql/postgres/queries.sql (`incoming_entities` and
-`apply_entities` filled per table from these constant specs, `round_keys`,
-`round_outcome`), once per set of types (cached): no input ever reaches it. With
+table) is assembled from the blocks of sql/postgres/queries.sql (`incoming_entities`,
+`apply_entities` and `round_outcome`, filled per table from these constant specs), once
+per set of types (cached): no input ever reaches it. With
 `history` it also appends the versions it writes to the version history
 (`append_history`, [postgres] keep_history; APPLY_ROUND_WITH_HISTORY_SQL).
 """
@@ -242,30 +242,10 @@ TABLES: Mapping[str, TableSpec] = {
 }
 
 
-class KeyMode(Enum):
-    """How a round records its records' keys in applied_keys: its value is the round's
-    second argument."""
-
-    NEW = "new"  # a plain insert: a key already held fails the round
-    MAY_BE_HELD = "may be held"  # ON CONFLICT DO NOTHING: the keys held come back as 'held'
-    NOT_RECORDED = "not recorded"  # keys held with another payload, applied as ties
-
-
-# Each key insert of the round statement (queries.sql `key_insert`): its CTE's name, the
-# mode it runs in and its ON CONFLICT clause.
-_KEY_INSERTS: Mapping[KeyMode, tuple[str, str]] = {
-    KeyMode.NEW: ("new_keys", ""),
-    KeyMode.MAY_BE_HELD: (
-        "found_keys",
-        "ON CONFLICT (idempotency_key, session_id, version) DO NOTHING\n    ",
-    ),
-}
-
-# The round statement's tables, in a fixed order. $1 is the origin, $2 how the round
-# records its keys (KeyMode's value), then five arguments per table present in the round
-# (see postgres.Columns), in this order.
+# The round statement's tables, in a fixed order. $1 is the origin, then five arguments
+# per table present in the round (see postgres.Columns), in this order.
 ENTITY_TYPES: tuple[str, ...] = tuple(TABLES)
-FIRST_TABLE_ARGUMENT = 3
+FIRST_TABLE_ARGUMENT = 2
 
 
 def history_argument(entity_types: tuple[str, ...]) -> int:
@@ -286,71 +266,24 @@ def _history_block(tables: list[TableSpec]) -> str:
     return sql["append_history"].replace("<written_versions>", versions)
 
 
-def _key_insert(mode: KeyMode) -> str:
-    name, on_conflict = _KEY_INSERTS[mode]
-    return (
-        queries("postgres")["key_insert"]
-        .replace("<name>", name)
-        .replace("<key_mode>", mode.value)
-        .replace("<on_conflict>", on_conflict)
-    )
-
-
 @cache
-def round_sql(
-    entity_types: tuple[str, ...], *, history: bool, key_mode: KeyMode | None = None
-) -> str:
+def round_sql(entity_types: tuple[str, ...], *, history: bool) -> str:
     """The round statement for the entity types a round holds (in ENTITY_TYPES order).
     Behind a transaction-pooling PgBouncer nothing is prepared once: the statement is
-    parsed and planned for every round, in time proportional to the tables it names.
-    How it records its keys is its second argument (KeyMode's value). With `key_mode`
-    the statement holds only that mode's key insert (NOT_RECORDED: the plain one, which
-    then inserts nothing); without, every insert (the statement prepared once per
-    connection, for every mode)."""
+    parsed and planned for every round, in time proportional to the tables it names."""
     if not entity_types or list(entity_types) != [t for t in ENTITY_TYPES if t in entity_types]:
         raise ValueError(f"entity types not in ENTITY_TYPES order: {entity_types!r}")
     sql = queries("postgres")
     tables = [TABLES[t] for t in entity_types]
     first = [FIRST_TABLE_ARGUMENT + i * ARGUMENTS_PER_TABLE for i in range(len(tables))]
-    incoming = [spec.incoming_block(at) for spec, at in zip(tables, first, strict=True)]
-    if key_mode is None:
-        modes = list(_KEY_INSERTS)
-    else:
-        modes = [KeyMode.MAY_BE_HELD if key_mode is KeyMode.MAY_BE_HELD else KeyMode.NEW]
-    keys = (
-        sql["round_keys"]
-        .replace("<key_inserts>", ",\n".join(_key_insert(mode) for mode in modes))
-        .replace(
-            "<recorded>",
-            " UNION ALL ".join(f"SELECT idempotency_key FROM {_KEY_INSERTS[m][0]}" for m in modes),
-        )
-        .replace("<not_recorded>", KeyMode.NOT_RECORDED.value)
-    )
-    keys = keys.replace(
-        "<incoming_keys>",
-        " UNION ALL SELECT idempotency_key, digest, session_id, version FROM ".join(
-            f"{spec.table}_incoming" for spec in tables
-        ),
-    )
-    no_conflict = (
-        "NULL::bigint, NULL::text, NULL::timestamptz, NULL::timestamptz, NULL::text, "
-        "NULL::text, NULL::text"
-    )
-    outcomes = "".join(
-        "\nUNION ALL\nSELECT 'conflict', incoming_key, conflict_id, current_key, "
-        "incoming_updated_at, current_updated_at, incoming_origin, current_origin, winner "
-        f"FROM {spec.table}_recorded"
-        f"\nUNION ALL\nSELECT 'duplicate', idempotency_key, {no_conflict} "
-        f"FROM {spec.table}_decided WHERE same"
-        for spec in tables
-    )
-    applied = (spec.apply_block(at) for spec, at in zip(tables, first, strict=True))
-    blocks = [*incoming, keys, *applied]
+    blocks = [spec.incoming_block(at) for spec, at in zip(tables, first, strict=True)]
+    blocks += [spec.apply_block(at) for spec, at in zip(tables, first, strict=True)]
     if history:
         blocks.append(_history_block(tables))
-    return _filled(
-        "WITH " + ",\n".join(blocks) + "\n" + sql["round_outcome"].replace("<outcomes>", outcomes)
+    outcomes = "\nUNION ALL\n".join(
+        sql["round_outcome"].replace("<t>", spec.table) for spec in tables
     )
+    return _filled("WITH " + ",\n".join(blocks) + "\n" + outcomes)
 
 
 # Every table: the longest statement (the size the statement cache must admit).

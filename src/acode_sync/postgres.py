@@ -57,7 +57,6 @@ from acode_sync.pg_tables import (
     ENTITY_TYPES,
     NO_CANONICAL_DIGEST,
     TABLES,
-    KeyMode,
     round_sql,
 )
 from acode_sync.sql import queries
@@ -111,17 +110,6 @@ class Fault(Enum):
 
 class _Raced(Exception):
     """Another transaction created an entity this round judged as new: judge again."""
-
-
-class _KeysHeld(_Raced):
-    """A round that took its keys for new met one applied_keys already holds: run the
-    batch again, finding the keys held (KeyMode.MAY_BE_HELD)."""
-
-
-def is_applied_key_violation(error: asyncpg.UniqueViolationError) -> bool:
-    """A key applied_keys already holds (the table's partitions, or a Citus shard's, are
-    named after it)."""
-    return error.schema_name == "acode" and str(error.table_name or "").startswith("applied_keys")
 
 
 # A round holds one record per entity: a unique violation of an entity table's primary
@@ -203,7 +191,6 @@ class BatchOutcome:
     duplicates: list[PreparedRecord] = field(default_factory=list)
     conflicted: list[PreparedRecord] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
-    found_held_keys: bool = False  # some key was in applied_keys already
 
     @property
     def delivered(self) -> list[PreparedRecord]:
@@ -215,7 +202,6 @@ class BatchOutcome:
         self.duplicates += other.duplicates
         self.conflicted += other.conflicted
         self.conflicts += other.conflicts
-        self.found_held_keys |= other.found_held_keys
 
 
 STATEMENT_CACHE_LIMIT: Final = max(64 * 1024, 2 * len(APPLY_ROUND_WITH_HISTORY_SQL))
@@ -508,9 +494,6 @@ class PostgresTarget:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._schema_ready = False
-        # The origins whose last batch found keys already held (a resend, a copied
-        # workspace): their next batch looks for held keys at once rather than fail first.
-        self._resending: set[str] = set()
         # With the version history on, its retention: the round's last argument.
         self._history_arguments: tuple[timedelta, ...] = ()
         if settings.keep_history:
@@ -732,23 +715,16 @@ class PostgresTarget:
     async def apply(
         self, origin_id: str, plan: BatchPlan, *, fault_hook: FaultHook | None = None
     ) -> BatchOutcome:
-        """Apply one batch in one transaction: record the keys, then the entities. A
-        transaction that lost a race (a serialization failure, a deadlock, an entity
-        another transaction created meanwhile) is rolled back and run again at once, as is
-        one that took its keys for new and met one already held (then looking for held
-        keys, as this origin's next batches do until one finds none)."""
+        """Apply one batch in one transaction, round after round. A transaction that lost a
+        race (a serialization failure, a deadlock, an entity another transaction wrote
+        meanwhile) is rolled back and run again at once."""
         if not self._schema_ready:
             await self.ensure_schema()
-        mode = KeyMode.MAY_BE_HELD if origin_id in self._resending else KeyMode.NEW
-        attempt = 1  # of APPLY_ATTEMPTS; a batch run again for a key held uses up none
+        attempt = 1  # of APPLY_ATTEMPTS
         while True:
             try:
-                outcome = await self._apply_once(origin_id, plan, mode, fault_hook)
+                return await self._apply_once(origin_id, plan, fault_hook)
             except (_Raced, PostgresUnavailableError) as error:
-                if isinstance(error, _KeysHeld):  # once at most: the mode stays
-                    mode = KeyMode.MAY_BE_HELD
-                    self._resending.add(origin_id)
-                    continue
                 retry_now = isinstance(error, _Raced) or (
                     isinstance(error, PostgresRefusedError)
                     and error.sqlstate in RETRY_NOW_SQLSTATES
@@ -766,20 +742,16 @@ class PostgresTarget:
                     raise
                 await anyio.sleep(random.uniform(0, 0.01 * attempt))  # noqa: S311 - jitter
                 attempt += 1
-            else:
-                if not outcome.found_held_keys:
-                    self._resending.discard(origin_id)
-                return outcome
 
     async def _apply_once(
-        self, origin_id: str, plan: BatchPlan, mode: KeyMode, fault_hook: FaultHook | None
+        self, origin_id: str, plan: BatchPlan, fault_hook: FaultHook | None
     ) -> BatchOutcome:
         pool = await self._get_pool()
         timeout = self.settings.statement_timeout + self.settings.connect_timeout
         with self._classified("applying a batch"), anyio.fail_after(timeout * 2):
             async with pool.acquire() as conn:
                 try:
-                    outcome = await self._apply_in_transaction(conn, origin_id, plan, mode)
+                    outcome = await self._apply_in_transaction(conn, origin_id, plan)
                     if fault_hook is not None:
                         fault_hook("before_commit")
                     await conn.execute("COMMIT")
@@ -791,7 +763,7 @@ class PostgresTarget:
         return outcome
 
     async def _apply_in_transaction(
-        self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan, mode: KeyMode
+        self, conn: asyncpg.Connection, origin_id: str, plan: BatchPlan
     ) -> BatchOutcome:
         # BEGIN, the settings and the locks: one exchange (asyncpg's conn.transaction()
         # would send BEGIN alone), ended by the caller's COMMIT or _roll_back.
@@ -799,12 +771,8 @@ class PostgresTarget:
         outcome = BatchOutcome()
         by_key = {r.idempotency_key: r for r in plan.records}
         for planned in plan.rounds:
-            rows = await self._round(conn, origin_id, mode, planned)
+            rows = await self._round(conn, origin_id, planned)
             self._collect(rows, by_key, outcome)
-            held = [row["incoming_key"] for row in rows if row["outcome"] == "held"]
-            if held:  # before the next round, which may hold later records of their entities
-                outcome.found_held_keys = True
-                await self._settle_held(conn, origin_id, plan, held, outcome)
         if not (outcome.duplicates or outcome.conflicts):
             outcome.applied = list(plan.records)
             return outcome
@@ -817,54 +785,29 @@ class PostgresTarget:
                 outcome.applied.append(record)
         return outcome
 
-    async def _settle_held(
-        self,
-        conn: asyncpg.Connection,
-        origin_id: str,
-        plan: BatchPlan,
-        held: list[str],
-        outcome: BatchOutcome,
-    ) -> None:
-        """Keys PostgreSQL already held: duplicates if delivered before; otherwise another
-        origin's change in the same microsecond, which goes through last-write-wins (and is
-        recorded as a conflict)."""
-        by_key = {r.idempotency_key: r for r in plan.records}
-        known = [by_key[key] for key in held]
-        rows = await conn.fetch(
-            _Q["delivered_keys"], [r.idempotency_key for r in known], [r.digest for r in known]
-        )
-        delivered = {row[0] for row in rows}
-        outcome.duplicates += [r for r in known if r.idempotency_key in delivered]
-        ties = [r for r in known if r.idempotency_key not in delivered]
-        for planned in _apply_rounds(ties):  # one round: one record per entity
-            rows = await self._round(conn, origin_id, KeyMode.NOT_RECORDED, planned)
-            self._collect(rows, by_key, outcome)
-
     async def _round(
-        self, conn: asyncpg.Connection, origin_id: str, mode: KeyMode, planned: RoundPlan
+        self, conn: asyncpg.Connection, origin_id: str, planned: RoundPlan
     ) -> list[asyncpg.Record]:
-        """One round statement; a new entity another transaction created meanwhile rolls
-        the batch back (_Raced), as does a key held that the round took for new
-        (_KeysHeld)."""
+        """One round statement; an entity another transaction wrote meanwhile rolls the
+        batch back (_Raced): a new one it created, or a losing record's row it changed."""
         history = bool(self._history_arguments)
         if self.settings.statement_cache_size > 0:
-            # Prepared once per connection: one statement for every table and every KeyMode
-            # (each variant prepared would hold its plans, megabytes, in every backend).
+            # Prepared once per connection: one statement for every table (each variant
+            # prepared would hold its plans, megabytes, in every backend).
             sql = round_sql(ENTITY_TYPES, history=history)
             arguments = planned.for_every_table()
-        else:  # parsed and planned for every round: only its tables and its key insert
-            sql = round_sql(planned.entity_types, history=history, key_mode=mode)
+        else:  # parsed and planned for every round: only its tables
+            sql = round_sql(planned.entity_types, history=history)
             arguments = planned.arguments
         try:
-            return list(
-                await conn.fetch(sql, origin_id, mode.value, *arguments, *self._history_arguments)
-            )
+            rows = list(await conn.fetch(sql, origin_id, *arguments, *self._history_arguments))
         except asyncpg.UniqueViolationError as error:
             if is_entity_race(error):
                 raise _Raced(error.table_name) from None
-            if mode is KeyMode.NEW and is_applied_key_violation(error):
-                raise _KeysHeld(error.table_name) from None
             raise
+        if any(row["outcome"] == "raced" for row in rows):
+            raise _Raced("a row changed since the round's snapshot")
+        return rows
 
     @staticmethod
     def _collect(
@@ -899,13 +842,6 @@ class PostgresTarget:
             if not self._schema_ready:
                 await self.ensure_schema()
             return list(await pool.fetch(VERSIONS_SQL[entity_type], list(entity_ids)))
-
-    async def forget_applied_keys(self, keys: Sequence[str]) -> None:
-        """Forget these keys, of versions PostgreSQL does not hold (a verify found them
-        missing or older there), so that the versions sent again are applied."""
-        pool = await self._get_pool()
-        with self._classified("repairing"), anyio.fail_after(self.settings.statement_timeout):
-            await pool.execute(_Q["forget_applied_keys"], list(keys))
 
     async def prune_applied_keys(self, before: datetime) -> int:
         """Forget the applied keys of versions before `before`, by whole partitions (a

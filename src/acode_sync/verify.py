@@ -358,17 +358,12 @@ class Verifier:
         """Queue each missing or stale entity's current version as an ordinary outbox
         record: its record again if it is kept, else a new one written as the store writes
         (the key of that version, the payload of the row). An entity saved since it was
-        read has a newer record of its own and is left alone.
-
-        PostgreSQL first forgets those versions' applied keys, if it kept them (a table
-        restored apart from applied_keys, rows deleted by hand): a version it does not
-        hold must not be taken for a duplicate when it comes again."""
+        read has a newer record of its own and is left alone. (PostgreSQL applies it
+        whatever keys it keeps: a version newer than the one held wins, and one of an
+        entity it lacks creates it.)"""
         repairable = [d for d in problems if d.kind in REPAIRABLE]
         if not repairable:
             return 0
-        await self.target.forget_applied_keys(
-            [idempotency_key(d.entity_type, d.entity_id, d.local_version) for d in repairable]
-        )
         return await anyio.to_thread.run_sync(self._queue, repairable)
 
     def _queue(self, repairable: Sequence[Difference]) -> int:

@@ -39,11 +39,12 @@ from typing import Final
 import anyio
 import asyncpg
 
+from acode_sync.pg_tables import TABLES
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.workspace import database_path
 from tests.bench.baselines import BackendCpu, Measured, build_source, comparison, run_baselines
 from tests.bench.bench_sync import seed
-from tests.pg import create_database, database_url, drop_database
+from tests.pg import COUNT_APPLIED_VERSIONS, create_database, database_url, drop_database
 
 LATENCY_P50_TARGET_MS: Final = 50.0
 LATENCY_P99_TARGET_MS: Final = 250.0
@@ -155,7 +156,7 @@ def latency(rate: int, seconds: float, workdir: Path) -> None:
             "CREATE FUNCTION acode.bench_seen() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             "INSERT INTO acode.bench_seen VALUES (NEW.idempotency_key, clock_timestamp()); "
             "RETURN NULL; END $$;"
-            "CREATE TRIGGER bench_seen AFTER INSERT ON acode.applied_keys "
+            "CREATE TRIGGER bench_seen AFTER INSERT OR UPDATE ON acode.sessions "
             "FOR EACH ROW EXECUTE FUNCTION acode.bench_seen();",
         )
         daemon = start_daemon(root, url, workdir)
@@ -250,13 +251,36 @@ def last_key(workspace: Path) -> str:
         conn.close()
 
 
+async def held_count(conn: asyncpg.Connection, keys: list[str]) -> int:
+    """How many of these keys (each an entity's last version) the entity rows hold."""
+    by_table: dict[str, tuple[list[str], list[str]]] = {}
+    for key in keys:
+        entity_type, rest = key.split(":", 1)
+        ids, held = by_table.setdefault(entity_type, ([], []))
+        ids.append(rest[: -len(":2026-01-01T00:00:00.000000Z")])
+        held.append(key)
+    count = 0
+    for entity_type, (ids, held) in by_table.items():
+        spec = TABLES[entity_type]
+        count += int(
+            await conn.fetchval(
+                f"SELECT count(*) FROM unnest($1::text[], $2::text[]) AS k(id, key) "
+                f"JOIN acode.{spec.table} AS t "
+                f"ON t.{spec.id_column} = k.id AND t.idempotency_key = k.key",
+                ids,
+                held,
+            )
+        )
+    return count
+
+
 async def wait_for_keys(url: str, keys: list[str]) -> asyncpg.Connection:
-    """Poll until PostgreSQL holds every key. A workspace ships its records oldest first,
-    so its last record's key arriving means its backlog has: 100 index probes a poll."""
+    """Poll until PostgreSQL holds every key, each its workspace's last record. A
+    workspace ships its records oldest first, so its last record's version held means its
+    backlog has arrived: 100 primary-key probes a poll."""
     conn = await asyncpg.connect(url)
     deadline = time.monotonic() + BACKLOG_TIMEOUT_SECONDS
-    query = "SELECT count(*) FROM acode.applied_keys WHERE idempotency_key = ANY($1::text[])"
-    while int(await conn.fetchval(query, keys)) < len(keys):
+    while await held_count(conn, keys) < len(keys):
         if time.monotonic() > deadline:
             await conn.close()
             raise SystemExit(f"the daemon did not ship the backlog in {BACKLOG_TIMEOUT_SECONDS} s")
@@ -286,7 +310,7 @@ async def drain_backlog(root: Path, url: str, workdir: Path, keys: list[str]) ->
             backends.exclude(await poll.fetchval("SELECT pg_backend_pid()"))
             backends.sample()  # before the daemon closes its pool
             daemon_cpu = process_cpu_seconds(daemon.pid)
-            shipped = int(await poll.fetchval("SELECT count(*) FROM acode.applied_keys"))
+            shipped = int(await poll.fetchval(COUNT_APPLIED_VERSIONS))
             await poll.close()
         finally:
             await anyio.to_thread.run_sync(stop, daemon)

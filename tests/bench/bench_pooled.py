@@ -29,7 +29,7 @@ import anyio
 import asyncpg
 
 from acode_sync.config import PostgresSettings
-from acode_sync.pg_tables import ENTITY_TYPES, KeyMode, round_sql
+from acode_sync.pg_tables import ENTITY_TYPES, round_sql
 from acode_sync.postgres import BatchPlan, PostgresTarget, PreparedRecord, plan_batch
 from tests.pg import create_database_async, database_url, drop_database_async
 
@@ -91,11 +91,8 @@ def batches_of_events(count: int, size: int, first: int) -> list[BatchPlan]:
 
 async def plan_cost(dsn: str, entity_types: tuple[str, ...]) -> tuple[float, float]:
     """Median seconds to parse and to plan the round statement for these tables."""
-    sql = round_sql(entity_types, history=False, key_mode=KeyMode.NEW)
-    arguments = ", ".join(
-        ["'o'", f"'{KeyMode.NEW.value}'"]
-        + ["'[]', ''::bytea, '{}', '{}', ''::bytea"] * len(entity_types)
-    )
+    sql = round_sql(entity_types, history=False)
+    arguments = ", ".join(["'o'"] + ["'[]', ''::bytea, '{}', '{}', ''::bytea"] * len(entity_types))
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
     parse, plan = [], []
     try:

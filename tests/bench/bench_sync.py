@@ -92,7 +92,7 @@ from tests.bench.baselines import (
     run_baselines,
 )
 from tests.bench.bench_store import percentile
-from tests.pg import ADMIN_URL, database_url
+from tests.pg import ADMIN_URL, COUNT_APPLIED_VERSIONS, database_url
 
 THROUGHPUT_TARGET_MANY: Final = 38_000.0  # records/s: 1M records from 100 workspaces
 THROUGHPUT_TARGET_ONE: Final = 25_700.0  # records/s: 1M records from one workspace
@@ -653,10 +653,10 @@ async def verify(
 ) -> str:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "acode"})
     try:
-        keys = int(await conn.fetchval("SELECT count(*) FROM acode.applied_keys"))
+        keys = int(await conn.fetchval(COUNT_APPLIED_VERSIONS))
         agent_keys = int(
             await conn.fetchval(
-                "SELECT count(*) FROM acode.applied_keys WHERE starts_with(idempotency_key, $1)",
+                f"{COUNT_APPLIED_VERSIONS} WHERE starts_with(idempotency_key, $1)",
                 f"Session:{agent_session}:",
             )
         )
@@ -669,9 +669,9 @@ async def verify(
     left = sum([await anyio.to_thread.run_sync(not_processed, w) for w in workspaces])
     problems = []
     if keys - agent_keys != seeded.records:
-        problems.append(f"{keys - agent_keys} seeded keys in applied_keys, not {seeded.records}")
+        problems.append(f"{keys - agent_keys} seeded versions applied, not {seeded.records}")
     if agent_keys != agent_saves:
-        problems.append(f"{agent_keys} agent keys in applied_keys, not {agent_saves}")
+        problems.append(f"{agent_keys} agent versions applied, not {agent_saves}")
     if entities != seeded.entities + 1:
         problems.append(f"{entities} entity rows, not {seeded.entities + 1}")
     if conflicts or left:
@@ -679,7 +679,7 @@ async def verify(
     if problems:
         raise SystemExit("verification FAILED: " + "; ".join(problems))
     return (
-        f"verified: acode.applied_keys holds {seeded.records:,} seeded keys "
+        f"verified: PostgreSQL applied {seeded.records:,} seeded versions "
         f"(+ {agent_saves:,} agent saves), {entities:,} entity rows, 0 conflicts, "
         f"0 records left pending"
     )

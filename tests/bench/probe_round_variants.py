@@ -17,7 +17,7 @@ import itertools
 import anyio
 import asyncpg
 
-from acode_sync.pg_tables import ENTITY_TYPES, KeyMode, round_sql
+from acode_sync.pg_tables import ENTITY_TYPES, round_sql
 from acode_sync.postgres import STATEMENT_CACHE_LIMIT
 from tests.bench.bench_pooled import migrated_database
 
@@ -34,9 +34,7 @@ async def grown_by(dsn: str, variants: list[tuple[str, ...]]) -> int:
         before = int(await conn.fetchval(MEMORY))
         for types in variants:
             arguments = [a for _ in types for a in EMPTY]
-            await conn.fetch(
-                round_sql(types, history=False), "o", KeyMode.NOT_RECORDED.value, *arguments
-            )
+            await conn.fetch(round_sql(types, history=False), "o", *arguments)
         return int(await conn.fetchval(MEMORY)) - before
     finally:
         await conn.close()

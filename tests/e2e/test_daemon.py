@@ -40,6 +40,7 @@ from tests.daemon_harness import (
     forwarder,
     free_port,
     outbox_counts,
+    pg_applied,
     pg_count,
     pg_execute,
     pg_fetchval,
@@ -283,7 +284,7 @@ def test_sigterm_during_a_large_drain_then_a_restart_finishes(rig: Rig) -> None:
     config = rig.config(sync={"batch_max_records": 200})
 
     daemon, _ = rig.start_ready(config)
-    wait_until(lambda: pg_count(rig.pg_url, "applied_keys") > 0, "the first batch", interval=0.02)
+    wait_until(lambda: pg_applied(rig.pg_url) > 0, "the first batch", interval=0.02)
     mark = len(rig.notify.messages)
     assert rig.stop(daemon) == 0
     rig.notify.wait_for("STOPPING=1", start=mark)
@@ -291,7 +292,7 @@ def test_sigterm_during_a_large_drain_then_a_restart_finishes(rig: Rig) -> None:
     assert not daemon.find("drain abandoned: in-flight batches were rolled back")
 
     # Stopped mid-drain, and every batch PostgreSQL committed was marked in SQLite.
-    applied = pg_count(rig.pg_url, "applied_keys")
+    applied = pg_applied(rig.pg_url)
     assert 0 < applied < DRAIN_RECORDS
     assert outbox_counts(workspace).get("processed", 0) == applied
 
@@ -305,7 +306,7 @@ def test_sigterm_during_a_large_drain_then_a_restart_finishes(rig: Rig) -> None:
         "every record processed",
         timeout=60,
     )
-    assert pg_count(rig.pg_url, "applied_keys") == DRAIN_RECORDS
+    assert pg_applied(rig.pg_url) == DRAIN_RECORDS
     assert rig.sessions() == DRAIN_RECORDS
     assert pg_fetchval(rig.pg_url, f"SELECT count(*) FROM {AUDIT_TABLE}") == DRAIN_RECORDS
     distinct = f"SELECT count(DISTINCT idempotency_key) FROM {AUDIT_TABLE}"

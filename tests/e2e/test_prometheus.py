@@ -42,7 +42,7 @@ from tests.daemon_harness import (
     NotifySocket,
     daemon_config,
     free_port,
-    pg_count,
+    pg_applied,
     save_sessions,
     scrape,
     seed_sessions,
@@ -317,7 +317,7 @@ def test_prometheus_counts_the_records_and_fires_the_outage_alerts(
                 assert alert["state"] == "firing"
                 assert alert["labels"]["job"] == "acode-syncd"
                 assert alert["labels"]["instance"] == f"127.0.0.1:{metrics_port}"
-            assert pg_count(pg_url, "applied_keys") == SHIPPED_BEFORE
+            assert pg_applied(pg_url) == SHIPPED_BEFORE
 
             proxy.restore()
             log.wait("inactive", OUTAGE_ALERTS, "the outage alerts resolved")
@@ -341,11 +341,11 @@ def test_prometheus_counts_the_records_and_fires_the_outage_alerts(
 
 def _shipped_records_are_counted(server: Prometheus, pg_url: str, records: int) -> None:
     """PostgreSQL has `records` records, and Prometheus' records counter says exactly that."""
-    wait_until(lambda: pg_count(pg_url, "applied_keys") == records, f"{records} in PostgreSQL")
+    wait_until(lambda: pg_applied(pg_url) == records, f"{records} in PostgreSQL")
     counted = 'sum(acode_sync_records_total{job="acode-syncd"})'
     wait_until(lambda: server.value(counted) == records, f"{records} counted in Prometheus")
     time.sleep(2)  # two more scrapes: the count stays exact, nothing counted twice
-    assert server.value(counted) == pg_count(pg_url, "applied_keys") == records
+    assert server.value(counted) == pg_applied(pg_url) == records
     by_result = {
         r["metric"]["result"]: float(r["value"][1])
         for r in server.query("acode_sync_records_total")

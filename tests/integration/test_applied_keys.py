@@ -1,7 +1,8 @@
-"""A batch records its keys with a plain insert, taking them for new: a key applied_keys
-already holds (a resend, a copied workspace, a concurrent batch) fails the round, and the
-batch runs again finding the keys held, with the same outcome as if it had looked first.
-Real PostgreSQL; a second connection plays the concurrent writer."""
+"""Every version applied keeps its key and digest: the version an entity holds in its row,
+a version it replaced in applied_keys, written by the round that replaces it. A resend of
+either is a duplicate, never a conflict, whoever sends it and whenever; a losing record
+whose row another transaction changes under the round is judged again. Real PostgreSQL;
+a second connection plays the concurrent writer."""
 
 from __future__ import annotations
 
@@ -14,18 +15,18 @@ import asyncpg
 import pytest
 
 from acode_sync.config import PostgresSettings
-from acode_sync.postgres import PostgresTarget, plan_batch
+from acode_sync.postgres import PostgresTarget, PreparedRecord, plan_batch
 from tests.records import SESSION_VERSION, prepared_session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
-
-def settings(pg_url: str) -> PostgresSettings:
-    return PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1)
+LATER = "2026-12-01T00:00:01.000000Z"
 
 
-def target(pg_url: str) -> PostgresTarget:
-    return PostgresTarget(settings(pg_url))
+def settings(pg_url: str, statement_cache_size: int = 100) -> PostgresSettings:
+    return PostgresSettings(
+        dsn=pg_url, pool_min=1, pool_max=1, statement_cache_size=statement_cache_size
+    )
 
 
 @asynccontextmanager
@@ -41,79 +42,158 @@ async def two_daemons(
         await second.close()
 
 
-async def count(pg_url: str, sql: str) -> int:
+def session_version(version: str, title: str, base: str | None = None) -> PreparedRecord:
+    """sess_1 at `version` with this title, based on `base`."""
+    payload = f'{{"title": "{title}", "updated_at": "{version}"}}'.encode()
+    return PreparedRecord(
+        1, f"Session:sess_1:{version}", "Session", "sess_1", "sess_1", payload, version, base,
+        hashlib.sha256(payload).digest(),
+    )  # fmt: skip
+
+
+async def fetch(pg_url: str, sql: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(pg_url)
     try:
-        return int(await conn.fetchval(sql))
+        return list(await conn.fetch(sql))
     finally:
         await conn.close()
 
 
-async def test_a_resend_is_a_duplicate_and_the_origin_looks_for_held_keys_until_none(
+async def replaced_keys(pg_url: str) -> list[tuple[str, bytes, str]]:
+    rows = await fetch(
+        pg_url,
+        "SELECT idempotency_key, payload_digest, origin_id FROM acode.applied_keys ORDER BY 1",
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+@pytest.mark.parametrize("statement_cache_size", [100, 0])
+async def test_a_resend_of_new_and_replaced_versions_is_a_duplicate(
+    pg_url: str, statement_cache_size: int
+) -> None:
+    # Without a statement cache (behind a transaction-pooling PgBouncer) each round names
+    # only its tables: the same judgment.
+    first_version = session_version(SESSION_VERSION, "first")
+    second_version = session_version(LATER, "second", base=SESSION_VERSION)
+    batch = [first_version, second_version, prepared_session(2)]
+    async with two_daemons(settings(pg_url, statement_cache_size=statement_cache_size)) as (
+        first,
+        second,
+    ):
+        applied = await first.apply("origin", plan_batch(batch))
+        assert (len(applied.applied), applied.duplicates, applied.conflicts) == (3, [], [])
+        # A new entity's key is its row's; the update kept the key of the version it replaced.
+        assert await replaced_keys(pg_url) == [
+            (first_version.idempotency_key, first_version.digest, "origin")
+        ]
+        # The whole batch again (its commit's answer was lost), from a daemon that never
+        # saw it: every record a duplicate, the replaced version's too.
+        again = await second.apply("origin", plan_batch(batch))
+        assert (again.applied, again.conflicts) == ([], [])
+        assert sorted(r.idempotency_key for r in again.duplicates) == sorted(
+            r.idempotency_key for r in batch
+        )
+        # The replaced version alone, in a batch of its own, later.
+        alone = await second.apply("origin", plan_batch([first_version]))
+        assert [r.idempotency_key for r in alone.duplicates] == [first_version.idempotency_key]
+    rows = await fetch(
+        pg_url,
+        "SELECT (SELECT title FROM acode.sessions WHERE session_id = 'sess_1'), "
+        "(SELECT count(*) FROM acode.sessions), (SELECT count(*) FROM acode.conflicts)",
+    )
+    assert tuple(rows[0]) == ("second", 2, 0)
+    assert await replaced_keys(pg_url) == [
+        (first_version.idempotency_key, first_version.digest, "origin")
+    ]
+
+
+async def test_two_origins_with_one_key_are_a_conflict_and_then_both_duplicates(
     pg_url: str,
 ) -> None:
+    # Two origins' versions of one entity in one microsecond share a key. The later origin
+    # ("b" > "a") wins; the version it replaced keeps its key with its own digest.
+    from_a = session_version(SESSION_VERSION, "a")
+    from_b = session_version(SESSION_VERSION, "b")
     async with two_daemons(settings(pg_url)) as (first, second):
-        sent = [prepared_session(1), prepared_session(2)]
-        assert len((await first.apply("origin", plan_batch(sent))).applied) == 2
-        # Another daemon (no memory of the first) sends the same records again.
-        again = await second.apply("origin", plan_batch(sent))
-        assert (len(again.duplicates), again.applied, again.conflicts) == (2, [], [])
-        assert again.found_held_keys
-        assert "origin" in second._resending
-        # Its next batch looks for held keys first; one that finds none ends that.
-        mixed = await second.apply("origin", plan_batch([prepared_session(1), prepared_session(3)]))
-        assert [r.entity_id for r in mixed.duplicates] == ["sess_1"]
-        assert [r.entity_id for r in mixed.applied] == ["sess_3"]
-        assert "origin" in second._resending
-        fresh = await second.apply("origin", plan_batch([prepared_session(4)]))
-        assert [r.entity_id for r in fresh.applied] == ["sess_4"]
-        assert not fresh.found_held_keys
-        assert "origin" not in second._resending
-        assert await count(pg_url, "SELECT count(*) FROM acode.applied_keys") == 4
-        assert await count(pg_url, "SELECT count(*) FROM acode.sessions") == 4
+        assert len((await first.apply("a", plan_batch([from_a]))).applied) == 1
+        tie = await second.apply("b", plan_batch([from_b]))
+        assert [(c.incoming_origin, c.current_origin, c.winner) for c in tie.conflicts] == [
+            ("b", "a", "incoming")
+        ]
+        assert await replaced_keys(pg_url) == [(from_a.idempotency_key, from_a.digest, "a")]
+        resent_a = await first.apply("a", plan_batch([from_a]))
+        resent_b = await second.apply("b", plan_batch([from_b]))
+        assert ([len(o.duplicates) for o in (resent_a, resent_b)]) == [1, 1]
+        assert resent_a.conflicts == resent_b.conflicts == []
+    (row,) = await fetch(pg_url, "SELECT count(*) FROM acode.conflicts")
+    assert row[0] == 1
 
 
-async def test_a_key_a_concurrent_transaction_commits_meanwhile_is_judged_as_held(
+async def test_a_lost_conflict_sent_again_is_a_duplicate(pg_url: str) -> None:
+    held = session_version(LATER, "newer")
+    stale = session_version(SESSION_VERSION, "older")
+    async with two_daemons(settings(pg_url)) as (first, second):
+        assert len((await first.apply("a", plan_batch([held]))).applied) == 1
+        lost = await second.apply("b", plan_batch([stale]))
+        assert [c.winner for c in lost.conflicts] == ["current"]
+        again = await second.apply("b", plan_batch([stale]))
+        assert ([r.idempotency_key for r in again.duplicates], again.conflicts) == (
+            [stale.idempotency_key],
+            [],
+        )
+    assert await replaced_keys(pg_url) == []  # nothing was replaced
+
+
+async def test_a_losing_resend_whose_row_changes_under_the_round_is_judged_again(
     pg_url: str,
 ) -> None:
-    # The other transaction holds the same key, with another payload's digest, uncommitted:
-    # the plain insert waits for it, then fails on its commit; run again, the batch finds
-    # the key held with another digest and applies the record as a tie.
-    applier = target(pg_url)
-    other = await asyncpg.connect(pg_url)
+    # sess_1 is at its first version. A writer that shares no session lock with the batch
+    # replaces it (and keeps its key, as a round does) in a transaction still open when the
+    # batch resends the first version. The round's snapshot predates that key, but its row
+    # lock waits for the writer and then reads the second version: the resend would be
+    # judged against a version it never saw replaced and recorded as a conflict with it.
+    # The round sees its row is not its snapshot's, and the batch runs again: a duplicate.
+    first_version = session_version(SESSION_VERSION, "first")
+    applier = PostgresTarget(settings(pg_url))
+    writer = await asyncpg.connect(pg_url)
     try:
-        await applier.ensure_schema()
-        record = prepared_session(1)
-        writer = other.transaction()
-        await writer.start()
-        await other.execute(
+        assert len((await applier.apply("origin", plan_batch([first_version]))).applied) == 1
+        transaction = writer.transaction()
+        await transaction.start()
+        await writer.execute(
             "INSERT INTO acode.applied_keys (session_id, idempotency_key, version, "
-            "payload_digest, origin_id) VALUES ($1, $2, $3::text::timestamptz, $4, 'other')",
-            record.session_id, record.idempotency_key, SESSION_VERSION,
-            hashlib.sha256(b"other").digest(),
-        )  # fmt: skip
+            "payload_digest, origin_id) SELECT session_id, idempotency_key, updated_at, "
+            "payload_digest, origin_id FROM acode.sessions WHERE session_id = 'sess_1'"
+        )
+        await writer.execute(
+            "UPDATE acode.sessions SET title = 'second', updated_at = $1::text::timestamptz, "
+            "idempotency_key = 'Session:sess_1:' || $1, payload_digest = '\\x00'::bytea, "
+            "origin_id = 'writer' WHERE session_id = 'sess_1'",
+            LATER,
+        )
+        outcomes = []
+
+        async def resend() -> None:
+            outcomes.append(await applier.apply("origin", plan_batch([first_version])))
+
         async with anyio.create_task_group() as group:
-            outcomes = []
-
-            async def apply() -> None:
-                outcomes.append(await applier.apply("origin", plan_batch([record])))
-
-            group.start_soon(apply)
+            group.start_soon(resend)
             await anyio.sleep(0.3)
-            assert not outcomes  # waiting on the uncommitted key
-            await writer.commit()
+            assert not outcomes  # the round waits on the row
+            await transaction.commit()
         (outcome,) = outcomes
-        assert [r.entity_id for r in outcome.applied] == ["sess_1"]
-        assert outcome.found_held_keys
-        title = await other.fetchval("SELECT title FROM acode.sessions WHERE session_id = 'sess_1'")
-        assert title == "t"
+        assert [r.idempotency_key for r in outcome.duplicates] == [first_version.idempotency_key]
+        assert (outcome.applied, outcome.conflicts) == ([], [])
+        assert await writer.fetchval("SELECT count(*) FROM acode.conflicts") == 0
+        title = await writer.fetchval("SELECT title FROM acode.sessions")
+        assert title == "second"
     finally:
-        await other.close()
+        await writer.close()
         await applier.close()
 
 
 async def test_the_entity_tables_keep_only_their_keys(pg_url: str) -> None:
-    applier = target(pg_url)
+    applier = PostgresTarget(settings(pg_url))
     conn = await asyncpg.connect(pg_url)
     try:
         await applier.ensure_schema()
@@ -130,16 +210,15 @@ async def test_the_entity_tables_keep_only_their_keys(pg_url: str) -> None:
         await applier.close()
 
 
-async def test_a_connection_prepares_one_round_statement_whatever_keys_it_meets(
-    pg_url: str,
-) -> None:
+async def test_a_connection_prepares_one_round_statement(pg_url: str) -> None:
     # With a statement cache the round is one statement for every table, prepared once per
-    # connection: its plans take megabytes in every backend. A batch that meets keys
-    # already held must not make the connection prepare a second one beside it.
+    # connection: its plans take megabytes in every backend. New entities, updates and
+    # resends all go through that one.
     async with two_daemons(settings(pg_url)) as (first, second):
         assert second.settings.statement_cache_size > 0
         assert len((await first.apply("origin", plan_batch([prepared_session(1)]))).applied) == 1
-        assert len((await second.apply("origin", plan_batch([prepared_session(2)]))).applied) == 1
+        batch = [prepared_session(2), prepared_session(2, LATER)]
+        assert len((await second.apply("origin", plan_batch(batch))).applied) == 2
         again = await second.apply("origin", plan_batch([prepared_session(1)]))
         assert [r.entity_id for r in again.duplicates] == ["sess_1"]
         pool = await second._get_pool()
@@ -149,17 +228,3 @@ async def test_a_connection_prepares_one_round_statement_whatever_keys_it_meets(
                 "WHERE statement LIKE 'WITH %INSERT INTO acode.applied_keys%'"
             )
         assert prepared == 1
-
-
-async def test_a_resend_without_a_statement_cache_is_a_duplicate(pg_url: str) -> None:
-    # Behind a transaction-pooling PgBouncer each round names only its tables and its key
-    # insert: a plain one first, then the one that finds the keys held.
-    uncached = PostgresSettings(dsn=pg_url, pool_min=1, pool_max=1, statement_cache_size=0)
-    async with two_daemons(uncached) as (first, second):
-        assert len((await first.apply("origin", plan_batch([prepared_session(1)]))).applied) == 1
-        again = await second.apply("origin", plan_batch([prepared_session(1), prepared_session(2)]))
-        assert [r.entity_id for r in again.duplicates] == ["sess_1"]
-        assert [r.entity_id for r in again.applied] == ["sess_2"]
-        fresh = await second.apply("other", plan_batch([prepared_session(3)]))
-        assert [r.entity_id for r in fresh.applied] == ["sess_3"]
-        assert await count(pg_url, "SELECT count(*) FROM acode.applied_keys") == 3

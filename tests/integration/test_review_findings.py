@@ -28,7 +28,13 @@ from acode_sync.postgres import LOCK_NAMESPACE, PostgresTarget, lock_key
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import OpenOptions, database_path
-from tests.pg import ADMIN_URL, create_database_async, database_url, drop_database_async
+from tests.pg import (
+    ADMIN_URL,
+    APPLIED_VERSION_KEYS,
+    create_database_async,
+    database_url,
+    drop_database_async,
+)
 from tests.records import enqueue_raw, run_sql, session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -47,7 +53,7 @@ def writer(workspace: Path) -> Iterator[sqlite3.Connection]:
 async def applied_keys(pg_url: str) -> set[str]:
     conn = await asyncpg.connect(pg_url)
     try:
-        rows = await conn.fetch("SELECT idempotency_key FROM acode.applied_keys")
+        rows = await conn.fetch(APPLIED_VERSION_KEYS)
     finally:
         await conn.close()
     return {row[0] for row in rows}

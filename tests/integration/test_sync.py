@@ -27,7 +27,13 @@ from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import SyncLock, WorkspaceSyncer
 from acode_sync.workspace import OpenOptions, database_path
-from tests.pg import create_database_async, database_url, drop_database_async
+from tests.pg import (
+    APPLIED_VERSION_KEYS,
+    COUNT_APPLIED_VERSIONS,
+    create_database_async,
+    database_url,
+    drop_database_async,
+)
 from tests.records import enqueue_raw, run_sql, session_payload
 
 PG_LATEST = latest_version(load_migrations("postgres"))
@@ -88,7 +94,7 @@ async def test_records_reach_postgres_with_typed_columns(
     assert rows[0]["origin_id"] == db.origin_id
     tasks = await fetch(pg_url, "SELECT session_id, title FROM session_tasks")
     assert [tuple(r) for r in tasks] == [(session.session_id, "t")]
-    keys = await fetch(pg_url, "SELECT count(*) FROM applied_keys")
+    keys = await fetch(pg_url, COUNT_APPLIED_VERSIONS)
     assert keys[0][0] == 3
     assert outbox_states(workspace) == [("processed", 0)] * 3
     assert task.task_id
@@ -451,12 +457,16 @@ async def test_applied_keys_are_pruned_by_whole_partitions(
     from datetime import UTC, datetime, timedelta
 
     now = datetime.now(UTC)
+    # applied_keys keeps the versions replaced: three 20 days old and one of today's.
     db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now - timedelta(days=20)))
-    for _ in range(3):
-        db.save(Session())
+    saved = [db.save(Session()) for _ in range(3)]
     db.close()
     db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now))
-    db.save(Session())
+    saved.append(db.save(Session()))
+    db.close()
+    db = WorkspaceDatabase(workspace, OpenOptions(clock=lambda: now + timedelta(seconds=1)))
+    for session in saved:
+        db.save(Session(session_id=session.session_id, title="replaced"))
     db.close()
     await syncer(workspace, target).drain()
     conn = await asyncpg.connect(pg_url)
@@ -569,7 +579,7 @@ async def test_hostile_ids_and_text_arrive_verbatim(
     assert sorted((r["session_id"], r["title"]) for r in rows) == sorted(
         (s, s[::-1]) for s in HOSTILE_TEXTS
     )
-    keys = await fetch(pg_url, "SELECT idempotency_key FROM applied_keys")
+    keys = await fetch(pg_url, APPLIED_VERSION_KEYS)
     assert sorted(r[0] for r in keys) == sorted(f"Session:{s}:{stamp}" for s in HOSTILE_TEXTS)
 
 

@@ -49,7 +49,7 @@ from acode_sync.sync import SyncSummary, WorkspaceSyncer
 from acode_sync.workspace import database_path
 from tests.faults import AtNth
 from tests.integration.sync_child import NOT_REACHED
-from tests.pg import ADMIN_URL, AUDIT_TABLE, install_audit
+from tests.pg import ADMIN_URL, APPLIED_VERSION_KEYS, AUDIT_TABLE, install_audit
 from tests.proxy import TcpProxy
 from tests.records import enqueue_raw, session_payload
 
@@ -94,7 +94,8 @@ async def audit_counts(dsn: str) -> Counter[str]:
 
 
 async def applied_key_counts(dsn: str) -> Counter[str]:
-    rows = await pg_fetch(dsn, "SELECT idempotency_key FROM acode.applied_keys")
+    """The keys of the versions PostgreSQL applied, each as often as it holds it."""
+    rows = await pg_fetch(dsn, APPLIED_VERSION_KEYS)
     return Counter(str(row[0]) for row in rows)
 
 

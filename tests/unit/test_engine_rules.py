@@ -13,7 +13,6 @@ from acode_sync.pg_tables import (
     ENTITY_TYPES,
     FIRST_TABLE_ARGUMENT,
     TABLES,
-    KeyMode,
     history_argument,
     round_sql,
 )
@@ -204,18 +203,12 @@ def test_a_race_is_a_unique_violation_of_an_entity_key_on_a_server_or_a_shard(
     assert is_entity_race(error) is raced
 
 
-def test_one_round_statement_records_keys_in_every_key_mode() -> None:
-    # How keys are recorded is an argument: prepared, the round is one statement per
-    # connection whatever the keys its batches meet. Parsed per round (no statement
-    # cache), it holds only the insert its KeyMode runs.
-    every = round_sql(("Session",), history=False)
-    plain = round_sql(("Session",), history=False, key_mode=KeyMode.NEW)
-    finding = round_sql(("Session",), history=False, key_mode=KeyMode.MAY_BE_HELD)
-    assert every.count("INSERT INTO acode.applied_keys") == 2
-    assert plain.count("INSERT INTO acode.applied_keys") == 1
-    assert finding.count("INSERT INTO acode.applied_keys") == 1
-    assert "WHERE $2::text = 'new'\n    RETURNING" in every
-    assert "WHERE $2::text = 'may be held'\n    ON CONFLICT" in every
-    assert "ON CONFLICT (idempotency_key" not in plain
-    assert "ON CONFLICT (idempotency_key" in finding
-    assert {m.value for m in KeyMode} == {"new", "may be held", "not recorded"}
+def test_the_round_records_only_the_keys_of_the_versions_it_replaces() -> None:
+    # A new entity's key and digest are its row's: only an update over a held version
+    # writes applied_keys, one insert per table, of the version it replaced.
+    every = round_sql(ENTITY_TYPES, history=False)
+    assert every.count("INSERT INTO acode.applied_keys") == len(ENTITY_TYPES)
+    one = round_sql(("Session",), history=False)
+    assert one.count("INSERT INTO acode.applied_keys") == 1
+    assert "SELECT d.session_id, d.current_key, d.current_updated_at, d.current_digest" in one
+    assert "WHERE d.wins AND d.has_current AND d.current_digest IS NOT NULL" in one

@@ -79,34 +79,23 @@ SELECT set_config('statement_timeout', '<statement_timeout>', true),
        set_config('standard_conforming_strings', 'on', true);
 SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int[]) AS k;
 
--- A key PostgreSQL already holds: delivered before if its digest matches the applied
--- one, or if this very change was settled as a conflict earlier.
--- name: delivered_keys
--- The key's version (its last 27 characters) picks the partition to look in.
-SELECT u.idempotency_key
-FROM unnest($1::text[], $2::bytea[]) AS u(idempotency_key, digest)
-JOIN acode.applied_keys AS a
-    ON a.idempotency_key = u.idempotency_key
-   AND a.version = right(u.idempotency_key, 27)::timestamptz
-WHERE a.payload_digest = u.digest
-   OR EXISTS (SELECT 1 FROM acode.conflicts AS c
-              WHERE c.incoming_key = u.idempotency_key AND c.incoming_digest = u.digest
-                AND c.incoming_updated_at = a.version);
-
 -- A round: at most one record per entity, of every entity type, in one statement (one
 -- round trip). The statement is assembled in acode_sync/pg_tables.py:
---   WITH <incoming block per table>, <round_keys>, <apply block per table>
---   <round_outcome>
--- Block names are prefixed with their table's (<t>_incoming, ...). $1 is the origin; $2
--- how the round records its keys (acode_sync/pg_tables.py KeyMode): 'new' or 'may be held',
--- the round records its keys in applied_keys and applies only the records whose key was
--- not there yet, returning the others as 'held'; 'not recorded' (a key already held with
--- another payload), it applies every record. Last write wins on (updated_at,
--- origin_id, key); a record not based on the version held is a conflict, stored with both
--- versions and returned as 'conflict'. A record whose key and digest are those of the
--- version held is returned as 'duplicate' (a resend after its applied key was pruned). A
--- new entity that another transaction created meanwhile fails the round with a unique
--- violation of its table's primary key or id, taken as 'raced' (acode_sync/postgres.py).
+--   WITH <incoming block per table>, <apply block per table>
+--   <round_outcome per table>
+-- Block names are prefixed with their table's (<t>_incoming, ...). $1 is the origin. Last
+-- write wins on (updated_at, origin_id, key); a record not based on the version held is a
+-- conflict, stored with both versions and returned as 'conflict'. Every version applied
+-- keeps its key and digest: the version held in its row, a version it replaced in
+-- applied_keys (written here, as it is replaced). So a record is a delivery again, returned
+-- as 'duplicate', if its key and digest are the row's, or those of a version the row
+-- replaced (applied_keys), or of a record that lost a conflict (conflicts). Only a record
+-- that loses can be one of the latter two, so only a losing record looks them up. A new
+-- entity that another transaction created meanwhile fails the round with a unique
+-- violation of its table's primary key or id, and a losing record whose row another
+-- transaction changed since the statement's snapshot is returned as 'raced' (it would look
+-- for the replaced version's key in that snapshot, before it was written): either way the
+-- caller rolls the batch back and runs it again (acode_sync/postgres.py).
 -- name: incoming_entities
 <t>_incoming AS (
     -- <fields>: [entity_id, session_id, version, base, session_unseen] per record (JSON;
@@ -136,47 +125,12 @@ WHERE a.payload_digest = u.digest
     ) AS r
 )
 
--- The round's keys, recorded (or found already held) before anything is applied. With $2
--- 'new' the batch expects every key to be new: a plain insert (new_keys), and a key
--- already held fails the round with a unique violation of applied_keys (the batch is run
--- again with 'may be held'); with 'may be held', ON CONFLICT DO NOTHING finds the keys
--- held (found_keys). <key_inserts> is one of them, or, in the statement prepared once per
--- connection, both (one inserts nothing: one statement whatever the keys its batches
--- meet); <recorded> what they return. Both are `key_insert`, filled in
--- acode_sync/pg_tables.py; <not_recorded> is the mode that records no key.
--- name: round_keys
-round_keys AS (
-    SELECT idempotency_key, digest, session_id, version FROM <incoming_keys>
-),
-<key_inserts>,
-recorded_keys AS (
-    <recorded>
-),
--- Most often every key is new: then nothing needs to look each key up among the recorded
--- ones (a hash of them built per table). Read once, as a scalar subquery.
-round_held AS (
-    SELECT $2::text <> '<not_recorded>'
-           AND (SELECT count(*) FROM recorded_keys) < (SELECT count(*) FROM round_keys)
-           AS some_held
-)
-
--- One of the round's key inserts: <name> runs when $2 is <key_mode>; <on_conflict> is
--- empty (a plain insert) or the clause that finds keys held.
--- name: key_insert
-<name> AS (
-    INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
-                                    origin_id)
-    SELECT k.session_id, k.idempotency_key, k.version, k.digest, $1::text
-    FROM round_keys AS k WHERE $2::text = '<key_mode>'
-    <on_conflict>RETURNING idempotency_key
-)
-
 -- name: apply_entities
 -- <payload> is a record's payload as jsonb, parsed from the round's blob (see
 -- <t>_incoming). <t>_parsed parses it, in a subquery that OFFSET 0 keeps apart, once per
 -- record that is written or recorded as a conflict, with the digest of a version written;
--- the conflicts, the writes and the history read it there. The other records are held
--- or duplicates, whose digest is that of a payload parsed before.
+-- the conflicts, the writes and the history read it there. The other records are
+-- duplicates, whose digest is that of a payload parsed before.
 <t>_judged AS (
     SELECT n.*,
            -- The entity is held under its id, whatever the session: a record naming
@@ -189,8 +143,11 @@ round_held AS (
            c.updated_at AS current_updated_at,
            c.origin_id AS current_origin,
            c.idempotency_key AS current_key,
+           c.payload_digest AS current_digest,
            c.held AS current_row,
-           c.idempotency_key = n.idempotency_key AND c.payload_digest = n.digest AS same,
+           -- (A row written before digests were kept has none: not the same.)
+           coalesce(c.idempotency_key = n.idempotency_key AND c.payload_digest = n.digest,
+                    false) AS same,
            c.updated_at IS NULL
                OR (n.version, n.origin_id, n.idempotency_key)
                   > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
@@ -206,8 +163,6 @@ round_held AS (
         WHERE t.<id_column> = n.entity_id
         FOR UPDATE
     ) AS c ON true
-    WHERE NOT (SELECT some_held FROM round_held)
-       OR n.idempotency_key IN (SELECT idempotency_key FROM recorded_keys)
 ),
 <t>_decided AS (
     SELECT j.*,
@@ -215,7 +170,23 @@ round_held AS (
                NOT j.wins
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
-           ) AS in_conflict
+           ) AS in_conflict,
+           -- A record that loses: delivered before if a replaced version's key or a lost
+           -- conflict's holds its key and digest; raced if its row is not the snapshot's.
+           CASE WHEN j.has_current AND NOT j.same AND NOT j.wins THEN
+               EXISTS (SELECT FROM acode.applied_keys AS a
+                       WHERE a.idempotency_key = j.idempotency_key
+                         AND a.session_id = j.session_id AND a.version = j.version
+                         AND a.payload_digest = j.digest)
+               OR EXISTS (SELECT FROM acode.conflicts AS c
+                          WHERE c.incoming_key = j.idempotency_key
+                            AND c.incoming_digest = j.digest AND c.session_id = j.session_id
+                            AND c.incoming_updated_at = j.version)
+           ELSE false END AS delivered,
+           CASE WHEN j.has_current AND NOT j.same AND NOT j.wins THEN
+               j.current_key IS DISTINCT FROM (SELECT t.idempotency_key FROM acode.<t> AS t
+                                               WHERE t.<id_column> = j.entity_id)
+           ELSE false END AS raced
     -- In the order the sender sorted the records (by entity id, as "C" sorts them):
     -- each block reads a CTE back as stored, so every batch locks and writes rows in one
     -- order, and no sort here copies what the rows carry.
@@ -227,8 +198,8 @@ round_held AS (
            -- digest, the sender's, else computed once here.
            CASE WHEN d.wins THEN coalesce(d.canonical_sent, sha256(convert_to(d.p::text, 'UTF8')))
            END AS canonical
-    FROM (SELECT d.*, <payload> AS p FROM <t>_decided AS d WHERE d.in_conflict OR d.wins
-          OFFSET 0) AS d
+    FROM (SELECT d.*, <payload> AS p FROM <t>_decided AS d
+          WHERE (d.in_conflict AND NOT d.delivered) OR d.wins OFFSET 0) AS d
 ),
 <t>_recorded AS (
     INSERT INTO acode.conflicts (
@@ -242,10 +213,22 @@ round_held AS (
                || (d.current_row).extra,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
     FROM <t>_parsed AS d
-    WHERE d.in_conflict
+    WHERE d.in_conflict AND NOT d.delivered
     ON CONFLICT (incoming_key, incoming_digest, session_id, incoming_updated_at) DO NOTHING
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
               incoming_origin, current_origin, winner
+),
+-- The versions replaced below keep their keys. One may be there already: acode-syncd
+-- 0.1.0 recorded every key as it applied it, and two origins' versions of one entity in
+-- one microsecond share a key.
+<t>_replaced AS (
+    INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
+                                    origin_id)
+    SELECT d.session_id, d.current_key, d.current_updated_at, d.current_digest,
+           d.current_origin
+    FROM <t>_decided AS d
+    WHERE d.wins AND d.has_current AND d.current_digest IS NOT NULL
+    ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
 ),
 -- A version over the one held (locked above): the upsert's condition is the judgment's.
 <t>_written AS (
@@ -298,15 +281,16 @@ SELECT '<entity_type>', d.entity_id, coalesce(d.p->>'session_id', d.session_id),
 FROM <t>_parsed AS d
 WHERE d.wins AND d.version >= now() - <retention>::interval
 
+-- A round's outcome, per table (joined by UNION ALL): its conflicts, duplicates and races.
 -- name: round_outcome
-SELECT 'held' AS outcome, k.idempotency_key AS incoming_key, NULL::bigint AS conflict_id,
-       NULL::text AS current_key, NULL::timestamptz AS incoming_updated_at,
-       NULL::timestamptz AS current_updated_at, NULL::text AS incoming_origin,
-       NULL::text AS current_origin, NULL::text AS winner
-FROM round_keys AS k
-WHERE (SELECT some_held FROM round_held)
-  AND k.idempotency_key NOT IN (SELECT idempotency_key FROM recorded_keys)
-<outcomes>
+SELECT 'conflict' AS outcome, incoming_key, conflict_id, current_key, incoming_updated_at,
+       current_updated_at, incoming_origin, current_origin, winner
+FROM <t>_recorded
+UNION ALL
+SELECT CASE WHEN raced THEN 'raced' ELSE 'duplicate' END, idempotency_key, NULL::bigint,
+       NULL::text, NULL::timestamptz, NULL::timestamptz, NULL::text, NULL::text, NULL::text
+FROM <t>_decided
+WHERE same OR delivered OR raced
 
 -- name: list_conflicts
 SELECT conflict_id, entity_type, entity_id, session_id, incoming_key, current_key,
@@ -365,11 +349,6 @@ ORDER BY w.n;
 SELECT <id_column> AS entity_id, updated_at, origin_id, idempotency_key, payload_digest
 FROM acode.<t>
 WHERE <id_column> = ANY($1::text[]);
-
--- `acode db verify --repair`: keys of versions PostgreSQL lacks (missing or older there),
--- so that the versions queued again are applied rather than taken for duplicates.
--- name: forget_applied_keys
-DELETE FROM acode.applied_keys WHERE idempotency_key = ANY($1::text[]);
 
 -- A restore (acode_sync/restore.py) reads in one read-only REPEATABLE READ transaction,
 -- so every table is read at one moment. `restore_entities` is a template filled at import
