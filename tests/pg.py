@@ -74,6 +74,16 @@ APPLIED_VERSION_KEYS = " UNION ALL ".join(
     ]
 )
 COUNT_APPLIED_VERSIONS = f"SELECT count(*) FROM ({APPLIED_VERSION_KEYS}) AS applied"
+# The same versions with the time each was written (a replaced one: when it was replaced).
+APPLIED_VERSIONS = " UNION ALL ".join(
+    [
+        "SELECT idempotency_key, applied_at FROM acode.applied_keys",
+        *(
+            f"SELECT idempotency_key, synced_at AS applied_at FROM acode.{spec.table}"
+            for spec in TABLES.values()
+        ),
+    ]
+)
 
 # Test-only: a row for every entity write PostgreSQL commits. It has no unique key, so it
 # shows a double apply that the entity rows and applied_keys, unique, cannot.

@@ -76,6 +76,8 @@ from tests.bench.bench_sync import not_processed
 from tests.bouncer import PgBouncer, pgbouncer
 from tests.pg import (
     ADMIN_URL,
+    APPLIED_VERSION_KEYS,
+    APPLIED_VERSIONS,
     AUDIT_TABLE,
     create_database,
     database_url,
@@ -580,8 +582,8 @@ class Ledger:
 
 
 def ledger(written: Sequence[str], audited: Sequence[str], applied: Sequence[str]) -> Ledger:
-    """Nothing lost (every key in applied_keys), nothing applied twice (one audit row
-    each: the audit table has no unique key)."""
+    """Nothing lost (every key applied, tests.pg.APPLIED_VERSION_KEYS), nothing applied
+    twice (one audit row each: the audit table has no unique key)."""
     audit = Counter(audited)
     keys = set(written)
     return Ledger(
@@ -628,7 +630,7 @@ def steady(args: argparse.Namespace, workdir: Path, report: Report) -> None:
         rows = anyio.run(
             fetch, direct, f"SELECT idempotency_key, extract(epoch FROM at) FROM {AUDIT_TABLE}"
         )
-        applied = anyio.run(fetch, direct, "SELECT idempotency_key FROM acode.applied_keys")
+        applied = anyio.run(fetch, direct, APPLIED_VERSION_KEYS)
         visible: dict[str, float] = {str(r[0]): float(r[1]) for r in rows}
         latencies = [visible[key] - at for key, at in commits.items() if key in visible]
         account = ledger(list(commits), [str(r[0]) for r in rows], [str(r[0]) for r in applied])
@@ -696,7 +698,7 @@ def cold_start(args: argparse.Namespace, workdir: Path, report: Report) -> None:
             "extract(epoch FROM percentile_disc(0.5) WITHIN GROUP (ORDER BY applied_at)), "
             "extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY applied_at)), "
             "(SELECT extract(epoch FROM max(created_at)) FROM acode.schema_migrations) "
-            "FROM acode.applied_keys",
+            f"FROM ({APPLIED_VERSIONS}) AS applied",
         )[0]
         problems = log_problems(workdir, "cold-start")
         late = max(r["late"] for r in results)

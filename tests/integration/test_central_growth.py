@@ -92,17 +92,20 @@ async def partitions_of(pg_url: str, table: str) -> dict[str, int]:
 async def test_a_resend_lands_in_its_versions_partition_however_late(
     workspace: Path, target: PostgresTarget, pg_url: str
 ) -> None:
-    """Keys of versions days apart go to their own day's partitions (one older than every
-    partition to the default); resent in one batch, each is found there: a duplicate."""
+    """Keys of replaced versions days apart go to their own day's partitions (one older
+    than every partition to the default); resent in one batch, each is found there (and
+    each version held in its row): duplicates."""
     WorkspaceDatabase(workspace).close()
-    now = datetime.now(UTC)
+    now = datetime.now(UTC) - timedelta(seconds=1)
     await target.ensure_schema()
     await make_partitions(pg_url, retention.APPLIED_KEYS, back=timedelta(days=3))
     versions = [now - timedelta(days=90), now - timedelta(days=2), now]
     for n, moment in enumerate(versions):
         enqueue_session(workspace, f"sess_late{n}", stamp(moment), f"t{n}")
+    for n, moment in enumerate(versions):  # each replaced a moment later
+        enqueue_session(workspace, f"sess_late{n}", stamp(moment + timedelta(microseconds=1)), "v2")
     syncer = WorkspaceSyncer(workspace=workspace, target=target)
-    assert (await syncer.drain()).applied == 3
+    assert (await syncer.drain()).applied == 6
     assert await partitions_of(pg_url, "applied_keys") == {
         "applied_keys_default": 1,
         f"applied_keys_p{versions[1]:%Y%m%d}": 1,
@@ -110,24 +113,26 @@ async def test_a_resend_lands_in_its_versions_partition_however_late(
     }
     requeue(workspace)
     summary = await syncer.drain()
-    assert (summary.applied, summary.duplicates, summary.conflicts) == (0, 3, 0)
+    assert (summary.applied, summary.duplicates, summary.conflicts) == (0, 6, 0)
 
 
 async def test_retention_drops_whole_partitions_and_never_deletes_from_one(
     workspace: Path, target: PostgresTarget, pg_url: str
 ) -> None:
     """A DELETE on a day's partition would fail here (a trigger refuses it): retention
-    drops the expired partitions whole, and a resend of a version whose key is gone is
-    still a duplicate (the entity row holds its key and digest)."""
+    drops the expired partitions whole, and a resend of a version held, whose day's
+    partition is gone, is still a duplicate (the entity row holds its key and digest)."""
     WorkspaceDatabase(workspace).close()
     now = datetime.now(UTC)
     await target.ensure_schema()
     await make_partitions(pg_url, retention.APPLIED_KEYS, back=timedelta(days=20))
     old, recent = now - timedelta(days=20), now - timedelta(days=1)
-    enqueue_session(workspace, "sess_old", stamp(old), "old")
-    enqueue_session(workspace, "sess_recent", stamp(recent), "recent")
+    for version in (old, old + timedelta(microseconds=1)):  # the first replaced
+        enqueue_session(workspace, "sess_old", stamp(version), "old")
+    for version in (recent, recent + timedelta(microseconds=1)):
+        enqueue_session(workspace, "sess_recent", stamp(version), "recent")
     syncer = WorkspaceSyncer(workspace=workspace, target=target)
-    assert (await syncer.drain()).applied == 2
+    assert (await syncer.drain()).applied == 4
     await execute(
         pg_url,
         "CREATE FUNCTION acode.no_delete() RETURNS trigger LANGUAGE plpgsql AS "
@@ -155,7 +160,8 @@ async def test_retention_drops_whole_partitions_and_never_deletes_from_one(
     }
     assert f"applied_keys_p{old:%Y%m%d}" not in names
     assert f"applied_keys_p{now + timedelta(days=3):%Y%m%d}" in names  # made ahead
-    requeue(workspace)
+    latest = "SELECT max(outbox_id) FROM outbox GROUP BY entity_id"  # the versions held
+    run_sql(workspace, f"UPDATE outbox SET state = 'pending' WHERE outbox_id IN ({latest})")
     summary = await syncer.drain()
     assert (summary.applied, summary.duplicates, summary.conflicts) == (0, 2, 0)
 
