@@ -109,7 +109,8 @@ class Fault(Enum):
 
 
 class _Raced(Exception):
-    """Another transaction created an entity this round judged as new: judge again."""
+    """Another transaction changed what this round judged since its snapshot (created an
+    entity judged new, replaced a loser's row, recorded its conflict): judge again."""
 
 
 # A round holds one record per entity: a unique violation of an entity table's primary

@@ -1,8 +1,9 @@
-"""Every version applied keeps its key and digest: the version an entity holds in its row,
-a version it replaced in applied_keys, written by the round that replaces it. A resend of
-either is a duplicate, never a conflict, whoever sends it and whenever; a losing record
-whose row another transaction changes under the round is judged again. Real PostgreSQL;
-a second connection plays the concurrent writer."""
+"""Every version delivered keeps its key and digest: the version an entity holds in its
+row; a version it replaced, and a version that lost, in applied_keys, written by the round
+that replaces it or that it loses. A resend of any is a duplicate, never a conflict,
+whoever sends it and whenever; a losing record whose row, or whose conflict, another
+transaction writes under the round is judged again. Real PostgreSQL; a second connection
+plays the concurrent writer."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ async def fetch(pg_url: str, sql: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def replaced_keys(pg_url: str) -> list[tuple[str, bytes, str]]:
+async def kept_keys(pg_url: str) -> list[tuple[str, bytes, str]]:
     rows = await fetch(
         pg_url,
         "SELECT idempotency_key, payload_digest, origin_id FROM acode.applied_keys ORDER BY 1",
@@ -83,7 +84,7 @@ async def test_a_resend_of_new_and_replaced_versions_is_a_duplicate(
         applied = await first.apply("origin", plan_batch(batch))
         assert (len(applied.applied), applied.duplicates, applied.conflicts) == (3, [], [])
         # A new entity's key is its row's; the update kept the key of the version it replaced.
-        assert await replaced_keys(pg_url) == [
+        assert await kept_keys(pg_url) == [
             (first_version.idempotency_key, first_version.digest, "origin")
         ]
         # The whole batch again (its commit's answer was lost), from a daemon that never
@@ -102,7 +103,7 @@ async def test_a_resend_of_new_and_replaced_versions_is_a_duplicate(
         "(SELECT count(*) FROM acode.sessions), (SELECT count(*) FROM acode.conflicts)",
     )
     assert tuple(rows[0]) == ("second", 2, 0)
-    assert await replaced_keys(pg_url) == [
+    assert await kept_keys(pg_url) == [
         (first_version.idempotency_key, first_version.digest, "origin")
     ]
 
@@ -120,7 +121,7 @@ async def test_two_origins_with_one_key_are_a_conflict_and_then_both_duplicates(
         assert [(c.incoming_origin, c.current_origin, c.winner) for c in tie.conflicts] == [
             ("b", "a", "incoming")
         ]
-        assert await replaced_keys(pg_url) == [(from_a.idempotency_key, from_a.digest, "a")]
+        assert await kept_keys(pg_url) == [(from_a.idempotency_key, from_a.digest, "a")]
         resent_a = await first.apply("a", plan_batch([from_a]))
         resent_b = await second.apply("b", plan_batch([from_b]))
         assert ([len(o.duplicates) for o in (resent_a, resent_b)]) == [1, 1]
@@ -141,11 +142,19 @@ async def test_a_lost_conflict_sent_again_is_a_duplicate(pg_url: str) -> None:
             [stale.idempotency_key],
             [],
         )
-    assert await replaced_keys(pg_url) == []  # nothing was replaced
+        assert await kept_keys(pg_url) == [(stale.idempotency_key, stale.digest, "b")]
+        # The conflicts' retention (sync.conflict_retention_days) may be shorter than the
+        # keys': the lost version's key still tells its resend from a new conflict.
+        await fetch(pg_url, "DELETE FROM acode.conflicts")
+        late = await second.apply("b", plan_batch([stale]))
+        assert (len(late.duplicates), late.conflicts) == (1, [])
+    (row,) = await fetch(pg_url, "SELECT count(*) FROM acode.conflicts")
+    assert row[0] == 0
 
 
+@pytest.mark.parametrize("replacement", ["later", "tie"])
 async def test_a_losing_resend_whose_row_changes_under_the_round_is_judged_again(
-    pg_url: str,
+    pg_url: str, replacement: str
 ) -> None:
     # sess_1 is at its first version. A writer that shares no session lock with the batch
     # replaces it (and keeps its key, as a round does) in a transaction still open when the
@@ -153,6 +162,8 @@ async def test_a_losing_resend_whose_row_changes_under_the_round_is_judged_again
     # lock waits for the writer and then reads the second version: the resend would be
     # judged against a version it never saw replaced and recorded as a conflict with it.
     # The round sees its row is not its snapshot's, and the batch runs again: a duplicate.
+    # In a tie the second version has the first's key (another origin, one microsecond):
+    # the row's key alone would not show the change.
     first_version = session_version(SESSION_VERSION, "first")
     applier = PostgresTarget(settings(pg_url))
     writer = await asyncpg.connect(pg_url)
@@ -169,7 +180,7 @@ async def test_a_losing_resend_whose_row_changes_under_the_round_is_judged_again
             "UPDATE acode.sessions SET title = 'second', updated_at = $1::text::timestamptz, "
             "idempotency_key = 'Session:sess_1:' || $1, payload_digest = '\\x00'::bytea, "
             "origin_id = 'writer' WHERE session_id = 'sess_1'",
-            LATER,
+            LATER if replacement == "later" else SESSION_VERSION,
         )
         outcomes = []
 
@@ -228,3 +239,64 @@ async def test_a_connection_prepares_one_round_statement(pg_url: str) -> None:
                 "WHERE statement LIKE 'WITH %INSERT INTO acode.applied_keys%'"
             )
         assert prepared == 1
+
+
+async def test_the_same_bytes_from_another_origin_change_nothing(pg_url: str) -> None:
+    # Two origins sent byte for byte the same version under one key: the later origin's
+    # is a resend of what PostgreSQL holds, and writes nothing (no row rewritten, no key).
+    from_a = session_version(SESSION_VERSION, "same")
+    from_b = session_version(SESSION_VERSION, "same")
+    async with two_daemons(settings(pg_url)) as (first, second):
+        assert len((await first.apply("a", plan_batch([from_a]))).applied) == 1
+        (before,) = await fetch(pg_url, "SELECT xmin::text, origin_id FROM acode.sessions")
+        again = await second.apply("b", plan_batch([from_b]))
+        assert (len(again.duplicates), again.applied, again.conflicts) == (1, [], [])
+    (after,) = await fetch(pg_url, "SELECT xmin::text, origin_id FROM acode.sessions")
+    assert tuple(after) == tuple(before) == (before[0], "a")
+    assert await kept_keys(pg_url) == []
+
+
+async def test_a_loser_whose_conflict_is_recorded_under_the_round_is_judged_again(
+    pg_url: str,
+) -> None:
+    # Two batches send one losing version at once (a copied workspace, say, under another
+    # session lock). The first records the conflict; the second's snapshot predates it, so
+    # it would find nothing and its own record would do nothing: neither conflict nor
+    # duplicate. It is judged again, and is a duplicate.
+    held = session_version(LATER, "newer")
+    stale = session_version(SESSION_VERSION, "older")
+    applier = PostgresTarget(settings(pg_url))
+    writer = await asyncpg.connect(pg_url)
+    try:
+        assert len((await applier.apply("a", plan_batch([held]))).applied) == 1
+        transaction = writer.transaction()
+        await transaction.start()
+        await writer.execute("SELECT FROM acode.sessions WHERE session_id = 'sess_1' FOR UPDATE")
+        await writer.execute(
+            "INSERT INTO acode.conflicts (entity_type, entity_id, session_id, incoming_key, "
+            "incoming_digest, incoming_origin, incoming_updated_at, incoming_version, "
+            "current_key, current_origin, current_updated_at, current_version, winner) "
+            "SELECT 'Session', 'sess_1', 'sess_1', $1, $2, 'b', $3::text::timestamptz, "
+            "'{}', idempotency_key, origin_id, updated_at, '{}', 'current' "
+            "FROM acode.sessions",
+            stale.idempotency_key,
+            stale.digest,
+            SESSION_VERSION,
+        )
+        outcomes = []
+
+        async def resend() -> None:
+            outcomes.append(await applier.apply("b", plan_batch([stale])))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(resend)
+            await anyio.sleep(0.3)
+            assert not outcomes  # the round waits on the row
+            await transaction.commit()
+        (outcome,) = outcomes
+        assert [r.idempotency_key for r in outcome.duplicates] == [stale.idempotency_key]
+        assert (outcome.applied, outcome.conflicts) == ([], [])
+        assert await writer.fetchval("SELECT count(*) FROM acode.conflicts") == 1
+    finally:
+        await writer.close()
+        await applier.close()

@@ -87,17 +87,18 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
 --   <round_outcome per table>
 -- Block names are prefixed with their table's (<t>_incoming, ...). $1 is the origin. Last
 -- write wins on (updated_at, origin_id, key); a record not based on the version held is a
--- conflict, stored with both versions and returned as 'conflict'. Every version applied
--- keeps its key and digest: the version held in its row, a version it replaced in
--- applied_keys (written here, as it is replaced). So a record is a delivery again, returned
--- as 'duplicate', if its key and digest are the row's, or those of a version the row
--- replaced (applied_keys), or of a record that lost a conflict (conflicts). Only a record
--- that loses can be one of the latter two, so only a losing record looks them up. A new
--- entity that another transaction created meanwhile fails the round with a unique
--- violation of its table's primary key or id, and a losing record whose row another
--- transaction changed since the statement's snapshot is returned as 'raced' (it would look
--- for the replaced version's key in that snapshot, before it was written): either way the
--- caller rolls the batch back and runs it again (acode_sync/postgres.py).
+-- conflict, stored with both versions and returned as 'conflict'. Every version delivered
+-- keeps its key and digest: the version held in its row; a version it replaced, and a
+-- version that lost, in applied_keys (written here, as it is replaced or loses). So a
+-- record is a delivery again, returned as 'duplicate', if its key and digest are the
+-- row's, or those of a replaced or lost version (applied_keys; or, from before those were
+-- kept, a record that lost a conflict: conflicts). Only a record that loses can be one of
+-- the latter, so only a losing record looks them up. A new entity that another
+-- transaction created meanwhile fails the round with a unique violation of its table's
+-- primary key or id; a losing record whose row another transaction changed since the
+-- statement's snapshot, or whose conflict another transaction recorded since then, is
+-- returned as 'raced' (it looked for its key in a snapshot from before it was written):
+-- either way the caller rolls the batch back and runs it again (acode_sync/postgres.py).
 -- name: incoming_entities
 <t>_incoming AS (
     -- <fields>: [entity_id, session_id, version, base, session_unseen] per record (JSON;
@@ -150,13 +151,18 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
            c.origin_id AS current_origin,
            c.idempotency_key AS current_key,
            c.payload_digest AS current_digest,
+           c.row_version AS current_row_version,
            c.held AS current_row,
            -- (A row written before digests were kept has none: not the same.)
            coalesce(c.idempotency_key = n.idempotency_key AND c.payload_digest = n.digest,
                     false) AS same,
+           -- The same bytes under the same key from another origin (a tie) are a resend
+           -- too: they never win, or the row would be written again.
            c.updated_at IS NULL
                OR (n.version, n.origin_id, n.idempotency_key)
-                  > (c.updated_at, c.origin_id, c.idempotency_key) AS wins
+                  > (c.updated_at, c.origin_id, c.idempotency_key)
+                  AND NOT coalesce(c.idempotency_key = n.idempotency_key
+                                   AND c.payload_digest = n.digest, false) AS wins
     FROM <t>_incoming AS n
     -- One primary-key lookup per record, whatever the planner thinks of the batch size
     -- (a hash join would scan the whole table). FOR UPDATE: the version judged is the
@@ -164,7 +170,7 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
     -- it commits), and nobody changes it before this transaction ends.
     LEFT JOIN LATERAL (
         SELECT t.updated_at, t.session_id, t.origin_id, t.idempotency_key, t.payload_digest,
-               t AS held
+               t.xmin AS row_version, t AS held
         FROM acode.<t> AS t
         WHERE t.<id_column> = n.entity_id
         FOR UPDATE
@@ -177,8 +183,11 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
                OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
                        ELSE j.base <> j.current_updated_at END
            ) AS in_conflict,
-           -- A record that loses: delivered before if a replaced version's key or a lost
-           -- conflict's holds its key and digest; raced if its row is not the snapshot's.
+           -- A record that loses: delivered before if a replaced or lost version's key
+           -- holds its key and digest (or, from before those were kept, a lost
+           -- conflict); raced if its locked row is not the one the snapshot reads (the
+           -- transaction that replaced it wrote a key this snapshot cannot see). xmin,
+           -- not the key: in a tie two origins' versions share one key.
            CASE WHEN j.has_current AND NOT j.same AND NOT j.wins THEN
                EXISTS (SELECT FROM acode.applied_keys AS a
                        WHERE a.idempotency_key = j.idempotency_key
@@ -190,8 +199,8 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
                             AND c.incoming_updated_at = j.version)
            ELSE false END AS delivered,
            CASE WHEN j.has_current AND NOT j.same AND NOT j.wins THEN
-               j.current_key IS DISTINCT FROM (SELECT t.idempotency_key FROM acode.<t> AS t
-                                               WHERE t.<id_column> = j.entity_id)
+               j.current_row_version IS DISTINCT FROM (SELECT t.xmin FROM acode.<t> AS t
+                                                       WHERE t.<id_column> = j.entity_id)
            ELSE false END AS raced
     -- In the order the sender sorted the records (by entity id, as "C" sorts them):
     -- each block reads a CTE back as stored, so every batch locks and writes rows in one
@@ -224,9 +233,11 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
               incoming_origin, current_origin, winner
 ),
--- The versions replaced below keep their keys. One may be there already: acode-syncd
--- 0.1.0 recorded every key as it applied it, and two origins' versions of one entity in
--- one microsecond share a key.
+-- Every version delivered keeps its key for the key retention, whatever the conflicts'
+-- retention: the version a winner replaces below, and a version that lost (also kept,
+-- with both versions, in conflicts). One may be there already: acode-syncd 0.1.0
+-- recorded every key as it applied it, and two origins' versions of one entity in one
+-- microsecond share a key.
 <t>_replaced AS (
     INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
                                     origin_id)
@@ -234,6 +245,10 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
            d.current_origin
     FROM <t>_decided AS d
     WHERE d.wins AND d.has_current AND d.current_digest IS NOT NULL
+    UNION ALL
+    SELECT d.session_id, d.idempotency_key, d.version, d.digest, d.origin_id
+    FROM <t>_decided AS d
+    WHERE d.in_conflict AND NOT d.wins AND NOT d.delivered
     ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
 ),
 -- A version over the one held (locked above): the upsert's condition is the judgment's.
@@ -293,10 +308,14 @@ SELECT 'conflict' AS outcome, incoming_key, conflict_id, current_key, incoming_u
        current_updated_at, incoming_origin, current_origin, winner
 FROM <t>_recorded
 UNION ALL
-SELECT CASE WHEN raced THEN 'raced' ELSE 'duplicate' END, idempotency_key, NULL::bigint,
-       NULL::text, NULL::timestamptz, NULL::timestamptz, NULL::text, NULL::text, NULL::text
-FROM <t>_decided
-WHERE same OR delivered OR raced
+SELECT CASE WHEN NOT d.raced AND (d.same OR d.delivered) THEN 'duplicate' ELSE 'raced' END,
+       d.idempotency_key, NULL::bigint, NULL::text, NULL::timestamptz, NULL::timestamptz,
+       NULL::text, NULL::text, NULL::text
+FROM <t>_decided AS d
+WHERE d.same OR d.delivered OR d.raced
+      -- a conflict to record that another transaction recorded since the snapshot
+      OR d.in_conflict AND NOT d.delivered
+         AND NOT EXISTS (SELECT FROM <t>_recorded AS r WHERE r.incoming_key = d.idempotency_key)
 
 -- name: list_conflicts
 SELECT conflict_id, entity_type, entity_id, session_id, incoming_key, current_key,
