@@ -300,3 +300,22 @@ async def test_a_loser_whose_conflict_is_recorded_under_the_round_is_judged_agai
     finally:
         await writer.close()
         await applier.close()
+
+
+async def test_a_tie_lost_and_then_replaced_keeps_both_versions_known(pg_url: str) -> None:
+    # "b" holds the version; "a"'s, with the same key, loses the tie. Then a later version
+    # replaces "b"'s. The key's one place in applied_keys is "b"'s (the version replaced);
+    # "a"'s is known by its conflict. Both resends are duplicates.
+    from_a = session_version(SESSION_VERSION, "a")
+    from_b = session_version(SESSION_VERSION, "b")
+    later = session_version(LATER, "later", base=SESSION_VERSION)
+    async with two_daemons(settings(pg_url)) as (first, second):
+        assert len((await second.apply("b", plan_batch([from_b]))).applied) == 1
+        tie = await first.apply("a", plan_batch([from_a]))
+        assert [c.winner for c in tie.conflicts] == ["current"]
+        assert len((await second.apply("b", plan_batch([later]))).applied) == 1
+        assert await kept_keys(pg_url) == [(from_b.idempotency_key, from_b.digest, "b")]
+        resent_b = await second.apply("b", plan_batch([from_b]))
+        resent_a = await first.apply("a", plan_batch([from_a]))
+        assert [len(o.duplicates) for o in (resent_a, resent_b)] == [1, 1]
+        assert resent_a.conflicts == resent_b.conflicts == []

@@ -248,7 +248,10 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
     UNION ALL
     SELECT d.session_id, d.idempotency_key, d.version, d.digest, d.origin_id
     FROM <t>_decided AS d
+    -- (A loser with the key of the version held, a tie, leaves the key's one place to
+    -- that version, kept when it is replaced; the loser is in conflicts.)
     WHERE d.in_conflict AND NOT d.wins AND NOT d.delivered
+      AND d.idempotency_key <> d.current_key
     ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
 ),
 -- A version over the one held (locked above): the upsert's condition is the judgment's.
