@@ -319,3 +319,47 @@ async def test_a_tie_lost_and_then_replaced_keeps_both_versions_known(pg_url: st
         resent_a = await first.apply("a", plan_batch([from_a]))
         assert [len(o.duplicates) for o in (resent_a, resent_b)] == [1, 1]
         assert resent_a.conflicts == resent_b.conflicts == []
+
+
+@pytest.mark.parametrize("held", ["b", "a"])
+async def test_a_third_origin_sending_a_tied_version_delivered_before_is_a_duplicate(
+    pg_url: str, held: str
+) -> None:
+    # Three origins, one microsecond, one key; "c" sends byte for byte "a"'s version. With
+    # "b"'s held, "a"'s lost and is a conflict; with "a"'s held first, "b"'s replaced it and
+    # "a"'s key is kept. Either way "c"'s is "a"'s change delivered again: it writes nothing.
+    from_a, from_b = session_version(SESSION_VERSION, "a"), session_version(SESSION_VERSION, "b")
+    first_origin, first = ("b", from_b) if held == "b" else ("a", from_a)
+    second_origin, second = ("a", from_a) if held == "b" else ("b", from_b)
+    async with two_daemons(settings(pg_url)) as (one, other):
+        assert len((await one.apply(first_origin, plan_batch([first]))).applied) == 1
+        assert len((await other.apply(second_origin, plan_batch([second]))).conflicts) == 1
+        (before,) = await fetch(pg_url, "SELECT xmin::text, title FROM acode.sessions")
+        again = await one.apply("c", plan_batch([from_a]))
+        assert (len(again.duplicates), again.applied, again.conflicts) == (1, [], [])
+    (after,) = await fetch(pg_url, "SELECT xmin::text, title FROM acode.sessions")
+    assert tuple(after) == tuple(before) == (before[0], "b")
+    (row,) = await fetch(pg_url, "SELECT count(*) FROM acode.conflicts")
+    assert row[0] == 1
+
+
+async def test_a_winner_whose_conflict_was_recorded_before_is_applied_not_raced(
+    pg_url: str,
+) -> None:
+    # A row set back to an older version (restored by hand from a backup) while conflicts
+    # are kept: a resend of a version that lost a conflict now wins over the row, and its
+    # conflict is there already. It is applied (not judged again and again).
+    held = session_version(LATER, "newer")
+    stale = session_version("2026-12-01T00:00:00.500000Z", "stale", base=SESSION_VERSION)
+    async with two_daemons(settings(pg_url)) as (first, second):
+        assert len((await first.apply("a", plan_batch([held]))).applied) == 1
+        assert len((await second.apply("b", plan_batch([stale]))).conflicts) == 1
+        await fetch(
+            pg_url,
+            "UPDATE acode.sessions SET updated_at = '2026-12-01T00:00:00.25Z', "
+            "idempotency_key = 'Session:sess_1:2026-12-01T00:00:00.250000Z', title = 'restored'",
+        )
+        again = await second.apply("b", plan_batch([stale]))
+        assert [r.idempotency_key for r in again.applied] == [stale.idempotency_key]
+    (row,) = await fetch(pg_url, "SELECT title FROM acode.sessions")
+    assert row[0] == "stale"

@@ -156,13 +156,9 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
            -- (A row written before digests were kept has none: not the same.)
            coalesce(c.idempotency_key = n.idempotency_key AND c.payload_digest = n.digest,
                     false) AS same,
-           -- The same bytes under the same key from another origin (a tie) are a resend
-           -- too: they never win, or the row would be written again.
            c.updated_at IS NULL
                OR (n.version, n.origin_id, n.idempotency_key)
-                  > (c.updated_at, c.origin_id, c.idempotency_key)
-                  AND NOT coalesce(c.idempotency_key = n.idempotency_key
-                                   AND c.payload_digest = n.digest, false) AS wins
+                  > (c.updated_at, c.origin_id, c.idempotency_key) AS newer
     FROM <t>_incoming AS n
     -- One primary-key lookup per record, whatever the planner thinks of the batch size
     -- (a hash join would scan the whole table). FOR UPDATE: the version judged is the
@@ -176,36 +172,49 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
         FOR UPDATE
     ) AS c ON true
 ),
+-- A record is a winner (written), a conflict (recorded), or a duplicate (neither): the
+-- row's version; or, for one that loses or ties (another origin's version under the row's
+-- key), a version delivered before.
 <t>_decided AS (
-    SELECT j.*,
-           j.has_current AND NOT j.same AND (
-               NOT j.wins
-               OR CASE WHEN j.base IS NULL THEN j.version <= j.current_updated_at
-                       ELSE j.base <> j.current_updated_at END
-           ) AS in_conflict,
-           -- A record that loses: delivered before if a replaced or lost version's key
-           -- holds its key and digest (or, from before those were kept, a lost
-           -- conflict); raced if its locked row is not the one the snapshot reads (the
-           -- transaction that replaced it wrote a key this snapshot cannot see). xmin,
-           -- not the key: in a tie two origins' versions share one key.
-           CASE WHEN j.has_current AND NOT j.same AND NOT j.wins THEN
-               EXISTS (SELECT FROM acode.applied_keys AS a
-                       WHERE a.idempotency_key = j.idempotency_key
-                         AND a.session_id = j.session_id AND a.version = j.version
-                         AND a.payload_digest = j.digest)
-               OR EXISTS (SELECT FROM acode.conflicts AS c
-                          WHERE c.incoming_key = j.idempotency_key
-                            AND c.incoming_digest = j.digest AND c.session_id = j.session_id
-                            AND c.incoming_updated_at = j.version)
-           ELSE false END AS delivered,
-           CASE WHEN j.has_current AND NOT j.same AND NOT j.wins THEN
-               j.current_row_version IS DISTINCT FROM (SELECT t.xmin FROM acode.<t> AS t
-                                                       WHERE t.<id_column> = j.entity_id)
-           ELSE false END AS raced
-    -- In the order the sender sorted the records (by entity id, as "C" sorts them):
-    -- each block reads a CTE back as stored, so every batch locks and writes rows in one
-    -- order, and no sort here copies what the rows carry.
-    FROM <t>_judged AS j
+    SELECT p.*,
+           p.newer AND NOT p.same AND NOT p.delivered AS wins,
+           p.has_current AND NOT p.same AND NOT p.delivered AND (
+               NOT p.newer
+               OR CASE WHEN p.base IS NULL THEN p.version <= p.current_updated_at
+                       ELSE p.base <> p.current_updated_at END
+           ) AS in_conflict
+    FROM (
+        SELECT j.*,
+               -- Delivered before if a replaced or lost version's key holds its key and
+               -- digest, or a recorded conflict does (a tie's loser; and from before lost
+               -- versions' keys were kept). Raced if its locked row is not the one the
+               -- snapshot reads: the transaction that replaced it wrote a key this
+               -- snapshot cannot see. xmin, not the key: in a tie two origins' versions
+               -- share one key.
+               CASE WHEN j.has_current AND NOT j.same
+                         AND (NOT j.newer OR j.idempotency_key = j.current_key) THEN
+                   EXISTS (SELECT FROM acode.applied_keys AS a
+                           WHERE a.idempotency_key = j.idempotency_key
+                             AND a.session_id = j.session_id AND a.version = j.version
+                             AND a.payload_digest = j.digest)
+                   OR EXISTS (SELECT FROM acode.conflicts AS c
+                              WHERE c.incoming_key = j.idempotency_key
+                                AND c.incoming_digest = j.digest
+                                AND c.session_id = j.session_id
+                                AND c.incoming_updated_at = j.version)
+               ELSE false END AS delivered,
+               CASE WHEN j.has_current AND NOT j.same
+                         AND (NOT j.newer OR j.idempotency_key = j.current_key) THEN
+                   j.current_row_version IS DISTINCT FROM (
+                       SELECT t.xmin FROM acode.<t> AS t WHERE t.<id_column> = j.entity_id)
+               ELSE false END AS raced
+        -- In the order the sender sorted the records (by entity id, as "C" sorts them):
+        -- each block reads a CTE back as stored, so every batch locks and writes rows in
+        -- one order, and no sort here copies what the rows carry. OFFSET 0: each probe
+        -- runs once per record, not once per use.
+        FROM <t>_judged AS j
+        OFFSET 0
+    ) AS p
 ),
 <t>_parsed AS (
     SELECT d.*,
@@ -214,7 +223,7 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
            CASE WHEN d.wins THEN coalesce(d.canonical_sent, sha256(convert_to(d.p::text, 'UTF8')))
            END AS canonical
     FROM (SELECT d.*, <payload> AS p FROM <t>_decided AS d
-          WHERE (d.in_conflict AND NOT d.delivered) OR d.wins OFFSET 0) AS d
+          WHERE d.in_conflict OR d.wins OFFSET 0) AS d
 ),
 <t>_recorded AS (
     INSERT INTO acode.conflicts (
@@ -228,7 +237,7 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
                || (d.current_row).extra,
            CASE WHEN d.wins THEN 'incoming' ELSE 'current' END
     FROM <t>_parsed AS d
-    WHERE d.in_conflict AND NOT d.delivered
+    WHERE d.in_conflict
     ON CONFLICT (incoming_key, incoming_digest, session_id, incoming_updated_at) DO NOTHING
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
               incoming_origin, current_origin, winner
@@ -250,8 +259,7 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
     FROM <t>_decided AS d
     -- (A loser with the key of the version held, a tie, leaves the key's one place to
     -- that version, kept when it is replaced; the loser is in conflicts.)
-    WHERE d.in_conflict AND NOT d.wins AND NOT d.delivered
-      AND d.idempotency_key <> d.current_key
+    WHERE d.in_conflict AND NOT d.wins AND d.idempotency_key <> d.current_key
     ON CONFLICT (idempotency_key, session_id, version) DO NOTHING
 ),
 -- A version over the one held (locked above): the upsert's condition is the judgment's.
@@ -316,8 +324,8 @@ SELECT CASE WHEN NOT d.raced AND (d.same OR d.delivered) THEN 'duplicate' ELSE '
        NULL::text, NULL::text, NULL::text
 FROM <t>_decided AS d
 WHERE d.same OR d.delivered OR d.raced
-      -- a conflict to record that another transaction recorded since the snapshot
-      OR d.in_conflict AND NOT d.delivered
+      -- a loser's conflict that another transaction recorded since the snapshot
+      OR d.in_conflict AND NOT d.wins
          AND NOT EXISTS (SELECT FROM <t>_recorded AS r WHERE r.incoming_key = d.idempotency_key)
 
 -- name: list_conflicts
