@@ -65,8 +65,9 @@ def pg_url() -> Iterator[str]:
         drop_database(name)
 
 
-# The key of every version PostgreSQL applied: the version each entity row holds, and the
-# versions those replaced (applied_keys). A subquery, for `FROM (...) AS applied`.
+# The key of every version PostgreSQL took: the version each entity row holds, and the
+# versions replaced or lost (applied_keys; a tie's key may be listed twice). A subquery,
+# for `FROM (...) AS applied`.
 APPLIED_VERSION_KEYS = " UNION ALL ".join(
     [
         "SELECT idempotency_key FROM acode.applied_keys",

@@ -92,8 +92,8 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
 -- version that lost, in applied_keys (written here, as it is replaced or loses). So a
 -- record is a delivery again, returned as 'duplicate', if its key and digest are the
 -- row's, or those of a replaced or lost version (applied_keys; or, from before those were
--- kept, a record that lost a conflict: conflicts). Only a record that loses can be one of
--- the latter, so only a losing record looks them up. A new entity that another
+-- kept, a record that lost a conflict: conflicts). Only a record that loses, or ties, can
+-- be one of the latter, so only those look them up. A new entity that another
 -- transaction created meanwhile fails the round with a unique violation of its table's
 -- primary key or id; a losing record whose row another transaction changed since the
 -- statement's snapshot, or whose conflict another transaction recorded since then, is
@@ -242,11 +242,12 @@ SELECT count(pg_advisory_xact_lock(<namespace>, k)) FROM unnest('{<locks>}'::int
     RETURNING conflict_id, incoming_key, current_key, incoming_updated_at, current_updated_at,
               incoming_origin, current_origin, winner
 ),
--- Every version delivered keeps its key for the key retention, whatever the conflicts'
--- retention: the version a winner replaces below, and a version that lost (also kept,
--- with both versions, in conflicts). One may be there already: acode-syncd 0.1.0
--- recorded every key as it applied it, and two origins' versions of one entity in one
--- microsecond share a key.
+-- The versions no row holds keep their keys for the key retention, whatever the
+-- conflicts' retention: the version a winner replaces below, and a version that lost
+-- (also kept, with both versions, in conflicts). One may be there already: a release
+-- before schema version 10 recorded every key as it applied it, and two origins'
+-- versions of one entity in one microsecond share a key (its one place here goes to the
+-- first version to leave the row; the other is known by its conflict).
 <t>_replaced AS (
     INSERT INTO acode.applied_keys (session_id, idempotency_key, version, payload_digest,
                                     origin_id)
