@@ -8,11 +8,11 @@ FOR_SECONDS, so that pending and firing happen within seconds); every expression
 label and annotation is the file's own, and Prometheus must load every rule of it.
 
 What is asserted goes through Prometheus' own HTTP API: the records counter it scraped
-equals the records PostgreSQL received (the keys its rows and applied_keys hold), and a real outage (the
-daemon's PostgreSQL connections go through a TCP proxy that then refuses them) takes
-AcodeSyncPostgresDown and AcodeSyncLagHigh from inactive to pending to firing by
-Prometheus' own evaluation, and back to inactive once PostgreSQL answers again, with no
-other alert along the way. The lag rule keeps its real threshold (600 s): the records
+equals the records PostgreSQL received (the keys its rows and applied_keys hold), and a
+real outage (the daemon's PostgreSQL connections go through a TCP proxy that then
+refuses them) takes AcodeSyncPostgresDown and AcodeSyncLagHigh from inactive to pending
+to firing by Prometheus' own evaluation, and back to inactive once PostgreSQL answers
+again, with no other alert along the way. The lag rule keeps its real threshold (600 s): the records
 written during the outage carry an hour-old `created_at`, as an outbox that had waited
 an hour would. Last, every metric the Grafana dashboard and the rules query is one the
 daemon really serves, every dashboard query runs in Prometheus, and the DSN's password
