@@ -19,10 +19,10 @@ from acode_sync.sql import queries
 _Q = queries(DIALECT)
 
 # What a syncer does: read the schema's version, upsert entities, record the keys of
-# versions replaced (and forget the DEFAULT partition's old ones), record conflicts,
-# append versions to the history, call refuse_timestamp on a bad payload time and
-# refuse_session_move on a moved entity, and, with tenants enabled, let the guard trigger
-# ask who holds an entity.
+# versions replaced or lost (and forget the DEFAULT partition's old ones), record
+# conflicts, append versions to the history, call refuse_timestamp on a bad payload time
+# and refuse_session_move on a moved entity, and, with tenants enabled, let the guard
+# trigger ask who holds an entity.
 # Creating and dropping partitions is DDL, for the schema's owner. The one list:
 # `acode db grant` grants it, check-config checks it.
 SYNCER_PRIVILEGES: Final = (

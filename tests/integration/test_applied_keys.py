@@ -14,9 +14,10 @@ from contextlib import asynccontextmanager
 import anyio
 import asyncpg
 import pytest
+from asyncpg.transaction import Transaction
 
 from acode_sync.config import PostgresSettings
-from acode_sync.postgres import PostgresTarget, PreparedRecord, plan_batch
+from acode_sync.postgres import BatchOutcome, PostgresTarget, PreparedRecord, plan_batch
 from tests.records import SESSION_VERSION, prepared_session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -66,6 +67,25 @@ async def kept_keys(pg_url: str) -> list[tuple[str, bytes, str]]:
         "SELECT idempotency_key, payload_digest, origin_id FROM acode.applied_keys ORDER BY 1",
     )
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def resent_until_commit(
+    applier: PostgresTarget, origin: str, record: PreparedRecord, writer: Transaction
+) -> BatchOutcome:
+    """`record` sent again while `writer`, holding its row, is still open: the round waits
+    on the row; then `writer` commits, and the round's outcome is returned."""
+    outcomes = []
+
+    async def resend() -> None:
+        outcomes.append(await applier.apply(origin, plan_batch([record])))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(resend)
+        await anyio.sleep(0.3)
+        assert not outcomes  # the round waits on the row
+        await writer.commit()
+    (outcome,) = outcomes
+    return outcome
 
 
 @pytest.mark.parametrize("statement_cache_size", [100, 0])
@@ -182,17 +202,7 @@ async def test_a_losing_resend_whose_row_changes_under_the_round_is_judged_again
             "origin_id = 'writer' WHERE session_id = 'sess_1'",
             LATER if replacement == "later" else SESSION_VERSION,
         )
-        outcomes = []
-
-        async def resend() -> None:
-            outcomes.append(await applier.apply("origin", plan_batch([first_version])))
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(resend)
-            await anyio.sleep(0.3)
-            assert not outcomes  # the round waits on the row
-            await transaction.commit()
-        (outcome,) = outcomes
+        outcome = await resent_until_commit(applier, "origin", first_version, transaction)
         assert [r.idempotency_key for r in outcome.duplicates] == [first_version.idempotency_key]
         assert (outcome.applied, outcome.conflicts) == ([], [])
         assert await writer.fetchval("SELECT count(*) FROM acode.conflicts") == 0
@@ -283,17 +293,7 @@ async def test_a_loser_whose_conflict_is_recorded_under_the_round_is_judged_agai
             stale.digest,
             SESSION_VERSION,
         )
-        outcomes = []
-
-        async def resend() -> None:
-            outcomes.append(await applier.apply("b", plan_batch([stale])))
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(resend)
-            await anyio.sleep(0.3)
-            assert not outcomes  # the round waits on the row
-            await transaction.commit()
-        (outcome,) = outcomes
+        outcome = await resent_until_commit(applier, "b", stale, transaction)
         assert [r.idempotency_key for r in outcome.duplicates] == [stale.idempotency_key]
         assert (outcome.applied, outcome.conflicts) == ([], [])
         assert await writer.fetchval("SELECT count(*) FROM acode.conflicts") == 1
