@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from acode_sync.domain import Session, format_timestamp, idempotency_key, stamped, utc_now
 from acode_sync.sql import queries
-from acode_sync.store import WorkspaceDatabase, encode_json
+from acode_sync.store import WorkspaceDatabase, encode_json, outbox_row
 from acode_sync.workspace import database_path
 from tests.pg import COUNT_APPLIED_VERSIONS
 
@@ -419,7 +419,7 @@ def seed_sessions(workspace: Path, count: int) -> None:
         session = stamped(Session(title=f"seeded {n}"), created_at=stamp, updated_at=stamp)
         row = session.row()
         outbox.append(
-            (
+            outbox_row(
                 idempotency_key(session.entity_type, session.entity_id, stamp),
                 session.entity_type,
                 session.entity_id,

@@ -36,6 +36,7 @@ from acode_sync.domain import (
     validate_entity,
 )
 from acode_sync.errors import RecordRejectedError
+from acode_sync.jsonb import payload_digest_as_jsonb
 from acode_sync.sql import queries
 from acode_sync.workspace import OpenOptions, database_path, translated, write_transaction
 
@@ -51,6 +52,21 @@ def encode_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as error:
         raise RecordRejectedError(f"value is not JSON-serialisable: {error}") from None
+
+
+def outbox_row(
+    key: str,
+    entity_type: str,
+    entity_id: str,
+    session_id: str | None,
+    payload: str,
+    base_updated_at: str | None,
+    created_at: str,
+) -> tuple[Any, ...]:
+    """The values of `insert_outbox`: the record, and its payload's canonical digest
+    (None where it cannot be spelled with certainty: the syncer's round computes it)."""
+    digest = payload_digest_as_jsonb(payload.encode())
+    return key, entity_type, entity_id, session_id, payload, base_updated_at, created_at, digest
 
 
 def _to_columns(entity: Entity) -> dict[str, Any]:
@@ -133,7 +149,7 @@ class WorkspaceDatabase:
             self.conn.execute(_Q[f"save_{table}"], _to_columns(saved))
             self.conn.execute(
                 _Q["insert_outbox"],
-                (
+                outbox_row(
                     idempotency_key(saved.entity_type, saved.entity_id, updated_at),
                     saved.entity_type,
                     saved.entity_id,

@@ -143,8 +143,17 @@ def prepare(
         version,
         base,
         hashlib.sha256(payload).digest(),
-        payload_digest_as_jsonb(payload),
+        _canonical_digest(record),
     )
+
+
+def _canonical_digest(record: OutboxRecord) -> bytes | None:
+    """The store's digest where it wrote one (the column's CHECK keeps it 32 bytes, unless
+    a writer dropped the CHECK), else computed here."""
+    stored = record.jsonb_digest
+    if stored is not None and len(stored) == 32:
+        return stored
+    return payload_digest_as_jsonb(record.payload)
 
 
 def _names_no_session(entity_type: str, payload: bytes) -> bool:

@@ -36,7 +36,7 @@ from acode_sync.outbox import Outbox
 from acode_sync.pg_tables import TABLES
 from acode_sync.postgres import PostgresTarget
 from acode_sync.sql import queries
-from acode_sync.store import encode_json
+from acode_sync.store import encode_json, outbox_row
 from acode_sync.workspace import (
     DEFAULT_BUSY_TIMEOUT,
     DIALECT,
@@ -400,8 +400,9 @@ class Verifier:
                     session_id = row[reads.columns.index("session_id")]
                     conn.execute(
                         _Q["insert_outbox"],
-                        (key, difference.entity_type, difference.entity_id, session_id,
-                         reads.payload(row, values[len(reads.columns)]).decode(), base, now),
+                        outbox_row(key, difference.entity_type, difference.entity_id, session_id,
+                                   reads.payload(row, values[len(reads.columns)]).decode(), base,
+                                   now),
                     )  # fmt: skip
                 queued += 1
         return queued

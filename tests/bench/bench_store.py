@@ -34,6 +34,7 @@ from typing import Any, Final
 import anyio
 import anyio.to_thread
 
+import acode_sync.store
 from acode_sync.domain import (
     Session,
     SessionEvent,
@@ -45,6 +46,15 @@ from acode_sync.domain import (
 from acode_sync.sql import queries
 from acode_sync.store import WorkspaceDatabase, WorkspaceStore, encode_json
 from acode_sync.workspace import OpenOptions, Synchronous, database_path
+
+
+def outbox_row(*values: Any) -> tuple[Any, ...]:
+    """The values of the engine's insert_outbox: with the payload's canonical digest where
+    its store writes one (workspace schema 7 on), else the record alone (an older engine:
+    bench_growth's, an interleaved run's)."""
+    with_digest = getattr(acode_sync.store, "outbox_row", None)
+    return values if with_digest is None else tuple(with_digest(*values))
+
 
 PAGE_SIZE: Final = 50
 WALK_PAGE_SIZE: Final = 1000
@@ -141,7 +151,7 @@ def seed_sessions(workspace: Path, count: int) -> list[str]:
         )
         row = session.row()
         outbox_rows.append(
-            (
+            outbox_row(
                 idempotency_key(session.entity_type, session.session_id, stamp),
                 session.entity_type,
                 session.session_id,
@@ -191,7 +201,7 @@ def raw_save_baseline(workspace: Path, *, warmup: int, samples: int) -> list[int
                 "created_at": stamp,
                 "updated_at": stamp,
             }
-            outbox = (
+            outbox = outbox_row(
                 idempotency_key("SessionEvent", event_id, stamp),
                 "SessionEvent",
                 event_id,

@@ -91,11 +91,13 @@ from tests.bench.baselines import (
     own_cpu,
     run_baselines,
 )
-from tests.bench.bench_store import percentile
+from tests.bench.bench_store import outbox_row, percentile
 from tests.pg import ADMIN_URL, COUNT_APPLIED_VERSIONS, database_url
 
-THROUGHPUT_TARGET_MANY: Final = 38_000.0  # records/s: 1M records from 100 workspaces
-THROUGHPUT_TARGET_ONE: Final = 25_700.0  # records/s: 1M records from one workspace
+# The drain's records/s against pgloader's on the same records in the same run (the
+# machine's speed drifts between runs; a ratio from one run does not).
+PGLOADER_RATIO_TARGET_ONE: Final = 1.5  # 1M records from one workspace
+PGLOADER_RATIO_TARGET_MANY: Final = 2.0  # 1M records from 100 workspaces
 RSS_TARGET_MB: Final = 150.0
 AGENT_SAVE_TARGET_MS: Final = 5.0
 AGENT_INTERVAL: Final = 0.005
@@ -303,7 +305,7 @@ def seed_workspace(workspace: str, records: int, seed: int, base: str) -> SeedRe
                 payload_bytes += len(payload)
                 assert saved.updated_at is not None
                 outbox.append(
-                    (
+                    outbox_row(
                         idempotency_key(saved.entity_type, saved.entity_id, saved.updated_at),
                         saved.entity_type,
                         saved.entity_id,
@@ -828,7 +830,7 @@ async def run(settings: Settings, report: Report) -> None:
     report.comparison = comparison(ways, pgloader, copy)
     report.figures += [
         ("naive relay records/s", f"{naive.rate:,.0f} ({relayed:,} records)", ""),
-        ("drain / pgloader", f"{engine.rate / pgloader.rate:.2f}x" if pgloader else "n/a", ""),
+        ("drain / pgloader", *pgloader_ratio(s, engine.rate, pgloader)),
         ("drain / binary COPY", f"{engine.rate / copy.rate:.2f}x", ""),
         (
             "agent save, no syncer, while the baselines load",
@@ -836,6 +838,17 @@ async def run(settings: Settings, report: Report) -> None:
             "",
         ),
     ]
+
+
+def pgloader_ratio(s: Settings, rate: float, pgloader: Measured | None) -> tuple[str, str]:
+    """The drain / pgloader figure and its target (1M records in one run)."""
+    one = s.workspaces == 1
+    wanted = PGLOADER_RATIO_TARGET_ONE if one else PGLOADER_RATIO_TARGET_MANY
+    scope = f">= {wanted:g}x (1M records, {'one workspace' if one else '100 workspaces'})"
+    if pgloader is None:
+        return "n/a", f"{scope}: pgloader not run"
+    ratio = rate / pgloader.rate
+    return f"{ratio:.2f}x", f"{scope}: {verdict(ratio >= wanted)}"
 
 
 def drain_figures(
@@ -851,20 +864,14 @@ def drain_figures(
     rss_before, rss_peak = rss
     batch_ns = sorted(target.apply_ns)
     rate = drained.shipped / drained.seconds
-    rate_target = THROUGHPUT_TARGET_ONE if s.workspaces == 1 else THROUGHPUT_TARGET_MANY
     during = [d for start, d in agent_samples if drained.started_ns <= start <= drained.ended_ns]
     own_start, own_end = drained.windows[agent_workspace]
     during_own = [d for start, d in agent_samples if own_start <= start <= own_end]
     during_p99 = percentile(sorted(during), 0.99) / 1e6 if during else float("inf")
-    scope = "1M records, one workspace" if s.workspaces == 1 else "1M records, 100 workspaces"
     return [
         ("records", f"{records:,}", ""),
         ("workspaces", f"{s.workspaces} (concurrency {s.concurrency})", ""),
-        (
-            "records/s",
-            f"{rate:,.0f}",
-            f">= {rate_target:,.0f} ({scope}): {verdict(rate >= rate_target)}",
-        ),
+        ("records/s", f"{rate:,.0f}", ""),
         (
             "batch apply p50 / p99",
             f"{percentile(batch_ns, 0.5) / 1e6:.1f} / {percentile(batch_ns, 0.99) / 1e6:.1f} ms"

@@ -34,7 +34,7 @@ from acode_sync.config import PostgresSettings
 from acode_sync.domain import Session, format_timestamp, idempotency_key, stamped
 from acode_sync.postgres import PostgresTarget
 from acode_sync.sql import queries
-from acode_sync.store import WorkspaceDatabase, encode_json
+from acode_sync.store import WorkspaceDatabase, encode_json, outbox_row
 from acode_sync.workspace import database_path
 from tests.pg import create_database, database_url, drop_database
 
@@ -63,8 +63,8 @@ def seed(workspace: Path, dsn: str, count: int) -> None:
             payload = encode_json(row)
             key = idempotency_key("Session", session.session_id, stamp)
             rows.append(row)
-            records.append((key, "Session", session.session_id, session.session_id, payload,
-                            None, stamp))  # fmt: skip
+            records.append(outbox_row(key, "Session", session.session_id, session.session_id,
+                                      payload, None, stamp))  # fmt: skip
             central.append((session.session_id, "CREATED", row["title"], None, moment, moment,
                             "{}", origin, key, moment,
                             hashlib.sha256(payload.encode()).digest()))  # fmt: skip

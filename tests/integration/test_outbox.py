@@ -20,7 +20,7 @@ from acode_sync.outbox import Failure, Outbox
 from acode_sync.postgres import PostgresTarget
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.sql import queries
-from acode_sync.store import WorkspaceDatabase
+from acode_sync.store import WorkspaceDatabase, outbox_row
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import DIALECT, database_path
 from tests.records import enqueue_raw, mark_ids, session_payload
@@ -45,7 +45,8 @@ def fill_outbox(workspace: Path, count: int, *, payload_bytes: int = 900) -> lis
             payload = json.dumps(session_payload(session_id, T0, title="x" * payload_bytes))
             key = f"Session:{session_id}:{T0}"
             db.conn.execute(
-                _Q["insert_outbox"], (key, "Session", session_id, session_id, payload, None, T0)
+                _Q["insert_outbox"],
+                outbox_row(key, "Session", session_id, session_id, payload, None, T0),
             )
         db.conn.execute("COMMIT")
         return [int(i) for (i,) in db.conn.execute("SELECT outbox_id FROM outbox_records")]

@@ -23,7 +23,7 @@ from acode_sync.outbox import CLAIM_STATEMENTS, MARK_CHUNK, Failure, Outbox
 from acode_sync.postgres import PostgresTarget
 from acode_sync.retry import RecordRetryPolicy
 from acode_sync.sql import queries
-from acode_sync.store import WorkspaceDatabase
+from acode_sync.store import WorkspaceDatabase, outbox_row
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import (
     DIALECT,
@@ -248,7 +248,15 @@ def fill_outbox(workspace: Path, count: int) -> list[int]:
             payload = json.dumps(session_payload(f"sess_{i:06d}", T0, title="x" * 900))
             db.conn.execute(
                 _Q["insert_outbox"],
-                (f"Session:sess_{i:06d}:{T0}", "Session", f"sess_{i:06d}", None, payload, None, T0),
+                outbox_row(
+                    f"Session:sess_{i:06d}:{T0}",
+                    "Session",
+                    f"sess_{i:06d}",
+                    None,
+                    payload,
+                    None,
+                    T0,
+                ),
             )
         db.conn.execute("COMMIT")
         return [int(i) for (i,) in db.conn.execute("SELECT outbox_id FROM outbox_records")]

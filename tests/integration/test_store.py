@@ -229,11 +229,12 @@ def test_migrations_run_once_and_are_recorded(raw: sqlite3.Connection) -> None:
         (4, "consistent_outbox"),
         (5, "entity_extra"),
         (6, "fixed_sessions"),
+        (7, "outbox_jsonb_digest"),
     ]
     schema_before = raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
-    assert migrate(raw) == (6, 6)
+    assert migrate(raw) == (7, 7)
     assert raw.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
-    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (6,)
+    assert raw.execute("SELECT count(*) FROM schema_migrations").fetchone() == (7,)
 
 
 def test_every_table_is_strict_with_created_and_updated_at(raw: sqlite3.Connection) -> None:
