@@ -148,8 +148,7 @@ def prepare(
 
 
 def _canonical_digest(record: OutboxRecord) -> bytes | None:
-    """The store's digest where it wrote one (the column's CHECK keeps it 32 bytes, unless
-    a writer dropped the CHECK), else computed here."""
+    """The store's digest where it wrote one, else (none, or not a SHA-256) computed here."""
     stored = record.jsonb_digest
     if stored is not None and len(stored) == 32:
         return stored

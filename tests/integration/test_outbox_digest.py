@@ -16,7 +16,6 @@ from acode_sync.jsonb import payload_digest_as_jsonb
 from acode_sync.postgres import PostgresTarget
 from acode_sync.store import WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
-from acode_sync.workspace import open_workspace
 from tests.records import enqueue_raw, run_sql, session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -140,23 +139,31 @@ async def test_a_payload_edited_without_its_digest_loses_it(
     assert central[saved.session_id] == await postgresqls_digest(pg_url, edited)
 
 
-def test_a_digest_set_with_its_payload_is_kept_and_one_of_another_length_refused(
-    workspace: Path,
+async def test_a_digest_set_with_its_payload_is_kept_and_one_of_another_length_ignored(
+    workspace: Path, target: PostgresTarget, pg_url: str
 ) -> None:
     db = WorkspaceDatabase(workspace)
     try:
-        saved = db.save(Session(title="t"))
+        kept = db.save(Session(title="kept"))
+        short = db.save(Session(title="short"))
     finally:
         db.close()
     run_sql(
         workspace,
-        "UPDATE outbox_records SET payload = json_set(payload, '$.title', 'u'), jsonb_digest = ?",
-        (MARKED,),
+        "UPDATE outbox_records SET payload = json_set(payload, '$.title', 'u'), jsonb_digest = ?"
+        " WHERE entity_id = ?",
+        (MARKED, kept.session_id),
     )
-    assert stored_digests(workspace)[saved.session_id][1] == MARKED
-    conn = open_workspace(workspace)
-    try:
-        with pytest.raises(Exception, match="CHECK constraint failed"):
-            conn.execute("UPDATE outbox_records SET jsonb_digest = x'00'")
-    finally:
-        conn.close()
+    run_sql(
+        workspace,
+        "UPDATE outbox_records SET jsonb_digest = x'0909' WHERE entity_id = ?",
+        (short.session_id,),
+    )
+    stored = stored_digests(workspace)
+    assert stored[kept.session_id][1] == MARKED
+    await drain(workspace, target)
+    central = await central_digests(pg_url, "sessions", "session_id")
+    assert central[kept.session_id] == MARKED
+    assert central[short.session_id] == await postgresqls_digest(
+        pg_url, stored[short.session_id][0]
+    )
