@@ -66,9 +66,9 @@ class OutboxRecord(NamedTuple):
     tracked: bool = False  # it has a sync row (else it is past the mark)
     blocked: bool = False  # an earlier record of its entity is waiting out a backoff
     readable: bool = True  # False: a text column is not valid UTF-8 (see Outbox.claim)
-    # The payload's canonical digest as the store computed it at the save (32 bytes), or
-    # None: the syncer computes it.
-    jsonb_digest: bytes | None = None
+    # As the store wrote them at the save: the SHA-256 of the payload, then of its jsonb
+    # text (64 bytes); None where it wrote none (the syncer computes the second then).
+    payload_digests: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +179,7 @@ class Outbox:
                 outbox_id, key, entity_type, entity_id, session_id, attempts, tracked, blocked = (
                     claimed
                 )
-                stored_id, payload, base_updated_at, created_at, jsonb_digest = stored
+                stored_id, payload, base_updated_at, created_at, digests = stored
                 assert stored_id == outbox_id  # the same snapshot, the same order
                 size += len(payload)
                 if batch and size > max_bytes:
@@ -187,7 +187,7 @@ class Outbox:
                 record = OutboxRecord(
                     outbox_id, key, entity_type, entity_id, session_id, payload,
                     base_updated_at, created_at, attempts, tracked, blocked, True,
-                    jsonb_digest if type(jsonb_digest) is bytes else None,
+                    digests if type(digests) is bytes else None,
                 )  # fmt: skip
                 if tolerant and not _is_utf8(record):
                     record = record._replace(readable=False)

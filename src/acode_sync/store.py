@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -42,6 +43,10 @@ from acode_sync.workspace import OpenOptions, database_path, translated, write_t
 
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 1000
+# A payload's jsonb text is spelled at the save up to this size (0.26 ms here for one of
+# a long string, more with many keys: under the workspace's write lock); a larger one's
+# is left to the syncer.
+STORE_DIGEST_MAX_BYTES: Final = 64 * 1024
 _END_OF_TIME: Final = "9999-12-31T23:59:59.999999Z~"  # sorts after every canonical timestamp
 _Q = queries("sqlite")
 
@@ -63,10 +68,19 @@ def outbox_row(
     base_updated_at: str | None,
     created_at: str,
 ) -> tuple[Any, ...]:
-    """The values of `insert_outbox`: the record, and its payload's canonical digest
-    (None where it cannot be spelled with certainty: the syncer's round computes it)."""
-    digest = payload_digest_as_jsonb(payload.encode())
-    return key, entity_type, entity_id, session_id, payload, base_updated_at, created_at, digest
+    """The values of `insert_outbox`: the record, and its payload's digests (migration
+    0007): None for a payload whose jsonb text cannot be spelled with certainty, or too
+    large to spell while the save holds the write lock; the syncer computes it then."""
+    return (key, entity_type, entity_id, session_id, payload, base_updated_at, created_at,
+            payload_digests(payload.encode()))  # fmt: skip
+
+
+def payload_digests(payload: bytes) -> bytes | None:
+    """The SHA-256 of the payload, then of its jsonb text."""
+    if len(payload) > STORE_DIGEST_MAX_BYTES:
+        return None
+    canonical = payload_digest_as_jsonb(payload)
+    return None if canonical is None else hashlib.sha256(payload).digest() + canonical
 
 
 def _to_columns(entity: Entity) -> dict[str, Any]:

@@ -133,6 +133,7 @@ def prepare(
             f"the version {version} is ahead of this machine's clock by more than "
             "sync.max_clock_skew_seconds: it would win every later change; not shipped"
         )
+    digest = hashlib.sha256(payload).digest()
     return PreparedRecord(
         record.outbox_id,
         key,
@@ -142,16 +143,17 @@ def prepare(
         payload,
         version,
         base,
-        hashlib.sha256(payload).digest(),
-        _canonical_digest(record),
+        digest,
+        _canonical_digest(record, digest),
     )
 
 
-def _canonical_digest(record: OutboxRecord) -> bytes | None:
-    """The store's digest where it wrote one, else (none, or not a SHA-256) computed here."""
-    stored = record.jsonb_digest
-    if stored is not None and len(stored) == 32:
-        return stored
+def _canonical_digest(record: OutboxRecord, digest: bytes) -> bytes | None:
+    """The store's canonical digest while the payload is the one it was computed for (the
+    first half of payload_digests is that payload's SHA-256), else computed here."""
+    stored = record.payload_digests
+    if stored is not None and len(stored) == 64 and stored[:32] == digest:
+        return stored[32:]
     return payload_digest_as_jsonb(record.payload)
 
 

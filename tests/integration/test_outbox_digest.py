@@ -1,9 +1,12 @@
 """The payload's canonical digest, computed by the store at the save (outbox_records'
-jsonb_digest), shipped by the syncer, and dropped when the payload changes without it."""
+payload_digests: the payload's SHA-256, then its canonical digest), shipped by the
+syncer while the payload is the one it was computed for, else computed again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,8 +17,9 @@ from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, SessionEvent
 from acode_sync.jsonb import payload_digest_as_jsonb
 from acode_sync.postgres import PostgresTarget
-from acode_sync.store import WorkspaceDatabase
+from acode_sync.store import STORE_DIGEST_MAX_BYTES, WorkspaceDatabase
 from acode_sync.sync import WorkspaceSyncer
+from acode_sync.workspace import database_path
 from tests.records import enqueue_raw, run_sql, session_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -59,11 +63,22 @@ async def postgresqls_digest(pg_url: str, payload: str) -> bytes:
 
 
 def stored_digests(workspace: Path) -> dict[str, tuple[str, bytes | None]]:
-    rows = run_sql(workspace, "SELECT entity_id, payload, jsonb_digest FROM outbox_records")
-    return {entity_id: (payload, digest) for entity_id, payload, digest in rows}
+    rows = run_sql(workspace, "SELECT entity_id, payload, payload_digests FROM outbox_records")
+    return {entity_id: (payload, digests) for entity_id, payload, digests in rows}
 
 
-async def test_the_store_writes_postgresqls_digest_and_none_where_it_is_not_certain(
+def mark(workspace: Path, entity_id: str) -> None:
+    """The record's stored canonical digest replaced by MARKED, its payload's kept."""
+    digests = stored_digests(workspace)[entity_id][1]
+    assert digests is not None
+    run_sql(
+        workspace,
+        "UPDATE outbox_records SET payload_digests = ? WHERE entity_id = ?",
+        (digests[:32] + MARKED, entity_id),
+    )
+
+
+async def test_the_store_writes_the_payloads_digests_and_none_where_it_is_not_certain(
     workspace: Path, pg_url: str
 ) -> None:
     db = WorkspaceDatabase(workspace)
@@ -71,13 +86,17 @@ async def test_the_store_writes_postgresqls_digest_and_none_where_it_is_not_cert
         plain = db.save(Session(title="é\n\u2028", metadata={"bb": [1, -2], "a": {"z": None}}))
         fraction = db.save(Session(title="t", metadata={"duration": 0.5}))
         event = db.save(SessionEvent(session_id=plain.session_id, event_type="m", payload={}))
+        large = db.save(Session(title="x" * STORE_DIGEST_MAX_BYTES))
     finally:
         db.close()
     stored = stored_digests(workspace)
     for entity_id in (plain.session_id, event.event_id):
-        payload, digest = stored[entity_id]
-        assert digest == await postgresqls_digest(pg_url, payload)
+        payload, digests = stored[entity_id]
+        assert digests == (
+            hashlib.sha256(payload.encode()).digest() + await postgresqls_digest(pg_url, payload)
+        )
     assert stored[fraction.session_id][1] is None  # PostgreSQL respells 0.5: left to it
+    assert stored[large.session_id][1] is None  # left to the syncer, off the write lock
 
 
 async def test_the_syncer_ships_the_stored_digest_and_computes_a_missing_one(
@@ -99,11 +118,7 @@ async def test_the_syncer_ships_the_stored_digest_and_computes_a_missing_one(
         db.conn.commit()
     finally:
         db.close()
-    run_sql(
-        workspace,
-        "UPDATE outbox_records SET jsonb_digest = ? WHERE entity_id = ?",
-        (MARKED, marked.session_id),
-    )
+    mark(workspace, marked.session_id)
     stored = stored_digests(workspace)
     assert stored["sess_plain"][1] is None
     await drain(workspace, target)
@@ -114,14 +129,22 @@ async def test_the_syncer_ships_the_stored_digest_and_computes_a_missing_one(
     assert central["sess_plain"] == payload_digest_as_jsonb(stored["sess_plain"][0].encode())
 
 
-@pytest.mark.parametrize(
-    "edit",
-    [
-        "UPDATE outbox SET payload = :payload WHERE entity_id = :id",
-        "UPDATE outbox_records SET payload = :payload WHERE entity_id = :id",
-    ],
-)
-async def test_a_payload_edited_without_its_digest_loses_it(
+def _blob_write(workspace: Path, entity_id: str, payload: str) -> None:
+    """The payload overwritten in place by incremental BLOB I/O (no UPDATE, no trigger)."""
+    conn = sqlite3.connect(database_path(workspace))
+    try:
+        (rowid,) = conn.execute(
+            "SELECT outbox_id FROM outbox_records WHERE entity_id = ?", (entity_id,)
+        ).fetchone()
+        with conn.blobopen("outbox_records", "payload", rowid) as blob:
+            blob.write(payload.encode())
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("edit", ["view", "table", "blob"])
+async def test_a_payload_changed_after_the_save_has_its_digest_computed_again(
     workspace: Path, target: PostgresTarget, pg_url: str, edit: str
 ) -> None:
     db = WorkspaceDatabase(workspace)
@@ -129,41 +152,32 @@ async def test_a_payload_edited_without_its_digest_loses_it(
         saved = db.save(Session(title="before"))
     finally:
         db.close()
-    (payload, before), *_ = stored_digests(workspace).values()
-    assert before is not None
-    edited = json.dumps(json.loads(payload) | {"title": "after"})
-    run_sql(workspace, edit, {"payload": edited, "id": saved.session_id})
-    assert stored_digests(workspace)[saved.session_id] == (edited, None)
+    mark(workspace, saved.session_id)
+    payload, _ = stored_digests(workspace)[saved.session_id]
+    edited = payload.replace('"before"', '"BEFORE"')
+    if edit == "blob":
+        _blob_write(workspace, saved.session_id, edited)
+    else:
+        table = "outbox" if edit == "view" else "outbox_records"
+        sql = f"UPDATE {table} SET payload = ? WHERE entity_id = ?"
+        run_sql(workspace, sql, (edited, saved.session_id))
+    assert stored_digests(workspace)[saved.session_id][0] == edited
     await drain(workspace, target)
     central = await central_digests(pg_url, "sessions", "session_id")
     assert central[saved.session_id] == await postgresqls_digest(pg_url, edited)
 
 
-async def test_a_digest_set_with_its_payload_is_kept_and_one_of_another_length_ignored(
-    workspace: Path, target: PostgresTarget, pg_url: str
+@pytest.mark.parametrize("stored", [MARKED, MARKED * 3, b"\x09"])
+async def test_stored_digests_of_another_length_are_ignored(
+    workspace: Path, target: PostgresTarget, pg_url: str, stored: bytes
 ) -> None:
     db = WorkspaceDatabase(workspace)
     try:
-        kept = db.save(Session(title="kept"))
-        short = db.save(Session(title="short"))
+        saved = db.save(Session(title="t"))
     finally:
         db.close()
-    run_sql(
-        workspace,
-        "UPDATE outbox_records SET payload = json_set(payload, '$.title', 'u'), jsonb_digest = ?"
-        " WHERE entity_id = ?",
-        (MARKED, kept.session_id),
-    )
-    run_sql(
-        workspace,
-        "UPDATE outbox_records SET jsonb_digest = x'0909' WHERE entity_id = ?",
-        (short.session_id,),
-    )
-    stored = stored_digests(workspace)
-    assert stored[kept.session_id][1] == MARKED
+    run_sql(workspace, "UPDATE outbox_records SET payload_digests = ?", (stored,))
     await drain(workspace, target)
     central = await central_digests(pg_url, "sessions", "session_id")
-    assert central[kept.session_id] == MARKED
-    assert central[short.session_id] == await postgresqls_digest(
-        pg_url, stored[short.session_id][0]
-    )
+    payload = stored_digests(workspace)[saved.session_id][0]
+    assert central[saved.session_id] == await postgresqls_digest(pg_url, payload)

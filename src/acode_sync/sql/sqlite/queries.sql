@@ -119,10 +119,10 @@ ORDER BY updated_at DESC, session_id DESC
 LIMIT :limit;
 
 -- A plain insert through the outbox view writes only this record (docs/schema.md); the
--- store's also carries the payload's canonical digest, which the view does not show.
+-- store's also carries the payload's digests (payload_digests), which the view does not show.
 -- name: insert_outbox
 INSERT INTO outbox_records (idempotency_key, entity_type, entity_id, session_id, payload,
-                            base_updated_at, created_at, jsonb_digest)
+                            base_updated_at, created_at, payload_digests)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: table_counts
@@ -212,7 +212,7 @@ LIMIT :limit;
 -- Outbox._with_payloads reads the rows one at a time and stops at :max_bytes. The payload
 -- comes as bytes: the syncer ships it as it is (no decoding, no copy).
 -- name: claim_payloads
-SELECT outbox_id, CAST(payload AS BLOB), base_updated_at, created_at, jsonb_digest
+SELECT outbox_id, CAST(payload AS BLOB), base_updated_at, created_at, payload_digests
 FROM outbox_records
 WHERE outbox_id IN (SELECT value FROM json_each(:ids))
 ORDER BY outbox_id;

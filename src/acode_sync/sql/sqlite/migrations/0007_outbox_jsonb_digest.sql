@@ -1,16 +1,11 @@
 -- The store computes each payload's canonical digest (the SHA-256 of its jsonb text, the
 -- one PostgreSQL keeps as an entity row's canonical_digest) when it saves, so that a
--- syncer need not parse and respell every payload it ships. NULL where the writer left it
--- (plain-SQL writers, records written before this version, a payload the store cannot
--- spell with certainty): the syncer computes it then, and for a value that is not 32
--- bytes. A payload that changes without its digest loses the digest. (No CHECK: SQLite
--- would check it against every record held, a read of the whole outbox, while the
--- migrating agent holds the write lock.)
-ALTER TABLE outbox_records ADD COLUMN jsonb_digest BLOB;
-
-CREATE TRIGGER outbox_records_payload_changed AFTER UPDATE OF payload ON outbox_records
-WHEN NEW.payload IS NOT OLD.payload AND NEW.jsonb_digest IS OLD.jsonb_digest
-     AND NEW.jsonb_digest IS NOT NULL
-BEGIN
-    UPDATE outbox_records SET jsonb_digest = NULL WHERE outbox_id = NEW.outbox_id;
-END;
+-- syncer need not parse and respell every payload it ships. payload_digests is 64 bytes:
+-- the SHA-256 of the payload as stored, then its canonical digest. A syncer ships the
+-- canonical digest only while the first half is still the payload's own, so a payload
+-- changed by any means after the save (an UPDATE, incremental BLOB I/O, a connection
+-- without triggers) has it computed again. NULL where the writer left it (plain-SQL
+-- writers, records written before this version, a payload the store cannot spell with
+-- certainty or too large to spell while it holds the write lock): the syncer computes it.
+-- (A column without a CHECK: SQLite would check one against every record held.)
+ALTER TABLE outbox_records ADD COLUMN payload_digests BLOB;
