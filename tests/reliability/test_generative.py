@@ -688,7 +688,9 @@ async def check_every_row_proves_its_digest(pg_url: str, directory: Path) -> Non
     report = await restore(PostgresSettings(dsn=pg_url), RestoreRequest(directory, Selection()))
     unproved = {t: c.not_reproducible for t, c in report.tables.items() if c.not_reproducible}
     assert not unproved, f"rows that do not rebuild their canonical digest: {unproved}"
-    assert report.total("restored") == report.total("read") > 0
+    # (An artifact filed under a session PostgreSQL does not hold is skipped as an orphan.)
+    assert report.total("restored") + report.total("skipped_orphan") == report.total("read")
+    assert report.total("restored") > 0
 
 
 async def simulate(
