@@ -17,7 +17,7 @@ from acode_sync.config import PostgresSettings, SyncSettings
 from acode_sync.domain import Session, SessionEvent
 from acode_sync.jsonb import payload_digest_as_jsonb
 from acode_sync.postgres import PostgresTarget
-from acode_sync.store import STORE_DIGEST_MAX_BYTES, WorkspaceDatabase
+from acode_sync.store import STORE_DIGEST_MAX_BYTES, WorkspaceDatabase, WorkspaceStore
 from acode_sync.sync import WorkspaceSyncer
 from acode_sync.workspace import database_path
 from tests.records import enqueue_raw, run_sql, session_payload
@@ -79,16 +79,12 @@ def mark(workspace: Path, entity_id: str) -> None:
 
 
 async def test_the_store_writes_the_payloads_digests_and_none_where_it_is_not_certain(
-    workspace: Path, pg_url: str
+    workspace: Path, store: WorkspaceStore, pg_url: str
 ) -> None:
-    db = WorkspaceDatabase(workspace)
-    try:
-        plain = db.save(Session(title="é\n\u2028", metadata={"bb": [1, -2], "a": {"z": None}}))
-        fraction = db.save(Session(title="t", metadata={"duration": 0.5}))
-        event = db.save(SessionEvent(session_id=plain.session_id, event_type="m", payload={}))
-        large = db.save(Session(title="x" * STORE_DIGEST_MAX_BYTES))
-    finally:
-        db.close()
+    plain = await store.save(Session(title="é\n\u2028", metadata={"bb": [1, -2], "a": {"z": None}}))
+    fraction = await store.save(Session(title="t", metadata={"duration": 0.5}))
+    event = await store.save(SessionEvent(session_id=plain.session_id, event_type="m", payload={}))
+    large = await store.save(Session(title="x" * STORE_DIGEST_MAX_BYTES))
     stored = stored_digests(workspace)
     for entity_id in (plain.session_id, event.event_id):
         payload, digests = stored[entity_id]
@@ -145,13 +141,9 @@ def _blob_write(workspace: Path, entity_id: str, payload: str) -> None:
 
 @pytest.mark.parametrize("edit", ["view", "table", "blob"])
 async def test_a_payload_changed_after_the_save_has_its_digest_computed_again(
-    workspace: Path, target: PostgresTarget, pg_url: str, edit: str
+    workspace: Path, store: WorkspaceStore, target: PostgresTarget, pg_url: str, edit: str
 ) -> None:
-    db = WorkspaceDatabase(workspace)
-    try:
-        saved = db.save(Session(title="before"))
-    finally:
-        db.close()
+    saved = await store.save(Session(title="before"))
     mark(workspace, saved.session_id)
     payload, _ = stored_digests(workspace)[saved.session_id]
     edited = payload.replace('"before"', '"BEFORE"')
@@ -169,13 +161,9 @@ async def test_a_payload_changed_after_the_save_has_its_digest_computed_again(
 
 @pytest.mark.parametrize("stored", [MARKED, MARKED * 3, b"\x09"])
 async def test_stored_digests_of_another_length_are_ignored(
-    workspace: Path, target: PostgresTarget, pg_url: str, stored: bytes
+    workspace: Path, store: WorkspaceStore, target: PostgresTarget, pg_url: str, stored: bytes
 ) -> None:
-    db = WorkspaceDatabase(workspace)
-    try:
-        saved = db.save(Session(title="t"))
-    finally:
-        db.close()
+    saved = await store.save(Session(title="t"))
     run_sql(workspace, "UPDATE outbox_records SET payload_digests = ?", (stored,))
     await drain(workspace, target)
     central = await central_digests(pg_url, "sessions", "session_id")
